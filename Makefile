@@ -1,0 +1,29 @@
+# The README's two commands. Both build .venv first (Python 3.11+ and pip are all they need).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines take the CPU build of torch first so that no CUDA packages are pulled in.
+# GPU users: `make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" demo`
+# (or any torch build of theirs, installed into .venv before `make`).
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/distill
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check distill kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs multirun

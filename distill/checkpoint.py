@@ -1,0 +1,107 @@
+"""Atomic checkpoints and exports: a directory appears complete under its final name, or not at all."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill.errors import DistillError
+
+CHECKPOINT_PREFIX = "step-"
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a scratch directory beside ``final``; on success it is fsynced and renamed into place."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            # Move the old copy aside first so that a crash never leaves neither.
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int
+) -> Path:
+    """Write ``checkpoints/step-N`` (trainable weights + trainer state) atomically; keep the newest ``keep``."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    final = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+    with atomic_dir(final) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        torch.save(state, tmp / "trainer_state.pt")
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def load_latest_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Weights and trainer state of the newest complete checkpoint of a run, or None."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return None
+    latest = ckpts[-1]
+    try:
+        weights = load_file(str(latest / "weights.safetensors"))
+        state = torch.load(latest / "trainer_state.pt", weights_only=False)
+    except Exception as e:  # a damaged file must not be half-loaded
+        raise DistillError(f"resume: cannot read checkpoint {latest}: {e}") from None
+    return weights, state
+
+
+def export_model(out_dir: Path, save: Callable[[Path], None]) -> Path:
+    """Run ``save(tmp_dir)`` (e.g. save_pretrained) and move the result to ``out_dir`` atomically."""
+    with atomic_dir(Path(out_dir)) as tmp:
+        save(tmp)
+    return Path(out_dir)

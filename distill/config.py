@@ -1,0 +1,204 @@
+"""Typed configuration: the dataclasses behind every recipe, registered with Hydra's ConfigStore.
+
+The YAML recipes in ``recipes/`` (installed as ``distill.recipes``) compose these groups:
+``teacher``, ``student``, ``data``, ``loss`` and ``trainer``; ``recipe=NAME`` selects a whole
+recipe that overrides several groups at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from distill.errors import DistillError
+from distill.losses import check_loss_args
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass
+class ArchConfig:
+    """A decoder-only architecture built from scratch (Llama layout), for pretraining."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 768
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = True
+    # Embedding rows are padded up to a multiple of this (as real models do).
+    vocab_multiple: int = 64
+    # Vocabulary of the SentencePiece tokenizer trained when no tokenizer is given.
+    tokenizer_vocab_size: int = 320
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+
+
+@dataclass
+class ModelConfig:
+    """A causal LM: a local Hugging Face directory (``path``) or a fresh model (``arch``)."""
+
+    path: str | None = None
+    # Tokenizer directory; defaults to ``path``. With ``arch`` and no tokenizer one is trained.
+    tokenizer: str | None = None
+    arch: ArchConfig | None = None
+    dtype: str = "float32"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where training and evaluation sequences come from.
+
+    With ``train`` unset the built-in tasks are used (train/validation/test fixed by ``seed``).
+    Files are JSONL with ``prompt``/``completion`` or chat ``messages``, or anything
+    ``datasets`` reads from local files (csv, parquet, json).
+    """
+
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic", "spelling"])
+    num_train: int = 4000
+    num_validation: int = 100
+    num_test: int = 200
+    # Draw fresh built-in training examples every step instead of a fixed set (pretraining).
+    stream: bool = False
+    seed: int = 0
+    max_length: int = 128
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+
+
+@dataclass
+class LossConfig:
+    """The training objective.
+
+    ``kind`` is ``ce`` (SFT: cross-entropy on the data's responses) or a divergence:
+    ``fkl``, ``rkl``, ``gjsd``, ``tvd``, ``skew_fkl``, ``skew_rkl``.
+    ``beta`` (gjsd): 0 is exactly forward KL and 1 exactly reverse KL; interior values tend to 0
+    near both ends, so the loss is discontinuous at beta = 0 and 1 (same convention as TRL).
+    """
+
+    kind: str = "fkl"
+    beta: float = 0.5
+    alpha: float = 0.1
+    temperature: float = 1.0
+    hinton_scale: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 200
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    eval_every: int = 100
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_new_tokens: int = 64
+    eval_batch_size: int = 100
+    progress: bool = True
+
+
+@dataclass
+class DistillConfig:
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # A run directory to continue from its latest checkpoint; outputs then go there.
+    resume: str | None = None
+    # Where outputs go; defaults to Hydra's run directory.
+    output_dir: str | None = None
+    # Evaluate teacher and student on the test split before and after training.
+    final_eval: bool = True
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("fp32", "bf16")
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Check a config before anything is loaded; raise DistillError naming the field."""
+    try:
+        if cfg.loss.kind != "ce":
+            check_loss_args(cfg.loss.kind, cfg.loss.beta, cfg.loss.alpha, cfg.loss.temperature)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
+    if cfg.loss.kind != "ce" and not cfg.teacher.path:
+        raise DistillError(f"loss.kind={cfg.loss.kind} distils from a teacher, but teacher.path is not set")
+    for role in ("teacher", "student"):
+        m: ModelConfig = getattr(cfg, role)
+        if m.dtype not in DTYPES:
+            raise DistillError(f"{role}.dtype must be one of {DTYPES}; got {m.dtype!r}")
+        if m.path is not None and m.arch is not None:
+            raise DistillError(f"{role}: set either {role}.path (pretrained) or {role}.arch (from scratch), not both")
+        if m.path is not None and not Path(m.path).is_dir():
+            raise DistillError(f"{role}.path: no such model directory: {m.path}")
+        if m.tokenizer is not None and not Path(m.tokenizer).is_dir():
+            raise DistillError(f"{role}.tokenizer: no such tokenizer directory: {m.tokenizer}")
+    if cfg.student.path is None and cfg.student.arch is None:
+        raise DistillError("student.path is not set (a local Hugging Face model directory)")
+    t = cfg.trainer
+    if t.precision not in PRECISIONS:
+        raise DistillError(f"trainer.precision must be one of {PRECISIONS}; got {t.precision!r}")
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
+        if getattr(t, name) < 1:
+            raise DistillError(f"trainer.{name} must be >= 1; got {getattr(t, name)}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise DistillError(f"trainer.min_lr_ratio must lie in [0, 1]; got {t.min_lr_ratio}")
+    for split in ("train", "validation", "test"):
+        path = getattr(cfg.data, split)
+        if path is not None and not Path(path).exists():
+            raise DistillError(f"data.{split}: no such file: {path}")
+    if cfg.resume is not None and not Path(cfg.resume).is_dir():
+        raise DistillError(f"resume: no such run directory: {cfg.resume}")
+
+
+def _asset(name: str) -> str:
+    path = ASSETS / name
+    if not path.is_dir():
+        raise DistillError(f"built-in asset {name!r} is missing from {ASSETS}")
+    return str(path)
+
+
+def register() -> None:
+    """Register the schemas with Hydra's ConfigStore and the ``${asset:NAME}`` resolver."""
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", _asset)
+    cs = ConfigStore.instance()
+    cs.store(name="distill_schema", node=DistillConfig)
+    cs.store(group="teacher", name="model_schema", node=ModelConfig)
+    cs.store(group="student", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="loss", name="loss_schema", node=LossConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+
+
+__all__ = [
+    "ArchConfig", "LoraConfig", "ModelConfig", "DataConfig", "LossConfig", "TrainerConfig",
+    "DistillConfig", "validate", "register", "MISSING",
+]

@@ -1,0 +1,241 @@
+"""Fixed datasets: prompt/completion pairs from files or the built-in tasks, tokenized and batched.
+
+A record is either ``{"prompt": str, "completion": str}`` or ``{"messages": [{"role", "content"}, ...]}``
+(rendered with the tokenizer's chat template; the last assistant message is the completion).
+Prompt and padding positions are masked with ``IGNORE_INDEX`` in the labels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from distill.config import DataConfig
+from distill.errors import DistillError
+from distill.tasks import Example, get_task
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Record:
+    """One (prompt, completion) pair and where it came from (for error messages and metrics)."""
+
+    prompt: str
+    completion: str
+    source: str
+    task: str | None = None
+
+
+def _record_from_row(row: object, cfg: DataConfig, tokenizer: Tokenizer | None, where: str) -> Record:
+    if not isinstance(row, dict):
+        raise DistillError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if cfg.messages_field in row:
+        return _record_from_messages(row[cfg.messages_field], tokenizer, where)
+    for key in (cfg.prompt_field, cfg.completion_field):
+        if key not in row:
+            raise DistillError(f"{where}: missing field {key!r} (or {cfg.messages_field!r})")
+        if not isinstance(row[key], str):
+            raise DistillError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+    task = row.get("task") if isinstance(row.get("task"), str) else None
+    return Record(row[cfg.prompt_field], row[cfg.completion_field], where, task)
+
+
+def _record_from_messages(messages: object, tokenizer: Tokenizer | None, where: str) -> Record:
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise DistillError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+    if messages[-1]["role"] != "assistant":
+        raise DistillError(f"{where}: the last message must be the assistant's response")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DistillError(f"{where}: chat 'messages' need a tokenizer with a chat template")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise DistillError(f"{where}: the chat template does not render the prompt as a prefix of the conversation")
+    # The rendered prompt carries the template's own special tokens: mark it so they are not added twice.
+    return Record(prompt, full[len(prompt):], where, task="chat")
+
+
+def read_records(path: str | Path, cfg: DataConfig, tokenizer: Tokenizer | None = None) -> list[Record]:
+    """Read a local data file; a malformed line is a DistillError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"no such data file: {path}")
+    records: list[Record] = []
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DistillError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                records.append(_record_from_row(row, cfg, tokenizer, where))
+    else:
+        import datasets
+
+        builder = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": None}.get(path.suffix)
+        if builder is None:
+            raise DistillError(f"{path}: unsupported data format {path.suffix!r} (use .jsonl, .json, .csv or .parquet)")
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # datasets raises many types for unreadable files
+            raise DistillError(f"{path}: cannot read as {builder}: {e}") from None
+        records = [_record_from_row(row, cfg, tokenizer, f"{path}: row {i + 1}") for i, row in enumerate(ds)]
+    if not records:
+        raise DistillError(f"{path}: no records")
+    return records
+
+
+def builtin_records(cfg: DataConfig, split: str, n: int) -> list[Record]:
+    """``n`` examples of ``split`` spread evenly over the configured built-in tasks."""
+    records: list[Record] = []
+    for i, name in enumerate(cfg.tasks):
+        share = n // len(cfg.tasks) + (1 if i < n % len(cfg.tasks) else 0)
+        records += [_from_example(e) for e in get_task(name).take(split, share, seed=cfg.seed)]
+    return records
+
+
+def _from_example(e: Example) -> Record:
+    return Record(e.prompt, e.completion, f"builtin:{e.task}", e.task)
+
+
+def builtin_stream(cfg: DataConfig, seed: int) -> Iterator[Record]:
+    """An endless stream of training examples, the tasks interleaved in turn (for pretraining)."""
+    streams = [get_task(name).examples("train", seed=seed, distinct=False) for name in cfg.tasks]
+    while True:
+        for s in streams:
+            yield _from_example(next(s))
+
+
+def load_split(cfg: DataConfig, split: str, tokenizer: Tokenizer | None = None) -> list[Record]:
+    """The records of ``split`` from the configured file, or from the built-in tasks."""
+    path = getattr(cfg, split)
+    if path is not None:
+        return read_records(path, cfg, tokenizer)
+    if cfg.train is not None:
+        return []  # user data without this split: nothing to evaluate on
+    sizes = {"train": cfg.num_train, "validation": cfg.num_validation, "test": cfg.num_test}
+    return builtin_records(cfg, split, sizes[split])
+
+
+def encode(record: Record, tokenizer: Tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of prompt and completion (completion ends with EOS, truncated to ``max_length``)."""
+    # A chat-rendered prompt already holds the template's special tokens.
+    prompt_ids = tokenizer(record.prompt, add_special_tokens=record.task != "chat").input_ids
+    completion_ids = tokenizer(record.completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    if len(prompt_ids) >= max_length:
+        raise DistillError(
+            f"{record.source}: prompt is {len(prompt_ids)} tokens, at least data.max_length={max_length}"
+        )
+    return prompt_ids, completion_ids[: max_length - len(prompt_ids)]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # aligned with input_ids; shift before use as next-token targets
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    """Right-padded training batch with prompt and padding masked out of the labels."""
+    width = max(len(p) + len(c) for p, c in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (p, c) in enumerate(pairs):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c)
+        mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(c)
+    return Batch(ids, mask, labels)
+
+
+class EpochSampler:
+    """Shuffled passes over ``n`` items, reproducible from (seed, position) for exact resume."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n < 1:
+            raise DistillError("the training set is empty")
+        self.n, self.seed, self.position = n, seed, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            epoch, offset = divmod(self.position, self.n)
+            order = self._order(epoch)
+            chunk = order[offset: offset + k - len(out)]
+            out += chunk
+            self.position += len(chunk)
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["n"] != self.n or state["seed"] != self.seed:
+            raise DistillError(
+                f"resume: the training data changed (checkpoint has {state['n']} examples with seed {state['seed']}, "
+                f"now {self.n} with seed {self.seed})"
+            )
+        self.position = state["position"]
+
+
+class TrainData:
+    """Where the training loop's micro-batches come from: a fixed, shuffled set or a built-in stream."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, seed: int) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.stream_seed = seed
+        if cfg.stream:
+            if cfg.train is not None:
+                raise DistillError("data.stream draws from the built-in tasks; unset data.train to use it")
+            self.examples: list[tuple[list[int], list[int]]] = []
+            self._stream = builtin_stream(cfg, seed)
+            self.position = 0
+        else:
+            records = load_split(cfg, "train", tokenizer)
+            self.examples = [encode(r, tokenizer, cfg.max_length) for r in records]
+            self.sampler = EpochSampler(len(self.examples), seed)
+
+    def next_batch(self, size: int) -> Batch:
+        if self.cfg.stream:
+            pairs = [encode(next(self._stream), self.tokenizer, self.cfg.max_length) for _ in range(size)]
+            self.position += size
+        else:
+            pairs = [self.examples[i] for i in self.sampler.take(size)]
+        return collate(pairs, self.tokenizer.pad_token_id)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"stream_position": self.position} if self.cfg.stream else self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self.cfg.stream:
+            # The stream is a pure function of the seed: replay it up to the saved position.
+            self._stream = builtin_stream(self.cfg, self.stream_seed)
+            for _ in range(state["stream_position"]):
+                next(self._stream)
+            self.position = state["stream_position"]
+        else:
+            self.sampler.load_state_dict(state)

@@ -1,0 +1,157 @@
+"""Loading teacher and student: any causal LM from a local Hugging Face directory, or a fresh one."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from distill.config import ArchConfig, LoraConfig, ModelConfig
+from distill.errors import DistillError
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKEN_ATTRS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DistillError(f"trainer.device={name} but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str | Path, role: str = "model") -> Tokenizer:
+    """Load a tokenizer from a local directory and make sure it can pad."""
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise DistillError(f"{role}: cannot load a tokenizer from {path}: {e}") from None
+    if tok.pad_token is None:
+        # Padding positions are always masked, so reusing EOS as the pad token is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def check_same_tokenizer(a: Tokenizer, b: Tokenizer, a_path: str, b_path: str) -> None:
+    """Raise DistillError unless both tokenizers map every token to the same id and share special tokens."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        only_a = sorted(set(va) - set(vb))[:3]
+        only_b = sorted(set(vb) - set(va))[:3]
+        moved = sorted(t for t in set(va) & set(vb) if va[t] != vb[t])[:3]
+        detail = (
+            f"only in the first: {only_a}" if only_a else f"only in the second: {only_b}" if only_b
+            else f"different ids for {moved}"
+        )
+        raise DistillError(
+            f"tokenizers differ ({len(va)} vs {len(vb)} tokens; {detail}): {a_path} and {b_path}. "
+            "Distillation needs teacher and student to share one tokenizer."
+        )
+    for attr in SPECIAL_TOKEN_ATTRS:
+        ia, ib = getattr(a, attr + "_id"), getattr(b, attr + "_id")
+        if ia != ib:
+            raise DistillError(f"tokenizers differ in {attr} ({ia} vs {ib}): {a_path} and {b_path}")
+
+
+def check_vocab_rows(model: PreTrainedModel, tokenizer: Tokenizer, where: str) -> None:
+    """Every token of the tokenizer needs an embedding row (extra rows are padding)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise DistillError(
+            f"{where}: the model has {rows} vocabulary rows but the tokenizer has {len(tokenizer)} tokens"
+        )
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_from_arch(arch: ArchConfig, tokenizer: Tokenizer) -> PreTrainedModel:
+    """A freshly initialised Llama-layout model sized for ``tokenizer``."""
+    m = arch.vocab_multiple
+    config = LlamaConfig(
+        vocab_size=(len(tokenizer) + m - 1) // m * m,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    target: str | list[str] = lora.target_modules
+    if target != "all-linear":
+        target = [t.strip() for t in target.split(",")]
+    peft_cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def load_model(
+    cfg: ModelConfig, role: str, device: torch.device, tokenizer: Tokenizer | None = None
+) -> PreTrainedModel:
+    """Load (or build) the model described by ``cfg``; a teacher is frozen and in eval mode."""
+    if cfg.arch is not None:
+        if tokenizer is None:
+            raise DistillError(f"{role}.arch needs a tokenizer")
+        model = build_from_arch(cfg.arch, tokenizer)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=_dtype(cfg.dtype))
+        except (OSError, ValueError) as e:
+            raise DistillError(f"{role}.path: cannot load a causal LM from {cfg.path}: {e}") from None
+    model = model.to(device=device, dtype=_dtype(cfg.dtype))
+    if role == "teacher":
+        model.eval()
+        model.requires_grad_(False)
+        return model
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    model.train()
+    return model
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters a checkpoint must hold: all of a full fine-tune, only the adapters of LoRA."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise DistillError(f"{where}: checkpoint does not match the model (missing {missing}, unexpected {extra})")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def unwrap(model: PreTrainedModel) -> PreTrainedModel:
+    """The plain transformers model: LoRA adapters merged into a copy when present."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def count_parameters(params: Iterable[torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)

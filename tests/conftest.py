@@ -1,0 +1,65 @@
+"""Shared fixtures: a tokenizer trained on the built-in tasks and tiny models saved to disk.
+
+Everything is built locally (nothing is downloaded) and loaded back through the real
+``from_pretrained`` code paths.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from distill.config import DataConfig
+    from distill.data import builtin_records
+    from distill.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    corpus = builtin_records(DataConfig(), "train", 2000)
+    train_tokenizer([t for r in corpus for t in (r.prompt, r.completion)], out, vocab_size=200)
+    return out
+
+
+def _save(model, tokenizer_dir: Path, out: Path) -> Path:
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def make_llama(tokenizer_dir: Path, out: Path, hidden: int = 32, layers: int = 2, vocab_pad: int = 0, seed: int = 0):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok) + vocab_pad, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    return _save(LlamaForCausalLM(cfg), tokenizer_dir, out)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny random Llama teacher whose vocabulary is padded beyond the tokenizer."""
+    return make_llama(tokenizer_dir, tmp_path_factory.mktemp("teacher"), hidden=48, vocab_pad=24, seed=1)
+
+
+@pytest.fixture(scope="session")
+def student_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A smaller random student of a different architecture (Qwen2) and unpadded vocabulary."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(2)
+    cfg = Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    return _save(Qwen2ForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("student"))

@@ -1,0 +1,109 @@
+"""The ``distill`` command: recipes compose, bad input is one line of error, runs and sweeps work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from distill.config import DistillConfig, register
+
+register()
+
+SMALL = [
+    "trainer.steps=2", "trainer.batch_size=4", "trainer.eval_every=2", "trainer.save_every=2", "trainer.log_every=1",
+    "trainer.max_new_tokens=4", "trainer.progress=false", "data.num_train=8", "data.num_validation=2",
+    "data.num_test=2",
+]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distill.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("recipe", ["supervised_kd", "sft", "pretrain_teacher", "sft_student"])
+def test_recipes_compose_to_typed_configs(recipe):
+    with initialize_config_module(config_module="distill.recipes", version_base=None):
+        raw = compose("config", overrides=[f"recipe={recipe}", "loss.beta=0.25"])
+    cfg = OmegaConf.to_object(raw)
+    assert isinstance(cfg, DistillConfig) and cfg.loss.beta == 0.25
+    if recipe == "pretrain_teacher":
+        assert cfg.student.arch.hidden_size == 256 and cfg.teacher.path is None and cfg.data.stream
+    if recipe == "sft_student":
+        assert cfg.student.arch.hidden_size == 128 and cfg.loss.kind == "ce"
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("distill: error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_beta_out_of_range(tmp_path, teacher_dir, student_dir):
+    proc = run_cli(f"teacher.path={teacher_dir}", f"student.path={student_dir}", "loss=gjsd", "loss.beta=1.5",
+                   f"output_dir={tmp_path}/r", cwd=tmp_path)
+    _one_line_error(proc, "loss.beta", "1.5")
+
+
+def test_missing_path(tmp_path, student_dir):
+    proc = run_cli(f"teacher.path={tmp_path}/nowhere", f"student.path={student_dir}", cwd=tmp_path)
+    _one_line_error(proc, "teacher.path", "nowhere")
+
+
+def test_unequal_tokenizers(tmp_path, teacher_dir, student_dir):
+    other = tmp_path / "other"
+    shutil.copytree(student_dir, other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[20:22]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    proc = run_cli(f"teacher.path={teacher_dir}", f"student.path={other}", f"output_dir={tmp_path}/r", *SMALL,
+                   cwd=tmp_path)
+    _one_line_error(proc, "tokenizers differ", str(teacher_dir), str(other))
+
+
+def test_malformed_jsonl(tmp_path, teacher_dir, student_dir):
+    f = tmp_path / "train.jsonl"
+    f.write_text('{"prompt": "Write 1 in words.", "completion": "one"}\n{"prompt": "x", "completion"\n')
+    proc = run_cli(f"teacher.path={teacher_dir}", f"student.path={student_dir}", f"data.train={f}",
+                   f"output_dir={tmp_path}/r", *SMALL, cwd=tmp_path)
+    _one_line_error(proc, f"{f}:2", "malformed JSON")
+
+
+def test_kd_run_with_files_and_overrides(tmp_path, teacher_dir, student_dir):
+    f = tmp_path / "train.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"Write {i} in words.", "completion": w}) + "\n"
+                         for i, w in enumerate(["zero", "one", "two", "three", "four", "five"])))
+    proc = run_cli(f"teacher.path={teacher_dir}", f"student.path={student_dir}", f"data.train={f}",
+                   f"data.validation={f}", "loss.kind=rkl", f"output_dir={tmp_path}/run", *SMALL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "run"
+    val = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "validation"]
+    assert val and "divergence" in val[-1] and "data/accuracy" in val[-1]
+    assert OmegaConf.load(run / "config.yaml").loss.kind == "rkl"
+    AutoModelForCausalLM.from_pretrained(run / "model")
+
+
+def test_multirun_sweep(tmp_path, teacher_dir, student_dir):
+    proc = run_cli("-m", "loss.kind=fkl,tvd", f"teacher.path={teacher_dir}", f"student.path={student_dir}",
+                   f"hydra.sweep.dir={tmp_path}/sweep", *SMALL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for i, kind in enumerate(["fkl", "tvd"]):
+        run = tmp_path / "sweep" / str(i)
+        assert OmegaConf.load(run / "config.yaml").loss.kind == kind
+        report = json.loads((run / "report.json").read_text())
+        assert {"teacher", "student before", "student after"} == set(report["test"])
+    assert "test split" in proc.stdout

@@ -1,0 +1,103 @@
+"""Fixed datasets: file formats, masking, chat templates and errors that name file and line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from distill.config import DataConfig
+from distill.data import IGNORE_INDEX, EpochSampler, Record, collate, encode, read_records
+from distill.errors import DistillError
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_jsonl_and_masking(tmp_path, tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    f = write(tmp_path / "d.jsonl", [json.dumps({"prompt": "Write 12 in words.", "completion": "twelve"}), "",
+                                     json.dumps({"prompt": "Write 3 in words.", "completion": "three"})])
+    records = read_records(f, DataConfig())
+    assert [r.completion for r in records] == ["twelve", "three"]
+    pairs = [encode(r, tok, 64) for r in records]
+    batch = collate(pairs, tok.pad_token_id)
+    for i, (p, c) in enumerate(pairs):
+        assert c[-1] == tok.eos_token_id
+        row = batch.labels[i]
+        assert torch.all(row[: len(p)] == IGNORE_INDEX)  # prompt masked
+        assert row[len(p): len(p) + len(c)].tolist() == c  # response counted
+        assert torch.all(row[len(p) + len(c):] == IGNORE_INDEX)  # padding masked
+        assert batch.attention_mask[i].sum() == len(p) + len(c)
+    assert tok.decode(pairs[0][1], skip_special_tokens=True) == "twelve"
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "a", "completion": ', "malformed JSON"),
+    ('{"prompt": "a"}', "missing field 'completion'"),
+    ('{"prompt": "a", "completion": 3}', "must be a string"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "last message must be the assistant"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, message):
+    good = json.dumps({"prompt": "p", "completion": "c"})
+    f = write(tmp_path / "bad.jsonl", [good, good, line])
+    with pytest.raises(DistillError, match=rf"bad\.jsonl:3: .*{message}"):
+        read_records(f, DataConfig())
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(DistillError, match="no such data file"):
+        read_records(tmp_path / "nope.jsonl", DataConfig())
+    f = write(tmp_path / "d.xml", ["<a/>"])
+    with pytest.raises(DistillError, match="unsupported data format"):
+        read_records(f, DataConfig())
+
+
+def test_csv_through_datasets_and_custom_fields(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("question,answer\nWrite 1 in words.,one\nWrite 2 in words.,two\n")
+    records = read_records(f, DataConfig(prompt_field="question", completion_field="answer"))
+    assert [(r.prompt, r.completion) for r in records] == [("Write 1 in words.", "one"), ("Write 2 in words.", "two")]
+
+
+def test_chat_messages_use_the_template(tmp_path, tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    msgs = [{"role": "user", "content": "Write 5 in words."}, {"role": "assistant", "content": "five"}]
+    f = write(tmp_path / "chat.jsonl", [json.dumps({"messages": msgs})])
+    (r,) = read_records(f, DataConfig(), tok)
+    assert r.prompt == "<s>user: Write 5 in words.</s><s>assistant:"
+    assert r.completion == " five</s>"
+    p, c = encode(r, tok, 64)
+    assert p[0] == tok.bos_token_id and p.count(tok.bos_token_id) == 2  # no BOS added twice
+    # Without a template the error names the line.
+    plain = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with pytest.raises(DistillError, match=r"chat\.jsonl:1: .*chat template"):
+        read_records(f, DataConfig(), plain)
+
+
+def test_overlong_prompt_is_an_error(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with pytest.raises(DistillError, match="f.jsonl:1: prompt is"):
+        encode(Record("Write 1 in words. " * 20, "one", "f.jsonl:1"), tok, 16)
+
+
+def test_sampler_resumes_exactly():
+    a = EpochSampler(7, seed=5)
+    full = a.take(20)
+    assert sorted(full[:7]) == list(range(7))  # each epoch is a permutation
+    b = EpochSampler(7, seed=5)
+    first = b.take(9)
+    c = EpochSampler(7, seed=5)
+    c.load_state_dict(b.state_dict())
+    assert first + c.take(11) == full
+    with pytest.raises(DistillError, match="training data changed"):
+        EpochSampler(8, seed=5).load_state_dict(b.state_dict())

@@ -1,0 +1,119 @@
+"""The training loop in-process: token-count invariance, resume after a kill, interrupt, LoRA, SFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import distill.train as train_mod
+from distill.config import DataConfig, DistillConfig, LoraConfig, LossConfig, ModelConfig, TrainerConfig
+from distill.errors import DistillError
+from distill.tracking import MetricsLog
+
+
+def make_cfg(teacher_dir, student_dir, **trainer) -> DistillConfig:
+    t = dict(steps=6, batch_size=4, lr=3e-3, warmup_steps=1, eval_every=3, save_every=2, log_every=1,
+             max_new_tokens=6, eval_batch_size=8, progress=False)
+    t.update(trainer)
+    return DistillConfig(
+        teacher=ModelConfig(path=str(teacher_dir)),
+        student=ModelConfig(path=str(student_dir)),
+        data=DataConfig(num_train=24, num_validation=4, num_test=4, max_length=96),
+        loss=LossConfig(kind="gjsd", beta=0.5),
+        trainer=TrainerConfig(**t),
+    )
+
+
+def final_weights(run_dir):
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def test_loss_independent_of_micro_batch_split(teacher_dir, student_dir, tmp_path):
+    """One step over 8 sequences: one micro-batch of 8 == two of 4 (global token count)."""
+    runs = {}
+    for bs, accum in [(8, 1), (4, 2), (2, 4)]:
+        cfg = make_cfg(teacher_dir, student_dir, steps=1, batch_size=bs, grad_accum=accum, max_grad_norm=1e9)
+        cfg.final_eval = False
+        cfg.data.num_validation = 0
+        runs[bs] = train_mod.train(cfg, tmp_path / f"bs{bs}")
+    logs = {bs: MetricsLog.read(r.run_dir / "metrics.jsonl")[0] for bs, r in runs.items()}
+    assert logs[8]["response_tokens"] == logs[4]["response_tokens"] == logs[2]["response_tokens"]
+    assert logs[4]["loss"] == pytest.approx(logs[8]["loss"], rel=1e-5)
+    assert logs[2]["loss"] == pytest.approx(logs[8]["loss"], rel=1e-5)
+    w8, w2 = final_weights(runs[8].run_dir), final_weights(runs[2].run_dir)
+    for k in w8:
+        assert torch.allclose(w8[k], w2[k], atol=1e-6), k
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so nothing in the loop handles it."""
+
+
+def test_resume_after_kill_matches_uninterrupted(teacher_dir, student_dir, tmp_path, monkeypatch):
+    full = train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "full")
+
+    # Die while drawing the data of step 5: the last checkpoint is step 4, step 5 is lost.
+    real_next = train_mod.TrainData.next_batch
+    calls = {"n": 0}
+
+    def dying_next(self, size):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Killed
+        return real_next(self, size)
+
+    monkeypatch.setattr(train_mod.TrainData, "next_batch", dying_next)
+    with pytest.raises(Killed):
+        train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "cut")
+    monkeypatch.setattr(train_mod.TrainData, "next_batch", real_next)
+    assert not (tmp_path / "cut" / "model").exists()
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-0000002", "step-0000004"]
+
+    cfg = make_cfg(teacher_dir, student_dir)
+    cfg.resume = str(tmp_path / "cut")
+    resumed = train_mod.train(cfg, tmp_path / "ignored")
+    assert resumed.run_dir == tmp_path / "cut"
+
+    a = MetricsLog.read(full.run_dir / "metrics.jsonl")
+    b = MetricsLog.read(resumed.run_dir / "metrics.jsonl")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    assert strip(a) == strip(b)
+    assert full.test == resumed.test
+    wa, wb = final_weights(full.run_dir), final_weights(resumed.run_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_keyboard_interrupt_saves_and_explains(teacher_dir, student_dir, tmp_path, monkeypatch):
+    real_next = train_mod.TrainData.next_batch
+    calls = {"n": 0}
+
+    def interrupted(self, size):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_next(self, size)
+
+    monkeypatch.setattr(train_mod.TrainData, "next_batch", interrupted)
+    with pytest.raises(DistillError, match=r"interrupted at step 3.*distill resume="):
+        train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "step-0000003").is_dir()
+
+
+def test_sft_and_lora_export(teacher_dir, student_dir, tmp_path):
+    cfg = make_cfg(teacher_dir, student_dir, steps=3)
+    cfg.loss = LossConfig(kind="ce")
+    cfg.teacher = ModelConfig()
+    cfg.student.lora = LoraConfig(enabled=True, r=4, alpha=8)
+    result = train_mod.train(cfg, tmp_path / "lora")
+    assert set(result.test) == {"student before", "student after"}
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert type(model).__name__ == "Qwen2ForCausalLM"  # merged: a plain transformers model
+    assert not any("lora" in k for k in model.state_dict())
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["test"]["student after"]["accuracy"] >= 0
+    assert (result.run_dir / "curves.png").stat().st_size > 1000
+    assert (result.run_dir / "tensorboard").is_dir()
