@@ -26,9 +26,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
-        for f in tmp.iterdir():
+        # mkdtemp (and some writers) create private files: give the result ordinary permissions.
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
             if f.is_file():
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())

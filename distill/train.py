@@ -78,6 +78,19 @@ def _tokenizer_for(cfg: DistillConfig, run_dir: Path) -> tuple[Tokenizer, str]:
     return load_tokenizer(out, "student"), str(out)
 
 
+def _saved_config(run_dir: Path) -> DistillConfig:
+    """The config a run was started with: a resumed run continues exactly that recipe."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise DistillError(f"resume: {run_dir} is not a distill run directory (no config.yaml)")
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DistillConfig), OmegaConf.load(path)))
+    except Exception as e:  # a hand-edited or foreign file
+        raise DistillError(f"resume: cannot read {path}: {e}") from None
+    cfg.resume = str(run_dir)
+    return cfg
+
+
 def _step_loss(
     cfg: DistillConfig, student: PreTrainedModel, teacher: PreTrainedModel | None, batch: Batch, autocast
 ) -> torch.Tensor:
@@ -113,9 +126,9 @@ def _progress(enabled: bool) -> Progress:
 
 def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
     """Run the recipe described by ``cfg``, writing everything under ``run_dir``."""
-    validate(cfg)
     if cfg.resume is not None:
-        run_dir = Path(cfg.resume)
+        cfg, run_dir = _saved_config(Path(cfg.resume)), Path(cfg.resume)
+    validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.trainer

@@ -107,3 +107,11 @@ def test_multirun_sweep(tmp_path, teacher_dir, student_dir):
         report = json.loads((run / "report.json").read_text())
         assert {"teacher", "student before", "student after"} == set(report["test"])
     assert "test split" in proc.stdout
+
+
+def test_embedded_default_runs_on_shipped_assets(tmp_path):
+    """`distill` with no recipe arguments: shipped teacher and student, built-in tasks."""
+    proc = run_cli(f"output_dir={tmp_path}/run", *SMALL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert set(report["test"]) == {"teacher", "student before", "student after"}

@@ -73,9 +73,8 @@ def test_resume_after_kill_matches_uninterrupted(teacher_dir, student_dir, tmp_p
     assert not (tmp_path / "cut" / "model").exists()
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-0000002", "step-0000004"]
 
-    cfg = make_cfg(teacher_dir, student_dir)
-    cfg.resume = str(tmp_path / "cut")
-    resumed = train_mod.train(cfg, tmp_path / "ignored")
+    # `distill resume=DIR` alone: the run's saved config is what continues.
+    resumed = train_mod.train(DistillConfig(resume=str(tmp_path / "cut")), tmp_path / "ignored")
     assert resumed.run_dir == tmp_path / "cut"
 
     a = MetricsLog.read(full.run_dir / "metrics.jsonl")
@@ -117,3 +116,24 @@ def test_sft_and_lora_export(teacher_dir, student_dir, tmp_path):
     assert report["test"]["student after"]["accuracy"] >= 0
     assert (result.run_dir / "curves.png").stat().st_size > 1000
     assert (result.run_dir / "tensorboard").is_dir()
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    with pytest.raises(DistillError, match="not a distill run directory"):
+        train_mod.train(DistillConfig(resume=str(tmp_path)), tmp_path)
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    from distill.checkpoint import atomic_dir
+
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out") as d:
+        (d / "half.bin").write_bytes(b"x")
+        raise RuntimeError("crash while writing")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(tmp_path / "out") as d:
+        (d / "a.bin").write_bytes(b"1")
+    with atomic_dir(tmp_path / "out") as d:  # replacing an existing export
+        (d / "b.bin").write_bytes(b"2")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["b.bin"]
+    assert (tmp_path / "out").stat().st_mode & 0o755 == 0o755
