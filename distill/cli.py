@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ def summary_table(test: dict[str, dict[str, float]]) -> Table:
     table = Table(title="test split")
     table.add_column("model")
     for k in keys:
-        table.add_column(k, justify="right")
+        table.add_column(k.replace("/", "\n"), justify="right")
     for name, row in test.items():
         table.add_row(name, *(f"{row[k]:.3f}" if k in row else "-" for k in keys))
     return table
@@ -57,7 +56,11 @@ def _hydra_main(raw: DictConfig) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    import transformers
+
+    # distill draws its own progress; transformers' per-file loading bars would only clutter it.
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     _hydra_main()
 
 
