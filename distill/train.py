@@ -133,7 +133,6 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.trainer
     device = resolve_device(tc.device)
-    seed_everything(tc.seed)
 
     # Models and tokenizers, checked before any compute.
     tokenizer, tok_path = _tokenizer_for(cfg, run_dir)
@@ -143,6 +142,9 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
         check_same_tokenizer(teacher_tok, tokenizer, cfg.teacher.tokenizer or cfg.teacher.path, tok_path)
         teacher = load_model(cfg.teacher, "teacher", device)
         check_vocab_rows(teacher, tokenizer, f"teacher {cfg.teacher.path}")
+    # Seed right before the student: loading a teacher may consume random numbers, and a student
+    # built from scratch must get the same initial weights with or without one.
+    seed_everything(tc.seed)
     student = load_model(cfg.student, "student", device, tokenizer)
     check_vocab_rows(student, tokenizer, f"student {cfg.student.path or 'from arch'}")
     if cfg.loss.kind == "ce" and teacher is not None:
