@@ -98,6 +98,11 @@ class LossConfig:
     temperature: float = 1.0
     hinton_scale: bool = False
 
+    def divergence_kwargs(self) -> dict[str, object]:
+        """Keyword arguments of ``distill.losses.divergence`` for this config."""
+        return dict(kind=self.kind, beta=self.beta, alpha=self.alpha, temperature=self.temperature,
+                    hinton_scale=self.hinton_scale)
+
 
 @dataclass
 class TrainerConfig:

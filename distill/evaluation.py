@@ -103,10 +103,7 @@ def reference_losses(
             ce_sum += float(cross_entropy(s, labels, reduction="sum"))
             if teacher is not None and loss.kind != "ce":
                 t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-                div_sum += float(divergence(
-                    s, t, labels, kind=loss.kind, beta=loss.beta, alpha=loss.alpha,
-                    temperature=loss.temperature, hinton_scale=loss.hinton_scale, reduction="sum",
-                ))
+                div_sum += float(divergence(s, t, labels, reduction="sum", **loss.divergence_kwargs()))
             n += count_tokens(labels)
     finally:
         student.train(was_training)

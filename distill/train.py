@@ -102,11 +102,7 @@ def _step_loss(
         return cross_entropy(s, labels, reduction="sum")
     with torch.no_grad(), autocast:
         t = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    lc = cfg.loss
-    return divergence(
-        s, t, labels, kind=lc.kind, beta=lc.beta, alpha=lc.alpha, temperature=lc.temperature,
-        hinton_scale=lc.hinton_scale, reduction="sum",
-    )
+    return divergence(s, t, labels, reduction="sum", **cfg.loss.divergence_kwargs())
 
 
 def _progress(enabled: bool) -> Progress:

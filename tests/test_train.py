@@ -137,3 +137,12 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["b.bin"]
     assert (tmp_path / "out").stat().st_mode & 0o755 == 0o755
+
+
+def test_bf16_autocast_trains(teacher_dir, student_dir, tmp_path):
+    cfg = make_cfg(teacher_dir, student_dir, steps=2, precision="bf16", eval_every=2, save_every=2)
+    cfg.final_eval = False
+    result = train_mod.train(cfg, tmp_path / "bf16")
+    rows = MetricsLog.read(result.run_dir / "metrics.jsonl")
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in rows if r["split"] == "train")
+    assert {r["split"] for r in rows} == {"train", "validation"}
