@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from distill.errors import DistillError
-from distill.losses import check_loss_args
+from distill.losses import KINDS, check_loss_args
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -148,6 +148,8 @@ PRECISIONS = ("fp32", "bf16")
 
 def validate(cfg: DistillConfig) -> None:
     """Check a config before anything is loaded; raise DistillError naming the field."""
+    if cfg.loss.kind not in ("ce", *KINDS):
+        raise DistillError(f"loss.kind must be ce (SFT) or one of {', '.join(KINDS)}; got {cfg.loss.kind!r}")
     try:
         if cfg.loss.kind != "ce":
             check_loss_args(cfg.loss.kind, cfg.loss.beta, cfg.loss.alpha, cfg.loss.temperature)
