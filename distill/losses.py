@@ -107,20 +107,22 @@ def token_divergence(
     return _kl(log_q, _log_mix(log_q, log_p, alpha))
 
 
-def _reduce(per_token: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, reduction: Reduction):
+def _counted(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """Boolean mask of the positions that count, shaped like ``logits.shape[:-1]``."""
     if labels is None:
-        mask = torch.ones_like(per_token, dtype=torch.bool)
-    else:
-        if labels.shape != per_token.shape:
-            raise ValueError(
-                f"labels shape {tuple(labels.shape)} != logits shape without vocab {tuple(per_token.shape)}"
-            )
-        mask = labels != ignore_index
-    # where(), not multiplication: an ignored position may hold inf (e.g. padding rows).
-    masked = torch.where(mask, per_token, torch.zeros_like(per_token))
+        return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} != logits shape without vocab {tuple(logits.shape[:-1])}")
+    return labels != ignore_index
+
+
+def _reduce(counted_values: torch.Tensor, mask: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """Reduce the values of the counted positions (``counted_values`` = per_token[mask])."""
     if reduction == "none":
-        return masked
-    total = masked.sum()
+        out = counted_values.new_zeros(mask.shape)
+        out[mask] = counted_values
+        return out
+    total = counted_values.sum()
     if reduction == "sum":
         return total
     return total / mask.sum().clamp(min=1)
@@ -152,12 +154,16 @@ def divergence(
         hinton_scale: multiply by temperature**2 (Hinton et al.); off by default.
         reduction: ``mean`` over counted positions, ``sum``, or ``none`` (per position, 0 where ignored).
     """
+    mask = _counted(student_logits, labels, ignore_index)
+    # Only counted positions are computed: cheaper, and an ignored position whose divergence is
+    # infinite (say the teacher puts -inf where the student has mass) cannot send 0 * inf = NaN
+    # into the gradient.
     per_token = token_divergence(
-        student_logits, teacher_logits, kind=kind, beta=beta, alpha=alpha, temperature=temperature
+        student_logits[mask], teacher_logits[mask], kind=kind, beta=beta, alpha=alpha, temperature=temperature
     )
     if hinton_scale:
         per_token = per_token * temperature**2
-    return _reduce(per_token, labels, ignore_index, reduction)
+    return _reduce(per_token, mask, reduction)
 
 
 def cross_entropy(
@@ -168,10 +174,9 @@ def cross_entropy(
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Next-token cross-entropy in fp32 with labels aligned to the logits (the SFT loss)."""
-    per_token = F.cross_entropy(
-        _upcast(logits).flatten(0, -2), labels.flatten(), ignore_index=ignore_index, reduction="none"
-    ).view(labels.shape)
-    return _reduce(per_token, labels, ignore_index, reduction)
+    mask = _counted(logits, labels, ignore_index)
+    per_token = F.cross_entropy(_upcast(logits[mask]), labels[mask], reduction="none")
+    return _reduce(per_token, mask, reduction)
 
 
 def count_tokens(labels: torch.Tensor, ignore_index: int = -100) -> int:

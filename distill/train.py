@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -105,6 +107,28 @@ def _step_loss(
     return divergence(s, t, labels, reduction="sum", **cfg.loss.divergence_kwargs())
 
 
+class _StopAtStepBoundary:
+    """The first Ctrl-C asks the loop to stop after the current step (so the checkpoint is
+    consistent); a second one stops at once, losing the work since the last checkpoint."""
+
+    def __enter__(self) -> _StopAtStepBoundary:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]distill[/]"),
@@ -182,7 +206,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
         + f"; {len(data.examples) or 'streamed'} training examples; device {device}"
     )
 
-    metrics = MetricsLog(run_dir, resume_step=step if resumed is not None else None)
+    metrics = MetricsLog(run_dir, resume_step=step if cfg.resume is not None else None)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
     )
@@ -200,7 +224,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
     student.train()
     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
     try:
-        with _progress(tc.progress) as progress:
+        with _progress(tc.progress) as progress, _StopAtStepBoundary() as stop:
             task = progress.add_task("train", total=tc.steps, completed=step, loss=math.nan, tps=0.0)
             while step < tc.steps:
                 micro = [data.next_batch(tc.batch_size) for _ in range(tc.grad_accum)]
@@ -238,15 +262,21 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
                     val.update(evaluate(student, tokenizer, val_records, **gen_args))
                     metrics.log("validation", step, val)
                     progress.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
-                if step % tc.save_every == 0 or step == tc.steps:
+                if step % tc.save_every == 0 or step == tc.steps or stop.requested:
                     checkpoint()
+                if stop.requested and step < tc.steps:
+                    raise DistillError(
+                        f"interrupted at step {step}; checkpoint saved. Continue with: distill resume={run_dir}"
+                    )
     except KeyboardInterrupt:
-        if step > last_saved:
-            checkpoint()
         metrics.close()
         raise DistillError(
-            f"interrupted at step {step}; checkpoint saved. Continue with: distill resume={run_dir}"
+            f"stopped at once during step {step + 1}; the last checkpoint is step {last_saved}. "
+            f"Continue from it with: distill resume={run_dir}"
         ) from None
+    except DistillError:
+        metrics.close()
+        raise
     metrics.close()
 
     final = unwrap(student)

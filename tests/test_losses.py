@@ -149,3 +149,16 @@ def test_cross_entropy_matches_formula():
     keep = labels != -100
     want = -logp[keep].gather(-1, labels[keep][:, None]).mean()
     assert torch.allclose(cross_entropy(z, labels).double(), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ignored_positions_send_no_nan_gradient(kind):
+    """An ignored position with an infinite divergence must not poison the gradient."""
+    z_s = torch.randn(2, 3, 8, requires_grad=True)
+    z_t = torch.randn(2, 3, 8)
+    z_t[0, 1, 2] = -math.inf  # teacher excludes a token the student likes, at an ignored position
+    labels = torch.tensor([[1, -100, 2], [3, 4, 5]])
+    loss = divergence(z_s, z_t, labels, kind=kind, beta=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z_s.grad).all()
+    assert torch.all(z_s.grad[0, 1] == 0)

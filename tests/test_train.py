@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -86,20 +88,47 @@ def test_resume_after_kill_matches_uninterrupted(teacher_dir, student_dir, tmp_p
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_keyboard_interrupt_saves_and_explains(teacher_dir, student_dir, tmp_path, monkeypatch):
+def test_ctrl_c_finishes_the_step_and_resumes_exactly(teacher_dir, student_dir, tmp_path, monkeypatch):
+    """SIGINT in the middle of a step (between micro-batches): the step completes, is saved, and
+    resuming ends exactly like an uninterrupted run."""
+    full = train_mod.train(make_cfg(teacher_dir, student_dir, grad_accum=2), tmp_path / "full")
     real_next = train_mod.TrainData.next_batch
     calls = {"n": 0}
 
     def interrupted(self, size):
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
+        if calls["n"] == 6:  # second micro-batch of step 3
+            os.kill(os.getpid(), signal.SIGINT)
         return real_next(self, size)
 
     monkeypatch.setattr(train_mod.TrainData, "next_batch", interrupted)
-    with pytest.raises(DistillError, match=r"interrupted at step 3.*distill resume="):
-        train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "run")
+    with pytest.raises(DistillError, match=r"interrupted at step 3; checkpoint saved.*distill resume="):
+        train_mod.train(make_cfg(teacher_dir, student_dir, grad_accum=2), tmp_path / "run")
+    monkeypatch.setattr(train_mod.TrainData, "next_batch", real_next)
     assert (tmp_path / "run" / "checkpoints" / "step-0000003").is_dir()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    resumed = train_mod.train(DistillConfig(resume=str(tmp_path / "run")), tmp_path / "ignored")
+    wa, wb = final_weights(full.run_dir), final_weights(resumed.run_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert full.test == resumed.test
+
+
+def test_second_ctrl_c_stops_at_once(teacher_dir, student_dir, tmp_path, monkeypatch):
+    real_next = train_mod.TrainData.next_batch
+    calls = {"n": 0}
+
+    def interrupted(self, size):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_next(self, size)
+
+    monkeypatch.setattr(train_mod.TrainData, "next_batch", interrupted)
+    with pytest.raises(DistillError, match=r"stopped at once during step 5; the last checkpoint is step 4"):
+        train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "step-0000005").exists()
 
 
 def test_sft_and_lora_export(teacher_dir, student_dir, tmp_path):
