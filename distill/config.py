@@ -172,9 +172,12 @@ def validate(cfg: DistillConfig) -> None:
     t = cfg.trainer
     if t.precision not in PRECISIONS:
         raise DistillError(f"trainer.precision must be one of {PRECISIONS}; got {t.precision!r}")
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_checkpoints",
+                 "max_new_tokens", "eval_batch_size"):
         if getattr(t, name) < 1:
             raise DistillError(f"trainer.{name} must be >= 1; got {getattr(t, name)}")
+    if cfg.data.max_length < 2:
+        raise DistillError(f"data.max_length must be >= 2; got {cfg.data.max_length}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise DistillError(f"trainer.min_lr_ratio must lie in [0, 1]; got {t.min_lr_ratio}")
     for split in ("train", "validation", "test"):

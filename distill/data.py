@@ -24,18 +24,29 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class Record:
-    """One (prompt, completion) pair and where it came from (for error messages and metrics)."""
+    """One (prompt, completion) pair and where it came from (for error messages and metrics).
+
+    For chat records ``prompt`` and ``completion`` are the chat template's rendering (``templated``:
+    they already hold the template's special tokens) and ``reference`` is the assistant's text.
+    """
 
     prompt: str
     completion: str
     source: str
     task: str | None = None
+    templated: bool = False
+    reference: str | None = None
+
+    @property
+    def answer(self) -> str:
+        """What a generated completion is scored against."""
+        return self.completion if self.reference is None else self.reference
 
 
 def _record_from_row(row: object, cfg: DataConfig, tokenizer: Tokenizer | None, where: str) -> Record:
     if not isinstance(row, dict):
         raise DistillError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if cfg.messages_field in row:
+    if row.get(cfg.messages_field) is not None:
         return _record_from_messages(row[cfg.messages_field], tokenizer, where)
     for key in (cfg.prompt_field, cfg.completion_field):
         if key not in row:
@@ -59,8 +70,7 @@ def _record_from_messages(messages: object, tokenizer: Tokenizer | None, where: 
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
         raise DistillError(f"{where}: the chat template does not render the prompt as a prefix of the conversation")
-    # The rendered prompt carries the template's own special tokens: mark it so they are not added twice.
-    return Record(prompt, full[len(prompt):], where, task="chat")
+    return Record(prompt, full[len(prompt):], where, task="chat", templated=True, reference=messages[-1]["content"])
 
 
 def read_records(path: str | Path, cfg: DataConfig, tokenizer: Tokenizer | None = None) -> list[Record]:
@@ -70,7 +80,7 @@ def read_records(path: str | Path, cfg: DataConfig, tokenizer: Tokenizer | None 
         raise DistillError(f"no such data file: {path}")
     records: list[Record] = []
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -130,9 +140,19 @@ def load_split(cfg: DataConfig, split: str, tokenizer: Tokenizer | None = None) 
 
 def encode(record: Record, tokenizer: Tokenizer, max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of prompt and completion (completion ends with EOS, truncated to ``max_length``)."""
-    # A chat-rendered prompt already holds the template's special tokens.
-    prompt_ids = tokenizer(record.prompt, add_special_tokens=record.task != "chat").input_ids
-    completion_ids = tokenizer(record.completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    if record.templated:
+        # The rendering holds the template's special tokens; tokenize it whole so the completion
+        # tokens are exactly those of the conversation, and split where the prompt ends.
+        prompt_ids = tokenizer(record.prompt, add_special_tokens=False).input_ids
+        full_ids = tokenizer(record.prompt + record.completion, add_special_tokens=False).input_ids
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise DistillError(f"{record.source}: the chat template's prompt does not tokenize as a prefix of the chat")
+        completion_ids = full_ids[len(prompt_ids):]
+    else:
+        prompt_ids = tokenizer(record.prompt).input_ids
+        completion_ids = tokenizer(record.completion, add_special_tokens=False).input_ids
+    if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
     if len(prompt_ids) >= max_length:
         raise DistillError(
             f"{record.source}: prompt is {len(prompt_ids)} tokens, at least data.max_length={max_length}"

@@ -66,7 +66,7 @@ def task_metrics(records: list[Record], predictions: list[str]) -> dict[str, flo
     metrics: dict[str, float] = {}
     for name, idx in sorted(groups.items()):
         preds = [predictions[i] for i in idx]
-        refs = [records[i].completion for i in idx]
+        refs = [records[i].answer for i in idx]
         if name in TASKS:
             scores = TASKS[name]().score(preds, refs)
         else:

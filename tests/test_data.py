@@ -76,8 +76,11 @@ def test_chat_messages_use_the_template(tmp_path, tokenizer_dir):
     (r,) = read_records(f, DataConfig(), tok)
     assert r.prompt == "<s>user: Write 5 in words.</s><s>assistant:"
     assert r.completion == " five</s>"
+    assert r.answer == "five"  # generations are scored against the assistant's text
     p, c = encode(r, tok, 64)
     assert p[0] == tok.bos_token_id and p.count(tok.bos_token_id) == 2  # no BOS added twice
+    assert c[-1] == tok.eos_token_id and c.count(tok.eos_token_id) == 1  # the template's EOS, not a second
+    assert p + c == tok(r.prompt + r.completion, add_special_tokens=False).input_ids
     # Without a template the error names the line.
     plain = AutoTokenizer.from_pretrained(tokenizer_dir)
     with pytest.raises(DistillError, match=r"chat\.jsonl:1: .*chat template"):
@@ -101,3 +104,10 @@ def test_sampler_resumes_exactly():
     assert first + c.take(11) == full
     with pytest.raises(DistillError, match="training data changed"):
         EpochSampler(8, seed=5).load_state_dict(b.state_dict())
+
+
+def test_bom_and_null_messages(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes("\ufeff".encode() + b'{"prompt": "p", "completion": "c", "messages": null}\n')
+    (r,) = read_records(f, DataConfig())
+    assert (r.prompt, r.completion) == ("p", "c")

@@ -175,3 +175,11 @@ def test_bf16_autocast_trains(teacher_dir, student_dir, tmp_path):
     rows = MetricsLog.read(result.run_dir / "metrics.jsonl")
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in rows if r["split"] == "train")
     assert {r["split"] for r in rows} == {"train", "validation"}
+
+
+def test_checkpoints_ordered_by_step(tmp_path):
+    from distill.checkpoint import list_checkpoints
+
+    for step in (9_999_999, 10_000_000, 200):
+        (tmp_path / "checkpoints" / f"step-{step:07d}").mkdir(parents=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000200", "step-9999999", "step-10000000"]
