@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from distill.config import LossConfig
 from distill.data import Record, collate, encode
 from distill.losses import count_tokens, cross_entropy, divergence
+from distill.models import lm_logits
 from distill.tasks import TASKS
 
 
@@ -99,10 +100,10 @@ def reference_losses(
             pairs = [encode(r, tokenizer, max_length) for r in records[start: start + batch_size]]
             b = collate(pairs, tokenizer.pad_token_id).to(device)
             labels = b.labels[:, 1:]
-            s = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+            s = lm_logits(student, b.input_ids, b.attention_mask)
             ce_sum += float(cross_entropy(s, labels, reduction="sum"))
             if teacher is not None and loss.kind != "ce":
-                t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+                t = lm_logits(teacher, b.input_ids, b.attention_mask)
                 div_sum += float(divergence(s, t, labels, reduction="sum", **loss.divergence_kwargs()))
             n += count_tokens(labels)
     finally:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
@@ -126,6 +128,46 @@ def load_model(
         model = apply_lora(model, cfg.lora)
     model.train()
     return model
+
+
+class _FP32Head(torch.nn.Module):
+    """An LM head evaluated in fp32 (fp32 inputs, weights and accumulation) whatever the
+    autocast or weight dtype: rounding logits to bf16 before the softmax skews the gradient."""
+
+    def __init__(self, head: torch.nn.Linear) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.head.bias is None else self.head.bias.float()
+            return F.linear(x.float(), self.head.weight.float(), bias)
+
+
+@contextmanager
+def fp32_logits(model: PreTrainedModel, needed: bool = True) -> Iterator[None]:
+    """Within the block ``model(...).logits`` are fp32, computed from the fp32 hidden state."""
+    head = model.get_output_embeddings()
+    if not needed or not isinstance(head, torch.nn.Linear):
+        yield
+        return
+    model.set_output_embeddings(_FP32Head(head))
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(head)
+
+
+def lm_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, bf16: bool = False
+) -> torch.Tensor:
+    """Next-token logits ``[B, T-1, V]``: fp32 from an fp32 LM head, also when the body runs in
+    bf16 autocast (``bf16``) or holds bf16 weights."""
+    head = model.get_output_embeddings()
+    low_precision = bf16 or (head is not None and head.weight.dtype != torch.float32)
+    autocast = torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
+    with autocast, fp32_logits(model, needed=low_precision):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

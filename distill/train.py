@@ -14,7 +14,6 @@ import random
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from distill.models import (
     check_same_tokenizer,
     check_vocab_rows,
     count_parameters,
+    lm_logits,
     load_model,
     load_tokenizer,
     load_trainable_state,
@@ -94,16 +94,15 @@ def _saved_config(run_dir: Path) -> DistillConfig:
 
 
 def _step_loss(
-    cfg: DistillConfig, student: PreTrainedModel, teacher: PreTrainedModel | None, batch: Batch, autocast
+    cfg: DistillConfig, student: PreTrainedModel, teacher: PreTrainedModel | None, batch: Batch, bf16: bool
 ) -> torch.Tensor:
     """Summed loss of one micro-batch over its counted (response) tokens."""
     labels = batch.labels[:, 1:]  # next-token targets: position i predicts token i + 1
-    with autocast:
-        s = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    s = lm_logits(student, batch.input_ids, batch.attention_mask, bf16)
     if cfg.loss.kind == "ce":
         return cross_entropy(s, labels, reduction="sum")
-    with torch.no_grad(), autocast:
-        t = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    with torch.no_grad():
+        t = lm_logits(teacher, batch.input_ids, batch.attention_mask, bf16)
     return divergence(s, t, labels, reduction="sum", **cfg.loss.divergence_kwargs())
 
 
@@ -207,9 +206,6 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
     )
 
     metrics = MetricsLog(run_dir, resume_step=step if cfg.resume is not None else None)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
-    )
     last_saved = step
 
     def checkpoint() -> None:
@@ -232,7 +228,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
                 n_counted = sum(count_tokens(b.labels[:, 1:]) for b in micro)
                 step_loss = 0.0
                 for b in micro:
-                    loss = _step_loss(cfg, student, teacher, b.to(device), autocast)
+                    loss = _step_loss(cfg, student, teacher, b.to(device), tc.precision == "bf16")
                     (loss / max(n_counted, 1)).backward()
                     step_loss += float(loss.detach())
                     tokens_window += b.num_tokens

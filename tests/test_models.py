@@ -90,3 +90,22 @@ def test_lora_student_trains_adapters_only_and_merges(student_dir):
     load_trainable_state(fresh, saved, "test")
     fresh.eval()
     assert torch.allclose(fresh(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("dtype,bf16", [("float32", True), ("bfloat16", False)])
+def test_logits_are_fp32_from_the_fp32_hidden_state(teacher_dir, dtype, bf16):
+    """The LM head never rounds logits to bf16 (a peer bug): bf16 autocast or bf16 weights alike."""
+    from distill.models import lm_logits
+
+    model = load_model(ModelConfig(path=str(teacher_dir), dtype=dtype), "teacher", CPU)
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    mask = torch.ones_like(ids)
+    logits = lm_logits(model, ids, mask, bf16=bf16)
+    assert logits.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert out.logits.dtype == torch.bfloat16  # what the model alone gives
+    hidden = out.hidden_states[-1][:, :-1]
+    want = hidden.float() @ model.get_output_embeddings().weight.float().T
+    assert torch.allclose(logits, want, rtol=1e-6, atol=1e-6)
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear)  # the head is restored
