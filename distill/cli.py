@@ -24,6 +24,9 @@ from distill.errors import DistillError
 
 register()
 
+# What may change when a run is resumed: where it runs and how it reports, not what it computes.
+RESUME_OVERRIDABLE = ("resume", "trainer.device", "trainer.progress")
+
 
 def summary_table(test: dict[str, dict[str, float]]) -> Table:
     """Teacher, student before and student after on the test split."""
@@ -44,7 +47,15 @@ def _hydra_main(raw: DictConfig) -> None:
     console = Console()
     try:
         cfg: DistillConfig = OmegaConf.to_object(raw)
-        run_dir = Path(cfg.output_dir or HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        if cfg.resume is not None:
+            fixed = [o for o in hydra_cfg.overrides.task if o.split("=")[0].lstrip("+~") not in RESUME_OVERRIDABLE]
+            if fixed:
+                raise DistillError(
+                    f"resume continues the run's saved config ({cfg.resume}/config.yaml); drop {' '.join(fixed)} "
+                    f"(only {', '.join(RESUME_OVERRIDABLE[1:])} may change)"
+                )
+        run_dir = Path(cfg.output_dir or hydra_cfg.runtime.output_dir)
         result = train(cfg, run_dir)
     except (DistillError, OmegaConfBaseException) as e:
         print(f"distill: error: {e}".splitlines()[0], file=sys.stderr)

@@ -80,8 +80,9 @@ def _tokenizer_for(cfg: DistillConfig, run_dir: Path) -> tuple[Tokenizer, str]:
     return load_tokenizer(out, "student"), str(out)
 
 
-def _saved_config(run_dir: Path) -> DistillConfig:
-    """The config a run was started with: a resumed run continues exactly that recipe."""
+def _saved_config(run_dir: Path, current: DistillConfig) -> DistillConfig:
+    """The config a run was started with: a resumed run continues exactly that recipe, on the
+    device and with the progress display asked for now."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise DistillError(f"resume: {run_dir} is not a distill run directory (no config.yaml)")
@@ -90,6 +91,7 @@ def _saved_config(run_dir: Path) -> DistillConfig:
     except Exception as e:  # a hand-edited or foreign file
         raise DistillError(f"resume: cannot read {path}: {e}") from None
     cfg.resume = str(run_dir)
+    cfg.trainer.device, cfg.trainer.progress = current.trainer.device, current.trainer.progress
     return cfg
 
 
@@ -146,7 +148,7 @@ def _progress(enabled: bool) -> Progress:
 def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
     """Run the recipe described by ``cfg``, writing everything under ``run_dir``."""
     if cfg.resume is not None:
-        cfg, run_dir = _saved_config(Path(cfg.resume)), Path(cfg.resume)
+        cfg, run_dir = _saved_config(Path(cfg.resume), cfg), Path(cfg.resume)
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

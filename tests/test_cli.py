@@ -115,3 +115,10 @@ def test_embedded_default_runs_on_shipped_assets(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert set(report["test"]) == {"teacher", "student before", "student after"}
+
+
+def test_resume_refuses_overrides_it_would_ignore(tmp_path):
+    (tmp_path / "run").mkdir()
+    proc = run_cli(f"resume={tmp_path}/run", "trainer.steps=1000", "trainer.progress=false", cwd=tmp_path)
+    _one_line_error(proc, "resume continues the run's saved config", "trainer.steps=1000")
+    assert "trainer.progress=false" not in proc.stderr.split("drop")[1].split("(")[0]
