@@ -25,6 +25,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a scratch directory beside ``final``; on success it is fsynced and renamed into place."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists() and not final.exists():
+        os.replace(old, final)  # a crash between the two renames below: the old copy is the good one
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -37,22 +40,26 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             if f.is_file():
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
+        _fsync_dir(tmp)
         if final.exists():
             # Move the old copy aside first so that a crash never leaves neither.
-            old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:

@@ -100,10 +100,10 @@ def reference_losses(
             pairs = [encode(r, tokenizer, max_length) for r in records[start: start + batch_size]]
             b = collate(pairs, tokenizer.pad_token_id).to(device)
             labels = b.labels[:, 1:]
-            s = lm_logits(student, b.input_ids, b.attention_mask)
+            s = lm_logits(student, b.input_ids, b.attention_mask, vocab=len(tokenizer))
             ce_sum += float(cross_entropy(s, labels, reduction="sum"))
             if teacher is not None and loss.kind != "ce":
-                t = lm_logits(teacher, b.input_ids, b.attention_mask)
+                t = lm_logits(teacher, b.input_ids, b.attention_mask, vocab=len(tokenizer))
                 div_sum += float(divergence(s, t, labels, reduction="sum", **loss.divergence_kwargs()))
             n += count_tokens(labels)
     finally:

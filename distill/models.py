@@ -159,15 +159,20 @@ def fp32_logits(model: PreTrainedModel, needed: bool = True) -> Iterator[None]:
 
 
 def lm_logits(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, bf16: bool = False
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    bf16: bool = False,
+    vocab: int | None = None,
 ) -> torch.Tensor:
     """Next-token logits ``[B, T-1, V]``: fp32 from an fp32 LM head, also when the body runs in
-    bf16 autocast (``bf16``) or holds bf16 weights."""
+    bf16 autocast (``bf16``) or holds bf16 weights. With ``vocab`` (the tokenizer's length) the
+    padding rows beyond it are dropped, so they take no probability mass in either model."""
     head = model.get_output_embeddings()
     low_precision = bf16 or (head is not None and head.weight.dtype != torch.float32)
     autocast = torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
     with autocast, fp32_logits(model, needed=low_precision):
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :vocab]
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

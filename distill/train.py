@@ -96,15 +96,20 @@ def _saved_config(run_dir: Path, current: DistillConfig) -> DistillConfig:
 
 
 def _step_loss(
-    cfg: DistillConfig, student: PreTrainedModel, teacher: PreTrainedModel | None, batch: Batch, bf16: bool
+    cfg: DistillConfig,
+    student: PreTrainedModel,
+    teacher: PreTrainedModel | None,
+    batch: Batch,
+    bf16: bool,
+    vocab: int,
 ) -> torch.Tensor:
     """Summed loss of one micro-batch over its counted (response) tokens."""
     labels = batch.labels[:, 1:]  # next-token targets: position i predicts token i + 1
-    s = lm_logits(student, batch.input_ids, batch.attention_mask, bf16)
+    s = lm_logits(student, batch.input_ids, batch.attention_mask, bf16, vocab)
     if cfg.loss.kind == "ce":
         return cross_entropy(s, labels, reduction="sum")
     with torch.no_grad():
-        t = lm_logits(teacher, batch.input_ids, batch.attention_mask, bf16)
+        t = lm_logits(teacher, batch.input_ids, batch.attention_mask, bf16, vocab)
     return divergence(s, t, labels, reduction="sum", **cfg.loss.divergence_kwargs())
 
 
@@ -230,7 +235,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
                 n_counted = sum(count_tokens(b.labels[:, 1:]) for b in micro)
                 step_loss = 0.0
                 for b in micro:
-                    loss = _step_loss(cfg, student, teacher, b.to(device), tc.precision == "bf16")
+                    loss = _step_loss(cfg, student, teacher, b.to(device), tc.precision == "bf16", len(tokenizer))
                     (loss / max(n_counted, 1)).backward()
                     step_loss += float(loss.detach())
                     tokens_window += b.num_tokens

@@ -166,6 +166,13 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["b.bin"]
     assert (tmp_path / "out").stat().st_mode & 0o755 == 0o755
+    # A crash between moving the old copy aside and moving the new one in: the old one comes back.
+    os.replace(tmp_path / "out", tmp_path / ".out.old")
+    with atomic_dir(tmp_path / "other"):
+        pass
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out"):
+        raise RuntimeError
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["b.bin"]
 
 
 def test_bf16_autocast_trains(teacher_dir, student_dir, tmp_path):
