@@ -203,6 +203,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
             console.print(f"no checkpoint in {run_dir}: starting from step 0")
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         if test_records:
+            console.print(f"evaluating on the test split ({len(test_records)} examples) before training")
             if teacher is not None:
                 result.test["teacher"] = evaluate(teacher, tokenizer, test_records, **gen_args)
             result.test["student before"] = evaluate(student, tokenizer, test_records, **gen_args)
