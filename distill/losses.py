@@ -108,7 +108,7 @@ def token_divergence(
 
 
 def _counted(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
-    """Boolean mask of the positions that count, shaped like ``logits.shape[:-1]``."""
+    """Boolean mask of the positions that count, shaped like ``logits.shape[:-1]`` (or hidden states')."""
     if labels is None:
         return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
     if labels.shape != logits.shape[:-1]:
@@ -164,6 +164,56 @@ def divergence(
     if hinton_scale:
         per_token = per_token * temperature**2
     return _reduce(per_token, mask, reduction)
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    *,
+    kind: str = "gjsd",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    hinton_scale: bool = False,
+    reduction: Literal["mean", "sum"] = "mean",
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``divergence(student_hidden @ student_weight.T (+ student_bias), teacher logits, labels, ...)``
+    without holding the ``[tokens x vocab]`` logits: computed in chunks of ``chunk_size`` counted
+    tokens, with the gradients for ``student_hidden``, ``student_weight`` and ``student_bias``
+    produced in the same pass (none for the teacher).
+
+    The teacher logits are ``teacher_hidden @ teacher_weight.T (+ teacher_bias)``, or
+    ``teacher_hidden`` itself when ``teacher_weight`` is None (precomputed logits). Student and
+    teacher hidden sizes may differ; vocabulary rows present in one model only are excluded.
+    Logits are formed with fp32 accumulation from bf16, fp16 or fp32 inputs.
+    """
+    from distill.chunked_loss import ChunkedLinearDivergence
+
+    check_loss_args(kind, beta, alpha, temperature)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student and teacher disagree on the token dims: {tuple(student_hidden.shape[:-1])} "
+            f"vs {tuple(teacher_hidden.shape[:-1])}"
+        )
+    mask = _counted(student_hidden, labels, ignore_index)
+    total = ChunkedLinearDivergence.apply(
+        student_hidden[mask], student_weight, student_bias, teacher_hidden[mask], teacher_weight, teacher_bias,
+        chunk_size, dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature),
+    )
+    if hinton_scale:
+        total = total * temperature**2
+    return total if reduction == "sum" else total / mask.sum().clamp(min=1)
 
 
 def cross_entropy(

@@ -1,0 +1,124 @@
+"""fused_linear_divergence (chunked LM head + divergence) against the reference on full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.losses import KINDS, divergence, fused_linear_divergence
+
+CASES = [(k, b) for k in KINDS for b in ([0.0, 0.1, 0.5, 0.9, 1.0] if k == "gjsd" else [0.5])]
+
+
+def make(seed: int, dtype=torch.float64, bias: bool = True):
+    """Unequal hidden sizes, teacher with 3 padding rows, N not a multiple of the chunk."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, H_s, H_t, V_s, V_t = 3, 7, 12, 20, 41, 44
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    t = dict(
+        s_h=r(B, T, H_s), s_w=r(V_s, H_s, scale=0.5), s_b=r(V_s) if bias else None,
+        t_h=r(B, T, H_t), t_w=r(V_t, H_t, scale=0.5), t_b=r(V_t) if bias else None,
+    )
+    labels = torch.randint(0, V_s, (B, T), generator=g)
+    labels[0, :3] = -100
+    labels[2, 5:] = -100
+    return t, labels
+
+
+def reference(t, labels, **kw):
+    z_s = t["s_h"].double() @ t["s_w"].double().T + (0 if t["s_b"] is None else t["s_b"].double())
+    z_t = t["t_h"].double() @ t["t_w"].double().T + (0 if t["t_b"] is None else t["t_b"].double())
+    return divergence(z_s, z_t, labels, **kw)
+
+
+def grads(loss, t):
+    keys = [k for k in ("s_h", "s_w", "s_b") if t[k] is not None]
+    return dict(zip(keys, torch.autograd.grad(loss, [t[k] for k in keys]), strict=True))
+
+
+def leaf(t):
+    out = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in t.items()}
+    return out
+
+
+@pytest.mark.parametrize("kind,beta", CASES)
+def test_matches_reference_float64(kind, beta):
+    t, labels = make(hash((kind, beta)) % 1000)
+    kw = dict(kind=kind, beta=beta, alpha=0.2, temperature=1.7)
+    a, b = leaf(t), leaf(t)
+    fused = fused_linear_divergence(a["s_h"], a["s_w"], a["t_h"], a["t_w"], labels, student_bias=a["s_b"],
+                                    teacher_bias=a["t_b"], chunk_size=4, **kw)
+    ref = reference(b, labels, **kw)
+    assert torch.allclose(fused, ref, rtol=1e-10, atol=1e-12)
+    gf, gr = grads(fused, a), grads(ref, b)
+    for k in gr:
+        assert torch.allclose(gf[k], gr[k], rtol=1e-8, atol=1e-12), k
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("kind", ["fkl", "gjsd", "tvd"])
+def test_low_precision_inputs(dtype, tol, kind):
+    t, labels = make(3, dtype=dtype)
+    a = leaf(t)
+    fused = fused_linear_divergence(a["s_h"], a["s_w"], a["t_h"], a["t_w"], labels, student_bias=a["s_b"],
+                                    teacher_bias=a["t_b"], kind=kind, chunk_size=5)
+    assert fused.dtype == torch.float32
+    # Reference: the same (rounded) inputs, in float64.
+    b = leaf({k: (v.double() if v is not None else None) for k, v in t.items()})
+    ref = reference(b, labels, kind=kind)
+    assert torch.allclose(fused.double(), ref, rtol=tol, atol=tol)
+    gf, gr = grads(fused, a), grads(ref, b)
+    for k in gr:
+        assert gf[k].dtype == dtype
+        err = (gf[k].double() - gr[k]).norm() / gr[k].norm()
+        assert err < tol, (k, float(err))
+
+
+def test_precomputed_teacher_logits_and_no_teacher_grad():
+    t, labels = make(5)
+    a = leaf(t)
+    teacher_h = t["t_h"].clone().requires_grad_()
+    z_t = teacher_h @ t["t_w"].T + t["t_b"]
+    via_logits = fused_linear_divergence(a["s_h"], a["s_w"], z_t, None, labels, student_bias=a["s_b"], kind="rkl")
+    b = leaf(t)
+    via_hidden = fused_linear_divergence(b["s_h"], b["s_w"], b["t_h"], b["t_w"], labels, student_bias=b["s_b"],
+                                         teacher_bias=b["t_b"], kind="rkl")
+    assert torch.allclose(via_logits, via_hidden, rtol=1e-12)
+    via_logits.backward()
+    assert teacher_h.grad is None
+
+
+def test_chunk_size_does_not_change_the_result():
+    t, labels = make(9)
+    values = []
+    for chunk in (1, 3, 16, 1000):
+        a = leaf(t)
+        loss = fused_linear_divergence(a["s_h"], a["s_w"], a["t_h"], a["t_w"], labels, student_bias=a["s_b"],
+                                       teacher_bias=a["t_b"], kind="gjsd", chunk_size=chunk)
+        values.append((loss, grads(loss, a)["s_w"]))
+    for loss, gw in values[1:]:
+        assert torch.allclose(loss, values[0][0], rtol=1e-12)
+        assert torch.allclose(gw, values[0][1], rtol=1e-10, atol=1e-14)
+
+
+def test_non_contiguous_inputs_sum_and_hinton():
+    t, labels = make(11, bias=False)
+    s_h = t["s_h"].transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # non-contiguous view
+    assert not s_h.is_contiguous()
+    kw = dict(kind="skew_rkl", alpha=0.3, temperature=2.0, hinton_scale=True, reduction="sum")
+    fused = fused_linear_divergence(s_h, t["s_w"], t["t_h"], t["t_w"], labels, **kw)
+    ref = reference(dict(t, s_h=s_h), labels, **kw)
+    assert torch.allclose(fused, ref, rtol=1e-10)
+
+
+def test_bad_arguments():
+    t, labels = make(1)
+    with pytest.raises(ValueError, match="beta"):
+        fused_linear_divergence(t["s_h"], t["s_w"], t["t_h"], t["t_w"], labels, beta=2.0)
+    with pytest.raises(ValueError, match="token dims"):
+        fused_linear_divergence(t["s_h"], t["s_w"], t["t_h"][:, :-1], t["t_w"], labels)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_divergence(t["s_h"], t["s_w"], t["t_h"], t["t_w"], labels, reduction="none")
