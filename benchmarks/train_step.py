@@ -1,6 +1,6 @@
 """Cost of a distillation step against an SFT step, per loss kind, measured in the same run.
 
-    python benchmarks/train_step.py [--steps 20] [--batch-size 32] [--out benchmarks/results]
+    python benchmarks/train_step.py [--steps 40] [--batch-size 32] [--out benchmarks/results]
 
 Uses the shipped teacher and student on built-in task batches. Reports the median time of one
 optimizer step (forward, loss, backward, AdamW) and its ratio to the SFT step (student forward and
@@ -19,25 +19,20 @@ from pathlib import Path
 
 import torch
 
-from distill.config import ASSETS, DataConfig, ModelConfig
+from distill.config import ASSETS, DataConfig, LossConfig, ModelConfig
 from distill.data import TrainData
-from distill.losses import KINDS, count_tokens, cross_entropy, divergence
+from distill.losses import KINDS, count_tokens
 from distill.models import load_model, load_tokenizer
+from distill.train import step_loss
 
 
-def step_time(student, teacher, batch, kind: str, optimizer, steps: int) -> float:
-    labels = batch.labels[:, 1:]
-    n = count_tokens(labels)
+def step_time(student, teacher, batch, kind: str, optimizer, steps: int, vocab: int) -> float:
+    """Median time of the trainer's own micro-batch loss, backward and AdamW step."""
+    n = count_tokens(batch.labels[:, 1:])
     times = []
     for i in range(steps + 2):
         t0 = time.perf_counter()
-        s = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        if kind == "ce":
-            loss = cross_entropy(s, labels, reduction="sum")
-        else:
-            with torch.no_grad():
-                t = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-            loss = divergence(s, t, labels, kind=kind, reduction="sum")
+        loss = step_loss(LossConfig(kind=kind), student, teacher, batch, bf16=False, vocab=vocab)
         (loss / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -48,7 +43,7 @@ def step_time(student, teacher, batch, kind: str, optimizer, steps: int) -> floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
@@ -63,7 +58,7 @@ def main() -> None:
 
     rows = {}
     for kind in ("ce", *KINDS):
-        rows[kind] = step_time(student, teacher, batch, kind, optimizer, args.steps)
+        rows[kind] = step_time(student, teacher, batch, kind, optimizer, args.steps, len(tok))
     base = rows["ce"]
     result = {
         "machine": platform.processor() or platform.machine(),

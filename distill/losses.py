@@ -117,7 +117,8 @@ def _counted(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: in
 
 
 def _reduce(counted_values: torch.Tensor, mask: torch.Tensor, reduction: Reduction) -> torch.Tensor:
-    """Reduce the values of the counted positions (``counted_values`` = per_token[mask])."""
+    """Reduce the values of the counted positions (``counted_values`` = per_token[mask], or their
+    sum already, for ``sum`` and ``mean``)."""
     if reduction == "none":
         out = counted_values.new_zeros(mask.shape)
         out[mask] = counted_values
@@ -213,7 +214,7 @@ def fused_linear_divergence(
     )
     if hinton_scale:
         total = total * temperature**2
-    return total if reduction == "sum" else total / mask.sum().clamp(min=1)
+    return _reduce(total, mask, reduction)
 
 
 def cross_entropy(

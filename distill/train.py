@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from distill.checkpoint import export_model, load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-from distill.config import DistillConfig, validate
+from distill.config import DistillConfig, LossConfig, validate
 from distill.data import Batch, TrainData, builtin_records, load_split
 from distill.errors import DistillError
 from distill.evaluation import evaluate, reference_losses
@@ -95,22 +95,23 @@ def _saved_config(run_dir: Path, current: DistillConfig) -> DistillConfig:
     return cfg
 
 
-def _step_loss(
-    cfg: DistillConfig,
+def step_loss(
+    loss: LossConfig,
     student: PreTrainedModel,
     teacher: PreTrainedModel | None,
     batch: Batch,
+    *,
     bf16: bool,
     vocab: int,
 ) -> torch.Tensor:
     """Summed loss of one micro-batch over its counted (response) tokens."""
     labels = batch.labels[:, 1:]  # next-token targets: position i predicts token i + 1
     s = lm_logits(student, batch.input_ids, batch.attention_mask, bf16, vocab)
-    if cfg.loss.kind == "ce":
+    if loss.kind == "ce":
         return cross_entropy(s, labels, reduction="sum")
     with torch.no_grad():
         t = lm_logits(teacher, batch.input_ids, batch.attention_mask, bf16, vocab)
-    return divergence(s, t, labels, reduction="sum", **cfg.loss.divergence_kwargs())
+    return divergence(s, t, labels, reduction="sum", **loss.divergence_kwargs())
 
 
 class _StopAtStepBoundary:
@@ -226,6 +227,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
         last_saved = step
 
     student.train()
+    bf16, vocab = tc.precision == "bf16", len(tokenizer)
     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
     try:
         with _progress(tc.progress) as progress, _StopAtStepBoundary() as stop:
@@ -234,11 +236,11 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
                 micro = [data.next_batch(tc.batch_size) for _ in range(tc.grad_accum)]
                 # The step's denominator: counted tokens of all its micro-batches, known before any backward.
                 n_counted = sum(count_tokens(b.labels[:, 1:]) for b in micro)
-                step_loss = 0.0
+                loss_sum = 0.0
                 for b in micro:
-                    loss = _step_loss(cfg, student, teacher, b.to(device), tc.precision == "bf16", len(tokenizer))
+                    loss = step_loss(cfg.loss, student, teacher, b.to(device), bf16=bf16, vocab=vocab)
                     (loss / max(n_counted, 1)).backward()
-                    step_loss += float(loss.detach())
+                    loss_sum += float(loss.detach())
                     tokens_window += b.num_tokens
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
                 optimizer.step()
@@ -246,7 +248,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens_seen += n_counted
-                loss_window.append(step_loss / max(n_counted, 1))
+                loss_window.append(loss_sum / max(n_counted, 1))
 
                 if step % tc.log_every == 0 or step == tc.steps:
                     elapsed = time.perf_counter() - t_start
@@ -273,15 +275,12 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
                         f"interrupted at step {step}; checkpoint saved. Continue with: distill resume={run_dir}"
                     )
     except KeyboardInterrupt:
-        metrics.close()
         raise DistillError(
             f"stopped at once during step {step + 1}; the last checkpoint is step {last_saved}. "
             f"Continue from it with: distill resume={run_dir}"
         ) from None
-    except DistillError:
+    finally:
         metrics.close()
-        raise
-    metrics.close()
 
     final = unwrap(student)
     export_model(result.model_dir, lambda d: (final.save_pretrained(d), tokenizer.save_pretrained(d)))
