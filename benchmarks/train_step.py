@@ -32,7 +32,7 @@ def step_time(student, teacher, batch, kind: str, optimizer, steps: int, vocab: 
     times = []
     for i in range(steps + 2):
         t0 = time.perf_counter()
-        loss = step_loss(LossConfig(kind=kind), student, teacher, batch, bf16=False, vocab=vocab)
+        loss = step_loss(LossConfig(kind=kind), student, teacher, batch, bf16=False, vocab=vocab, fused=False)
         (loss / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from distill.errors import DistillError
-from distill.losses import KINDS, check_loss_args
+from distill.losses import BACKENDS, KINDS, check_loss_args
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -97,6 +97,13 @@ class LossConfig:
     alpha: float = 0.1
     temperature: float = 1.0
     hinton_scale: bool = False
+    # LM head fused with the divergence (distill.losses.fused_linear_divergence): the
+    # [tokens x vocab] logits never exist. Off: full logits, then the divergence.
+    fused: bool = True
+    # auto: Triton kernels on CUDA, plain PyTorch otherwise; or triton / torch.
+    backend: str = "auto"
+    # Counted tokens per chunk of the fused loss; None sizes chunks by a memory budget.
+    chunk_size: int | None = None
 
     def divergence_kwargs(self) -> dict[str, object]:
         """Keyword arguments of ``distill.losses.divergence`` for this config."""
@@ -155,6 +162,10 @@ def validate(cfg: DistillConfig) -> None:
             check_loss_args(cfg.loss.kind, cfg.loss.beta, cfg.loss.alpha, cfg.loss.temperature)
     except ValueError as e:
         raise DistillError(str(e)) from None
+    if cfg.loss.backend not in BACKENDS:
+        raise DistillError(f"loss.backend must be one of {', '.join(BACKENDS)}; got {cfg.loss.backend!r}")
+    if cfg.loss.chunk_size is not None and cfg.loss.chunk_size < 1:
+        raise DistillError(f"loss.chunk_size must be >= 1 (or null for automatic); got {cfg.loss.chunk_size}")
     if cfg.loss.kind != "ce" and not cfg.teacher.path:
         raise DistillError(f"loss.kind={cfg.loss.kind} distils from a teacher, but teacher.path is not set")
     for role in ("teacher", "student"):

@@ -32,6 +32,11 @@ import torch.nn.functional as F
 
 KINDS = ("fkl", "rkl", "gjsd", "tvd", "skew_fkl", "skew_rkl")
 Reduction = Literal["mean", "sum", "none"]
+BACKENDS = ("auto", "triton", "torch")
+Backend = Literal["auto", "triton", "torch"]
+# Memory for one chunk's [rows x vocab] buffers in fused_linear_divergence when chunk_size is not
+# given: on a GPU it allows chunks of about 2048 rows at a 128K vocabulary (see performance.md).
+CHUNK_BUDGET_BYTES = {"cuda": 5 << 29, "cpu": 1 << 28}
 
 
 def check_loss_args(kind: str, beta: float, alpha: float, temperature: float) -> None:
@@ -44,6 +49,37 @@ def check_loss_args(kind: str, beta: float, alpha: float, temperature: float) ->
         raise ValueError(f"loss.alpha (skew) must lie in [0, 1); got {alpha}")
     if not temperature > 0.0:
         raise ValueError(f"loss.temperature must be > 0; got {temperature}")
+
+
+def _triton_unusable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None when they can)."""
+    try:
+        from distill.kernels import divergence as kernel
+    except ImportError as e:  # no triton on this platform
+        return f"Triton cannot be imported ({e})"
+    if device.type == "cuda" or (device.type == "cpu" and kernel.INTERPRETED):
+        return None
+    return (
+        f"the Triton kernels run on CUDA tensors, or on the CPU when TRITON_INTERPRET=1 is set before "
+        f"distill.kernels is imported; these tensors are on {device}"
+    )
+
+
+def use_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """The dispatch: ``triton`` insists on the kernels (and says why they cannot run), ``torch`` is
+    the plain-PyTorch path, ``auto`` takes the kernels for fp32/bf16/fp16 CUDA tensors whenever
+    Triton imports, and the reference path otherwise (the CPU interpreter is for tests: far slower
+    than PyTorch on a CPU)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"loss backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "torch":
+        return False
+    reason = _triton_unusable(device)
+    if backend == "triton":
+        if reason:
+            raise RuntimeError(f"backend='triton': {reason}")
+        return True
+    return reason is None and device.type == "cuda" and dtype != torch.float64
 
 
 def align_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +177,7 @@ def divergence(
     ignore_index: int = -100,
     hinton_scale: bool = False,
     reduction: Reduction = "mean",
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """Divergence between student and teacher logits ``[..., V]``, reduced over counted positions.
 
@@ -154,17 +191,33 @@ def divergence(
         temperature: distillation temperature applied to both models.
         hinton_scale: multiply by temperature**2 (Hinton et al.); off by default.
         reduction: ``mean`` over counted positions, ``sum``, or ``none`` (per position, 0 where ignored).
+        backend: ``auto`` (Triton kernel on CUDA, PyTorch otherwise), ``triton`` or ``torch``; see
+            ``use_triton``. The kernel computes the gradient in the forward pass.
     """
+    check_loss_args(kind, beta, alpha, temperature)
     mask = _counted(student_logits, labels, ignore_index)
     # Only counted positions are computed: cheaper, and an ignored position whose divergence is
     # infinite (say the teacher puts -inf where the student has mass) cannot send 0 * inf = NaN
     # into the gradient.
-    per_token = token_divergence(
-        student_logits[mask], teacher_logits[mask], kind=kind, beta=beta, alpha=alpha, temperature=temperature
-    )
+    s, t = align_vocab(student_logits[mask], teacher_logits[mask])
+    if use_triton(backend, s.device, s.dtype):
+        from distill.kernels.divergence import TritonDivergence
+
+        per_token = TritonDivergence.apply(s, t, kind, beta, alpha, temperature, None)
+    else:
+        per_token = token_divergence(s, t, kind=kind, beta=beta, alpha=alpha, temperature=temperature)
     if hinton_scale:
         per_token = per_token * temperature**2
     return _reduce(per_token, mask, reduction)
+
+
+def auto_chunk_size(rows: int, vocab: int, bytes_per_entry: int, budget_bytes: int) -> int:
+    """Rows per chunk: as many as the budget allows for ``bytes_per_entry`` per logit (at least 128),
+    then evened out so that the last chunk is not a sliver. Multiples of 64 rows."""
+    cap = max(128, budget_bytes // (bytes_per_entry * max(vocab, 1)) // 64 * 64)
+    n_chunks = -(-rows // cap)
+    even = -(-rows // max(n_chunks, 1))
+    return max(1, min(cap, -(-even // 64) * 64))
 
 
 def fused_linear_divergence(
@@ -183,35 +236,63 @@ def fused_linear_divergence(
     teacher_bias: torch.Tensor | None = None,
     hinton_scale: bool = False,
     reduction: Literal["mean", "sum"] = "mean",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """``divergence(student_hidden @ student_weight.T (+ student_bias), teacher logits, labels, ...)``
-    without holding the ``[tokens x vocab]`` logits: computed in chunks of ``chunk_size`` counted
-    tokens, with the gradients for ``student_hidden``, ``student_weight`` and ``student_bias``
-    produced in the same pass (none for the teacher).
+    without holding the ``[tokens x vocab]`` logits: computed in chunks of counted tokens, with the
+    gradients for ``student_hidden``, ``student_weight`` and ``student_bias`` produced in the same
+    pass (none for the teacher).
 
     The teacher logits are ``teacher_hidden @ teacher_weight.T (+ teacher_bias)``, or
     ``teacher_hidden`` itself when ``teacher_weight`` is None (precomputed logits). Student and
     teacher hidden sizes may differ; vocabulary rows present in one model only are excluded.
-    Logits are formed with fp32 accumulation from bf16, fp16 or fp32 inputs.
-    """
-    from distill.chunked_loss import ChunkedLinearDivergence
+    Logits are formed with fp32 accumulation and kept fp32, from bf16, fp16 or fp32 inputs.
 
+    Args:
+        chunk_size: counted tokens per chunk; by default as many as fit ``CHUNK_BUDGET_BYTES``
+            for the chunk's logits (large chunks re-read the weights less often).
+        backend: ``auto`` (Triton on CUDA, the PyTorch chunked path otherwise), ``triton`` or
+            ``torch``; see ``use_triton``.
+    """
     check_loss_args(kind, beta, alpha, temperature)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"student and teacher disagree on the token dims: {tuple(student_hidden.shape[:-1])} "
             f"vs {tuple(teacher_hidden.shape[:-1])}"
         )
+    pairs = (("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight))
+    for name, hidden, weight in pairs:
+        if weight is not None and hidden.shape[-1] != weight.shape[-1]:
+            raise ValueError(f"{name} hidden size {hidden.shape[-1]} != {name} weight columns {weight.shape[-1]}")
     mask = _counted(student_hidden, labels, ignore_index)
-    total = ChunkedLinearDivergence.apply(
-        student_hidden[mask], student_weight, student_bias, teacher_hidden[mask], teacher_weight, teacher_bias,
-        chunk_size, dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature),
-    )
+    s_rows, t_rows = student_hidden[mask], teacher_hidden[mask]
+    vocab = min(student_weight.shape[0], teacher_weight.shape[0] if teacher_weight is not None else t_rows.shape[-1])
+    triton_path = use_triton(backend, s_rows.device, student_weight.dtype)
+    if chunk_size is None:
+        # Per logit entry: fp32 student and teacher logits, plus the gradient (Triton) or the
+        # autograd temporaries of the reference divergence (PyTorch path).
+        per_entry = 4 + 4 + student_weight.element_size() if triton_path else 6 * 4
+        budget = CHUNK_BUDGET_BYTES["cuda" if s_rows.is_cuda else "cpu"]
+        chunk_size = auto_chunk_size(s_rows.shape[0], vocab, per_entry, budget)
+    if triton_path:
+        from distill.kernels.fused_linear_divergence import FusedLinearDivergence
+
+        total = FusedLinearDivergence.apply(
+            s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias,
+            chunk_size, kind, beta, alpha, temperature, None,
+        )
+    else:
+        from distill.chunked_loss import ChunkedLinearDivergence
+
+        total = ChunkedLinearDivergence.apply(
+            s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias,
+            chunk_size, dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature),
+        )
     if hinton_scale:
         total = total * temperature**2
     return _reduce(total, mask, reduction)

@@ -175,6 +175,52 @@ def lm_logits(
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :vocab]
 
 
+def fused_head_problem(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
+    """Why the fused loss cannot stand in for ``model(...).logits`` (None when it can).
+
+    The fused loss takes the decoder's final hidden state and the LM head's weight and bias, so
+    the model's logits must be exactly ``head(decoder(x))``: a plain ``nn.Linear`` head (no LoRA on
+    it) and no soft-capping or scaling after it (Gemma 2, Cohere, Granite do some). Checked on a
+    probe batch rather than by listing architectures."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"the LM head is a {type(head).__name__}, not a plain Linear"
+    was_training = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        with torch.no_grad(), fp32_logits(model):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            fused = F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+    finally:
+        model.train(was_training)
+    if not torch.allclose(logits, fused, rtol=1e-4, atol=1e-4 * float(fused.abs().max()) + 1e-6):
+        return "its logits are not head(decoder(x)) (soft-capping or scaling after the LM head?)"
+    return None
+
+
+def head_inputs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    bf16: bool = False,
+    vocab: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What the fused loss needs in place of ``lm_logits``: the final hidden states of positions
+    ``[:, :-1]`` and the LM head's weight and bias (rows beyond ``vocab`` dropped). With ``bf16``
+    hidden states and weight are cast to bf16, as autocast would for the head; the fused loss
+    still accumulates and keeps the logits in fp32."""
+    autocast = torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
+    with autocast:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    head = model.get_output_embeddings()
+    weight, bias = head.weight[:vocab], None if head.bias is None else head.bias[:vocab]
+    if bf16:
+        hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+        bias = None if bias is None else bias.to(torch.bfloat16)
+    return hidden[:, :-1], weight, bias
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters a checkpoint must hold: all of a full fine-tune, only the adapters of LoRA."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

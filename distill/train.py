@@ -31,11 +31,13 @@ from distill.config import DistillConfig, LossConfig, validate
 from distill.data import Batch, TrainData, builtin_records, load_split
 from distill.errors import DistillError
 from distill.evaluation import evaluate, reference_losses
-from distill.losses import count_tokens, cross_entropy, divergence
+from distill.losses import count_tokens, cross_entropy, divergence, fused_linear_divergence
 from distill.models import (
     check_same_tokenizer,
     check_vocab_rows,
     count_parameters,
+    fused_head_problem,
+    head_inputs,
     lm_logits,
     load_model,
     load_tokenizer,
@@ -103,15 +105,42 @@ def step_loss(
     *,
     bf16: bool,
     vocab: int,
+    fused: bool,
 ) -> torch.Tensor:
-    """Summed loss of one micro-batch over its counted (response) tokens."""
+    """Summed loss of one micro-batch over its counted (response) tokens. ``fused``: the LM head
+    and the divergence in one pass over token chunks (see ``fused_loss_problem``)."""
     labels = batch.labels[:, 1:]  # next-token targets: position i predicts token i + 1
-    s = lm_logits(student, batch.input_ids, batch.attention_mask, bf16, vocab)
+    ids, mask = batch.input_ids, batch.attention_mask
+    if fused:
+        h_s, w_s, b_s = head_inputs(student, ids, mask, bf16, vocab)
+        with torch.no_grad():
+            h_t, w_t, b_t = head_inputs(teacher, ids, mask, bf16, vocab)
+        return fused_linear_divergence(
+            h_s, w_s, h_t, w_t, labels, student_bias=b_s, teacher_bias=b_t, reduction="sum",
+            chunk_size=loss.chunk_size, backend=loss.backend, **loss.divergence_kwargs(),
+        )
+    s = lm_logits(student, ids, mask, bf16, vocab)
     if loss.kind == "ce":
         return cross_entropy(s, labels, reduction="sum")
     with torch.no_grad():
-        t = lm_logits(teacher, batch.input_ids, batch.attention_mask, bf16, vocab)
-    return divergence(s, t, labels, reduction="sum", **loss.divergence_kwargs())
+        t = lm_logits(teacher, ids, mask, bf16, vocab)
+    return divergence(s, t, labels, reduction="sum", backend=loss.backend, **loss.divergence_kwargs())
+
+
+def fused_loss_problem(
+    loss: LossConfig, student: PreTrainedModel, teacher: PreTrainedModel | None, vocab: int, device: torch.device
+) -> str | None:
+    """Why the trainer cannot use the fused loss for this run (None when it can)."""
+    if not loss.fused:
+        return "loss.fused=false"
+    if loss.kind == "ce" or teacher is None:
+        return "cross-entropy (SFT) takes the full logits"
+    probe = torch.arange(min(vocab, 16), device=device)[None]  # any valid ids will do
+    for role, model in (("student", student), ("teacher", teacher)):
+        problem = fused_head_problem(model, probe, torch.ones_like(probe))
+        if problem:
+            return f"{role}: {problem}"
+    return None
 
 
 class _StopAtStepBoundary:
@@ -228,6 +257,10 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
 
     student.train()
     bf16, vocab = tc.precision == "bf16", len(tokenizer)
+    not_fused = fused_loss_problem(cfg.loss, student, teacher, vocab, device)
+    fused = not_fused is None
+    if not_fused and cfg.loss.fused and cfg.loss.kind != "ce":
+        console.print(f"[yellow]full logits instead of the fused loss: {not_fused}[/yellow]")
     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
     try:
         with _progress(tc.progress) as progress, _StopAtStepBoundary() as stop:
@@ -238,7 +271,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
                 n_counted = sum(count_tokens(b.labels[:, 1:]) for b in micro)
                 loss_sum = 0.0
                 for b in micro:
-                    loss = step_loss(cfg.loss, student, teacher, b.to(device), bf16=bf16, vocab=vocab)
+                    loss = step_loss(cfg.loss, student, teacher, b.to(device), bf16=bf16, vocab=vocab, fused=fused)
                     (loss / max(n_counted, 1)).backward()
                     loss_sum += float(loss.detach())
                     tokens_window += b.num_tokens
