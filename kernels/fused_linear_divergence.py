@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from distill.kernels.divergence import divergence_rows
 
 HALF = (torch.bfloat16, torch.float16)

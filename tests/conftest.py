@@ -7,11 +7,17 @@ Everything is built locally (nothing is downloaded) and loaded back through the 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+# The Triton kernels run in the interpreter on CPU tensors. This must be set before triton is
+# first imported (transformers imports it), because @triton.jit decides at decoration time. The
+# "auto" loss backend still takes plain PyTorch on the CPU; kernel tests ask for backend="triton".
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)

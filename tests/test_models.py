@@ -13,6 +13,9 @@ from distill.errors import DistillError
 from distill.models import (
     check_same_tokenizer,
     check_vocab_rows,
+    fused_head_problem,
+    head_inputs,
+    lm_logits,
     load_model,
     load_tokenizer,
     load_trainable_state,
@@ -109,3 +112,37 @@ def test_logits_are_fp32_from_the_fp32_hidden_state(teacher_dir, dtype, bf16):
     want = hidden.float() @ model.get_output_embeddings().weight.float().T
     assert torch.allclose(logits, want, rtol=1e-6, atol=1e-6)
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear)  # the head is restored
+
+
+def test_fused_head_inputs_reproduce_the_logits(teacher_dir, student_dir):
+    """head(decoder(x)) is the model's logits, for a separate head (Llama) and a tied one (Qwen2)."""
+    ids = torch.randint(0, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    for path in (teacher_dir, student_dir):
+        model = load_model(ModelConfig(path=str(path)), "m", CPU)
+        assert fused_head_problem(model, ids, mask) is None
+        hidden, weight, bias = head_inputs(model, ids, mask, vocab=150)
+        assert hidden.shape[:2] == (2, 8) and weight.shape[0] == 150
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        assert torch.allclose(logits, lm_logits(model, ids, mask, vocab=150), atol=1e-5)
+
+
+def test_fused_head_refused_when_logits_are_not_a_plain_projection(student_dir):
+    """Soft-capped logits (Gemma 2) and a LoRA-wrapped LM head are detected, so the trainer
+    computes full logits for them instead of a wrong fused loss."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    ids = torch.randint(0, 100, (1, 7))
+    mask = torch.ones_like(ids)
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5,
+    ))
+    assert "not head(decoder(x))" in fused_head_problem(gemma, ids, mask)
+    gemma.config.final_logit_softcapping = None
+    assert fused_head_problem(gemma, ids, mask) is None
+
+    lora = LoraConfig(enabled=True, r=2, target_modules="q_proj,lm_head")
+    lora_head = load_model(ModelConfig(path=str(student_dir), lora=lora), "s", CPU)
+    assert "not a plain Linear" in fused_head_problem(lora_head, ids, mask)
