@@ -4,7 +4,8 @@
 
 Uses the shipped teacher and student on built-in task batches. Reports the median time of one
 optimizer step (forward, loss, backward, AdamW) and its ratio to the SFT step (student forward and
-cross-entropy only), so the overhead of the teacher forward and of each divergence is visible.
+cross-entropy only), so the overhead of the teacher forward and of each divergence is visible,
+for the trainer's default fused loss (LM head + divergence in token chunks) and for full logits.
 Writes ``train_step.json`` and ``train_step.md``.
 """
 
@@ -26,13 +27,13 @@ from distill.models import load_model, load_tokenizer
 from distill.train import step_loss
 
 
-def step_time(student, teacher, batch, kind: str, optimizer, steps: int, vocab: int) -> float:
+def step_time(student, teacher, batch, kind: str, fused: bool, optimizer, steps: int, vocab: int) -> float:
     """Median time of the trainer's own micro-batch loss, backward and AdamW step."""
     n = count_tokens(batch.labels[:, 1:])
     times = []
     for i in range(steps + 2):
         t0 = time.perf_counter()
-        loss = step_loss(LossConfig(kind=kind), student, teacher, batch, bf16=False, vocab=vocab, fused=False)
+        loss = step_loss(LossConfig(kind=kind), student, teacher, batch, bf16=False, vocab=vocab, fused=fused)
         (loss / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -56,9 +57,11 @@ def main() -> None:
     # A learning rate of 0 keeps the student identical across kinds while AdamW still does its work.
     optimizer = torch.optim.AdamW(student.parameters(), lr=0.0)
 
-    rows = {}
-    for kind in ("ce", *KINDS):
-        rows[kind] = step_time(student, teacher, batch, kind, optimizer, args.steps, len(tok))
+    rows = {"ce": step_time(student, teacher, batch, "ce", False, optimizer, args.steps, len(tok))}
+    for kind in KINDS:
+        for fused in (True, False):
+            name = kind + (" (fused)" if fused else " (full logits)")
+            rows[name] = step_time(student, teacher, batch, kind, fused, optimizer, args.steps, len(tok))
     base = rows["ce"]
     result = {
         "machine": platform.processor() or platform.machine(),
