@@ -47,6 +47,26 @@ def _mm_out_fp32(device: torch.device) -> bool:
         return False
 
 
+@functools.cache
+def _addmm_into_fp32(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc_fp32, half, half, out_dtype=torch.float32, out=acc_fp32)`` works:
+    dW then accumulates inside the matmul's epilogue, with no fp32 temporary."""
+    if device.type != "cuda":
+        return False
+    try:
+        acc = torch.ones(2, 2, device=device)
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        _half_addmm_(acc, a, a)
+        return bool((acc == 3).all())
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _half_addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for half-precision a, b, in one cuBLAS call."""
+    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
 def _native(weight: torch.Tensor) -> bool:
     """Half-precision weights whose matmuls can write fp32 directly."""
     return weight.dtype in HALF and _mm_out_fp32(weight.device)
@@ -150,7 +170,9 @@ class FusedLinearDivergence(torch.autograd.Function):
 
 def _accumulate_grad_weight(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
     """acc (fp32) += g^T x, with fp32 accumulation also for half-precision g and x."""
-    if g.dtype in HALF:
+    if g.dtype in HALF and _addmm_into_fp32(g.device):
+        _half_addmm_(acc, g.T, x)
+    elif g.dtype in HALF:  # fp32 products of DW_SLICE rows at a time, added to the accumulator
         for v0 in range(0, g.shape[1], DW_SLICE):
             acc[v0: v0 + DW_SLICE] += _half_mm(g[:, v0: v0 + DW_SLICE].T, x)
     else:

@@ -166,11 +166,15 @@ def test_chunking_reductions_and_hinton_scale():
     assert abs(float(mean) - 4.0 * float(base) / counted) < 1e-5 * float(mean)
 
 
-def test_tensor_core_path_emulated(monkeypatch):
+@pytest.mark.parametrize("addmm", [True, False])
+def test_tensor_core_path_emulated(monkeypatch, addmm):
     """The CUDA code path (half-precision weights used as they are, fp32 results from the matmuls,
-    a half-precision gradient, dW accumulated in fp32 slices) with the matmul emulated on the CPU."""
+    a half-precision gradient, dW accumulated in fp32 by addmm or in slices) with the fp32-output
+    matmuls emulated on the CPU."""
     monkeypatch.setattr(kfused, "_mm_out_fp32", lambda device: True)
+    monkeypatch.setattr(kfused, "_addmm_into_fp32", lambda device: addmm)
     monkeypatch.setattr(kfused, "_half_mm", lambda a, b: a.float() @ b.float())
+    monkeypatch.setattr(kfused, "_half_addmm_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
     monkeypatch.setattr(kfused, "DW_SLICE", 64)  # several slices over V = 300
     t, labels = fused_inputs(4, torch.bfloat16)
     for kind in ("fkl", "gjsd"):
