@@ -1,0 +1,247 @@
+"""Speculative decoding: a draft model proposes, the target verifies (Leviathan et al. 2023).
+
+Lossless speculative sampling, per round and per sequence of the batch:
+  1. the draft proposes x_1..x_gamma, x_i ~ q_i, with its KV cache;
+  2. the target scores the prefix and all gamma drafts in one forward: p_1..p_{gamma+1};
+  3. x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection a token
+     is drawn from norm(max(0, p_i - q_i)) and the round ends; if all gamma are accepted, a bonus
+     token is drawn from p_{gamma+1}.
+The emitted sequence is distributed exactly as sampling from the target alone (tested with a
+chi-square test). Greedy decoding accepts while the draft equals the target's argmax and emits
+the target's argmax at the first mismatch, so it returns the target's greedy output exactly.
+
+Batches: sequences accept different numbers of drafts. Both KV caches are cropped to the
+shortest accepted length of the batch (the rollback), and in longer sequences the positions of
+rejected drafts become holes: masked out of attention, skipped by the position ids. So every
+sequence keeps its own accepted tokens and all share one cache length.
+
+``lenience`` (lossy, off by default) accepts with min(1, p / (lenience q)) and draws rejections
+from norm(max(0, p - lenience q)); the output is then NOT the target's distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+@dataclass
+class SpeculativeStats:
+    """Acceptance statistics of one ``speculative_generate`` call."""
+
+    gamma: int
+    rounds: int = 0  # target forwards (one per round)
+    emitted: int = 0  # tokens emitted over all sequences (capped at max_new_tokens)
+    drafted: int = 0  # draft tokens proposed to the target, over all sequences and rounds
+    accepted: int = 0
+    # accepted_at[k] / reached_at[k]: acceptance of the (k+1)-th draft of a round, given that
+    # the k drafts before it were accepted.
+    reached_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+    sequence_rounds: int = 0  # rounds summed over sequences (a finished sequence stops counting)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts / proposed drafts."""
+        return self.accepted / max(self.drafted, 1)
+
+    @property
+    def block_efficiency(self) -> float:
+        """Tokens emitted per target forward, per sequence (tau)."""
+        return self.emitted / max(self.sequence_rounds, 1)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"gamma": self.gamma, "rounds": self.rounds, "emitted": self.emitted, "drafted": self.drafted,
+                "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
+                "block_efficiency": self.block_efficiency,
+                "acceptance_by_position": [a / max(r, 1) for a, r in zip(self.accepted_at, self.reached_at, strict=True)]}
+
+
+@dataclass
+class SpeculativeOutput:
+    sequences: torch.Tensor  # [B, prompt + new], right-padded with pad_token_id after EOS / the end
+    stats: SpeculativeStats
+
+
+def _probs(logits: torch.Tensor, temperature: float, vocab: int) -> torch.Tensor:
+    """fp32 softmax(logits / T), padded with zeros to ``vocab`` entries (rows one model lacks)."""
+    p = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.nn.functional.pad(p, (0, vocab - p.shape[-1]))
+
+
+def _pad_to(x: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x.float(), (0, vocab - x.shape[-1]), value=-torch.inf)
+
+
+class _Model:
+    """A causal LM with a KV cache over the shared token buffer."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.length = 0  # positions of the buffer held in the cache
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, upto: int) -> torch.Tensor:
+        """Feed buffer positions [length, upto); return the logits of those positions."""
+        out = self.model(
+            input_ids=tokens[:, self.length: upto], attention_mask=mask[:, :upto],
+            position_ids=positions[:, self.length: upto], past_key_values=self.cache, use_cache=True,
+        )
+        self.length = upto
+        return out.logits
+
+    def crop(self, length: int) -> None:
+        if length < self.length:
+            self.cache.crop(length - self.length)  # transformers 5: a negative count removes tokens
+            self.length = length
+
+
+@torch.no_grad()
+def speculative_generate(
+    target: PreTrainedModel,
+    draft: PreTrainedModel,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    gamma: int = 4,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    lenience: float | None = None,
+    generator: torch.Generator | None = None,
+) -> SpeculativeOutput:
+    """Generate up to ``max_new_tokens`` per sequence from ``target`` with ``draft`` proposing
+    ``gamma`` tokens per round. ``input_ids`` may be left-padded (``attention_mask``).
+
+    ``do_sample=False`` is greedy (exactly the target's greedy output). ``lenience`` in (0, 1]
+    turns on LOSSY speculative sampling (1.0 is the lossless rule). Returns the sequences (prompt
+    then new tokens, right-padded with ``pad_token_id`` after EOS) and acceptance statistics.
+    """
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1; got {gamma}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    if lenience is not None and not 0 < lenience <= 1:
+        raise ValueError(f"lenience must lie in (0, 1] (lossy speculative sampling); got {lenience}")
+    device = input_ids.device
+    bsz, prompt_len = input_ids.shape
+    eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
+                                                        else list(eos_token_id)), device=device, dtype=torch.long)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    vocab = max(target.config.vocab_size, draft.config.vocab_size)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+
+    # The shared buffer: prompt, then each round's tokens; holes (mask 0) where drafts were rejected.
+    capacity = prompt_len + max_new_tokens + gamma + 1
+    tokens = torch.full((bsz, capacity), pad, dtype=torch.long, device=device)
+    full_mask = torch.zeros((bsz, capacity), dtype=torch.long, device=device)
+    tokens[:, :prompt_len], full_mask[:, :prompt_len] = input_ids, mask
+    length = prompt_len  # used buffer positions
+    out = [[] for _ in range(bsz)]  # emitted tokens per sequence
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    t_model, d_model = _Model(target), _Model(draft)
+    stats = SpeculativeStats(gamma, reached_at=[0] * gamma, accepted_at=[0] * gamma)
+
+    def positions() -> torch.Tensor:
+        return (full_mask.cumsum(-1) - 1).clamp(min=0)
+
+    # Prefill both caches with all but the last prompt position.
+    if length > 1:
+        t_model.forward(tokens, full_mask, positions(), length - 1)
+        d_model.forward(tokens, full_mask, positions(), length - 1)
+
+    while not bool(done.all()):
+        live = ~done
+        # 1. Draft gamma tokens (finished sequences draft into holes).
+        q_all, drafts = [], []
+        for i in range(gamma):
+            logits = d_model.forward(tokens, full_mask, positions(), length + i)[:, -1]
+            q = _probs(logits, temperature, vocab)
+            x = torch.multinomial(q, 1, generator=generator).squeeze(1) if do_sample else _pad_to(logits, vocab).argmax(-1)
+            tokens[:, length + i] = torch.where(live, x, pad)
+            full_mask[:, length + i] = live.long()
+            q_all.append(q)
+            drafts.append(x)
+        q_all, drafts = torch.stack(q_all, 1), torch.stack(drafts, 1)  # [B, gamma, V], [B, gamma]
+
+        # 2. The target scores the last accepted token and all drafts in one forward.
+        t_logits = t_model.forward(tokens, full_mask, positions(), length + gamma)[:, -(gamma + 1):]
+        stats.rounds += 1
+
+        # 3. Accept per sequence.
+        if do_sample:
+            p_all = _probs(t_logits, temperature, vocab)  # [B, gamma + 1, V]
+            p_x = p_all[:, :gamma].gather(-1, drafts[..., None]).squeeze(-1)
+            q_x = q_all.gather(-1, drafts[..., None]).squeeze(-1)
+            scale = 1.0 if lenience is None else lenience
+            u = torch.rand(drafts.shape, generator=generator, device=device)
+            ok = u * scale * q_x < p_x  # u < p / (scale q), without dividing by q = 0
+        else:
+            target_pick = _pad_to(t_logits, vocab).argmax(-1)  # [B, gamma + 1]
+            ok = drafts == target_pick[:, :gamma]
+        n_ok = torch.cumprod(ok.long(), 1).sum(1)  # accepted prefix length, [B]
+
+        # The token after the accepted prefix: residual sample at a rejection, bonus otherwise.
+        rows = torch.arange(bsz, device=device)
+        if do_sample:
+            p_next = p_all[rows, n_ok]
+            q_next = torch.cat([q_all, torch.zeros_like(q_all[:, :1])], 1)[rows, n_ok]
+            residual = (p_next - (1.0 if lenience is None else lenience) * q_next).clamp(min=0)
+            # Where the residual vanishes (p == q up to rounding) sample from p itself.
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+            nxt = torch.multinomial(residual, 1, generator=generator).squeeze(1)
+        else:
+            nxt = target_pick[rows, n_ok]
+
+        # 4. Emit, roll back, punch holes.
+        for b in range(bsz):
+            if done[b]:
+                continue
+            k = int(n_ok[b])
+            for j in range(min(k + 1, gamma)):  # drafts the target got to judge
+                stats.reached_at[j] += 1
+                stats.accepted_at[j] += j < k
+            stats.drafted += min(k + 1, gamma)
+            stats.accepted += k
+            stats.sequence_rounds += 1
+            new = drafts[b, :k].tolist() + [int(nxt[b])]
+            for tok in new:
+                if len(out[b]) >= max_new_tokens:
+                    break
+                out[b].append(tok)
+                stats.emitted += 1
+                if tok in eos.tolist():
+                    break
+            if len(out[b]) >= max_new_tokens or (len(out[b]) and out[b][-1] in eos.tolist()):
+                done[b] = True
+        # Buffer: accepted drafts stay where they are; the next token goes to the end of the
+        # longest accepted run, so that every sequence's last real token is the buffer's last
+        # position; in between, the rejected drafts of shorter runs become holes.
+        if bool(live.any()):
+            longest, shortest = int(n_ok[live].max()), int(n_ok[live].min())
+            j = torch.arange(longest + 1, device=device)[None]
+            keep = (j < n_ok[:, None]) & live[:, None]
+            region = slice(length, length + longest + 1)
+            tokens[:, region] = torch.where(keep, tokens[:, region], pad)
+            tokens[:, length + longest] = torch.where(live, nxt, pad)
+            full_mask[:, region] = (keep | ((j == longest) & live[:, None])).long()
+            full_mask[:, length + longest + 1: length + gamma + 1] = 0
+            t_model.crop(length + shortest)
+            d_model.crop(min(d_model.length, length + shortest))
+            length += longest + 1
+        if length + gamma + 1 > tokens.shape[1]:  # holes used up the room: grow the buffer
+            grow = gamma + 1 + max_new_tokens
+            tokens = torch.cat([tokens, tokens.new_full((bsz, grow), pad)], 1)
+            full_mask = torch.cat([full_mask, full_mask.new_zeros((bsz, grow))], 1)
+
+    width = max((len(o) for o in out), default=0)
+    result = torch.full((bsz, prompt_len + width), pad, dtype=torch.long, device=device)
+    result[:, :prompt_len] = input_ids
+    for b, o in enumerate(out):
+        result[b, prompt_len: prompt_len + len(o)] = torch.tensor(o, dtype=torch.long, device=device)
+    return SpeculativeOutput(result, stats)
