@@ -56,7 +56,8 @@ class SpeculativeStats:
         return {"gamma": self.gamma, "rounds": self.rounds, "emitted": self.emitted, "drafted": self.drafted,
                 "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
                 "block_efficiency": self.block_efficiency,
-                "acceptance_by_position": [a / max(r, 1) for a, r in zip(self.accepted_at, self.reached_at, strict=True)]}
+                "acceptance_by_position": [a / max(r, 1) for a, r in zip(self.accepted_at, self.reached_at,
+                                                                          strict=True)]}
 
 
 @dataclass
@@ -128,6 +129,11 @@ def speculative_generate(
         raise ValueError(f"temperature must be > 0; got {temperature}")
     if lenience is not None and not 0 < lenience <= 1:
         raise ValueError(f"lenience must lie in (0, 1] (lossy speculative sampling); got {lenience}")
+    if draft.get_input_embeddings().weight.shape[0] < target.config.vocab_size:
+        raise ValueError(
+            f"the draft embeds {draft.get_input_embeddings().weight.shape[0]} tokens but the target can emit "
+            f"{target.config.vocab_size}: pad the draft's vocabulary first (distill export-draft)"
+        )
     device = input_ids.device
     bsz, prompt_len = input_ids.shape
     eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
@@ -162,7 +168,10 @@ def speculative_generate(
         for i in range(gamma):
             logits = d_model.forward(tokens, full_mask, positions(), length + i)[:, -1]
             q = _probs(logits, temperature, vocab)
-            x = torch.multinomial(q, 1, generator=generator).squeeze(1) if do_sample else _pad_to(logits, vocab).argmax(-1)
+            if do_sample:
+                x = torch.multinomial(q, 1, generator=generator).squeeze(1)
+            else:
+                x = _pad_to(logits, vocab).argmax(-1)
             tokens[:, length + i] = torch.where(live, x, pad)
             full_mask[:, length + i] = live.long()
             q_all.append(q)
