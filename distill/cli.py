@@ -5,16 +5,22 @@
     distill loss.kind=rkl trainer.steps=500  # any field of distill.config can be overridden
     distill -m loss.kind=fkl,rkl             # a Hydra multirun sweep
     distill resume=outputs/RUN               # continue an interrupted run
+
+Two more commands take ``key=value`` options of their typed configs:
+
+    distill eval-draft draft=DIR target=DIR gammas=[1,2,4] out=DIR   # DistillSpec metrics of a draft
+    distill export-draft student=DIR target=DIR out=DIR num_assistant_tokens=5
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.table import Table
@@ -65,6 +71,38 @@ def _hydra_main(raw: DictConfig) -> None:
     console.print(f"model: {result.model_dir}\nrun:   {result.run_dir}")
 
 
+@dataclass
+class ExportDraftConfig:
+    """``distill export-draft`` options."""
+
+    student: str = MISSING
+    target: str = MISSING
+    out: str = MISSING
+    num_assistant_tokens: int = 5
+
+
+def _subcommand(name: str, args: list[str]) -> None:
+    """``eval-draft`` and ``export-draft``: typed configs from ``key=value`` arguments."""
+    from distill.draft_eval import DraftEvalConfig, evaluate_draft
+    from distill.export import export_draft
+
+    schema = DraftEvalConfig if name == "eval-draft" else ExportDraftConfig
+    console = Console()
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(args)))
+        if name == "export-draft":
+            done = export_draft(cfg.student, cfg.target, cfg.out, num_assistant_tokens=cfg.num_assistant_tokens)
+            console.print(f"draft written to {done.out_dir} (vocab {done.vocab_size}, {done.padded_rows} rows padded)")
+            console.print(done.usage(), markup=False)
+        else:
+            result = evaluate_draft(cfg)
+            console.print(Path(cfg.out, "draft_eval.md").read_text(), markup=False)
+            console.print(f"alpha {result['alpha']:.3f}; results in {cfg.out}/draft_eval.{{json,md,png}}")
+    except (DistillError, OmegaConfBaseException, ValueError) as e:
+        print(f"distill: error: {name}: {e}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     """Console-script entry point."""
     import transformers
@@ -72,6 +110,9 @@ def main() -> None:
     # distill draws its own progress; transformers' per-file loading bars would only clutter it.
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    if len(sys.argv) > 1 and sys.argv[1] in ("eval-draft", "export-draft"):
+        _subcommand(sys.argv[1], sys.argv[2:])
+        return
     _hydra_main()
 
 

@@ -122,3 +122,24 @@ def test_resume_refuses_overrides_it_would_ignore(tmp_path):
     proc = run_cli(f"resume={tmp_path}/run", "trainer.steps=1000", "trainer.progress=false", cwd=tmp_path)
     _one_line_error(proc, "resume continues the run's saved config", "trainer.steps=1000")
     assert "trainer.progress=false" not in proc.stderr.split("drop")[1].split("(")[0]
+
+
+def test_export_and_eval_draft_commands(tmp_path, teacher_dir, student_dir):
+    """export-draft writes a padded draft and prints how to serve it; eval-draft writes its JSON,
+    Markdown and plot; a missing directory is one error line."""
+    proc = run_cli("export-draft", f"student={student_dir}", f"target={teacher_dir}", f"out={tmp_path / 'draft'}",
+                   "num_assistant_tokens=3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert '"num_speculative_tokens": 3' in proc.stdout and "assistant_model" in proc.stdout
+    proc = run_cli("eval-draft", f"draft={tmp_path / 'draft'}", f"target={teacher_dir}", "num_prompts=6",
+                   "max_new_tokens=8", "gammas=[1,3]", "batch_size=3", f"out={tmp_path / 'eval'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "eval" / "draft_eval.json").read_text())
+    assert [r["gamma"] for r in result["by_gamma"]] == [1, 3]
+    assert 0.0 <= result["alpha"] <= 1.0 and result["c"] > 0
+    for r in result["by_gamma"]:
+        assert 1.0 <= r["tau_measured"] <= r["gamma"] + 1
+        assert r["tau_predicted"] == pytest.approx((1 - result["alpha"] ** (r["gamma"] + 1)) / (1 - result["alpha"]))
+    assert (tmp_path / "eval" / "draft_eval.png").stat().st_size > 0
+    _one_line_error(run_cli("export-draft", f"student={tmp_path / 'nope'}", f"target={teacher_dir}",
+                            f"out={tmp_path / 'x'}", cwd=tmp_path), "not found")
