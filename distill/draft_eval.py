@@ -25,7 +25,7 @@ from distill.config import ASSETS, DataConfig
 from distill.data import builtin_records, read_records
 from distill.errors import DistillError
 from distill.models import check_same_tokenizer, resolve_device
-from distill.speculative import speculative_generate
+from distill.speculative import SpeculativeStats, speculative_generate
 
 
 @dataclass
@@ -62,7 +62,8 @@ def _batches(tokenizer, prompts: list[str], size: int, device):
 def _alpha_from_logits(target, draft, tokenizer, prompts, cfg, device) -> tuple[float, list[float]]:
     """Mean of 1 - TVD(p_t, q_t) over the response positions of target samples, and its mean by
     response position (0-based)."""
-    by_pos: dict[int, list[float]] = {}
+    sums = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
+    counts = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
     for enc in _batches(tokenizer, prompts, cfg.batch_size, device):
         seqs = target.generate(**enc, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
                                max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
@@ -71,14 +72,15 @@ def _alpha_from_logits(target, draft, tokenizer, prompts, cfg, device) -> tuple[
         v = min(target.config.vocab_size, draft.config.vocab_size)
         p = torch.softmax(target(seqs, attention_mask=mask).logits[..., :v].float() / cfg.temperature, -1)
         q = torch.softmax(draft(seqs, attention_mask=mask).logits[..., :v].float() / cfg.temperature, -1)
-        beta = torch.minimum(p, q).sum(-1)  # [B, T]: position t predicts token t + 1
+        # Position t predicts token t + 1; the response's j-th token is predicted at start + j.
         start = enc.input_ids.shape[1] - 1
-        for b in range(seqs.shape[0]):
-            for j, t in enumerate(range(start, seqs.shape[1] - 1)):
-                if mask[b, t + 1]:
-                    by_pos.setdefault(j, []).append(float(beta[b, t]))
-    values = [x for xs in by_pos.values() for x in xs]
-    return sum(values) / len(values), [sum(by_pos[j]) / len(by_pos[j]) for j in sorted(by_pos)]
+        beta = torch.minimum(p, q).sum(-1)[:, start:-1].double().cpu()
+        valid = mask[:, start + 1:].double().cpu()
+        n = beta.shape[1]
+        sums[:n] += (beta * valid).sum(0)
+        counts[:n] += valid.sum(0)
+    seen = counts > 0
+    return float(sums.sum() / counts.sum()), (sums[seen] / counts[seen]).tolist()
 
 
 @torch.no_grad()
@@ -121,24 +123,20 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
     rows = []
     for gamma in cfg.gammas:
         gen = torch.Generator(device=device).manual_seed(cfg.seed + gamma)
-        t0, emitted, seq_rounds, accepted, drafted = time.perf_counter(), 0, 0, 0, 0
-        acc_at, reach_at = [0] * gamma, [0] * gamma
+        stats = SpeculativeStats(gamma)
+        t0 = time.perf_counter()
         for enc in _batches(tokenizer, prompts, cfg.batch_size, device):
             out = speculative_generate(target, draft, enc.input_ids, attention_mask=enc.attention_mask, gamma=gamma,
                                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                        generator=gen)
-            s = out.stats
-            emitted, seq_rounds, accepted, drafted = (emitted + s.emitted, seq_rounds + s.sequence_rounds,
-                                                      accepted + s.accepted, drafted + s.drafted)
-            acc_at = [a + b for a, b in zip(acc_at, s.accepted_at, strict=True)]
-            reach_at = [a + b for a, b in zip(reach_at, s.reached_at, strict=True)]
+            stats.merge(out.stats)
         seconds = time.perf_counter() - t0
         tau_pred = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1.0
-        tau = emitted / max(seq_rounds, 1)
+        tau = stats.block_efficiency
         rows.append({
-            "gamma": gamma, "acceptance_rate": accepted / max(drafted, 1),
-            "acceptance_by_draft_position": [a / max(r, 1) for a, r in zip(acc_at, reach_at, strict=True)],
+            "gamma": gamma, "acceptance_rate": stats.acceptance_rate,
+            "acceptance_by_draft_position": stats.acceptance_by_position,
             "tau_measured": tau, "tau_predicted": tau_pred,
             "speedup_predicted": tau_pred / (c * gamma + 1),
             "speedup_predicted_from_measured_tau": tau / (c * gamma + 1),

@@ -275,24 +275,21 @@ def fused_linear_divergence(
     triton_path = use_triton(backend, s_rows.device, student_weight.dtype)
     if chunk_size is None:
         # Per logit entry: fp32 student and teacher logits, plus the gradient (Triton) or the
-        # autograd temporaries of the reference divergence (PyTorch path).
-        per_entry = 4 + 4 + student_weight.element_size() if triton_path else 6 * 4
+        # autograd temporaries of the reference divergence (PyTorch path: about 15 fp32 buffers
+        # of a chunk's size, benchmarks/results/fused_loss_cpu.md).
+        per_entry = 4 + 4 + student_weight.element_size() if triton_path else 15 * 4
         budget = CHUNK_BUDGET_BYTES["cuda" if s_rows.is_cuda else "cpu"]
         chunk_size = auto_chunk_size(s_rows.shape[0], vocab, per_entry, budget)
+    from distill.chunked_loss import ChunkedLinearDivergence, torch_rows
+
     if triton_path:
-        from distill.kernels.fused_linear_divergence import FusedLinearDivergence
-
-        total = FusedLinearDivergence.apply(
-            s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias,
-            chunk_size, kind, beta, alpha, temperature, None,
-        )
+        from distill.kernels.divergence import divergence_rows as rows
     else:
-        from distill.chunked_loss import ChunkedLinearDivergence
-
-        total = ChunkedLinearDivergence.apply(
-            s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias,
-            chunk_size, dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature),
-        )
+        rows = torch_rows
+    total = ChunkedLinearDivergence.apply(
+        s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias,
+        chunk_size, rows, dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature),
+    )
     if hinton_scale:
         total = total * temperature**2
     return _reduce(total, mask, reduction)

@@ -34,13 +34,36 @@ class SpeculativeStats:
     gamma: int
     rounds: int = 0  # target forwards (one per round)
     emitted: int = 0  # tokens emitted over all sequences (capped at max_new_tokens)
-    drafted: int = 0  # draft tokens proposed to the target, over all sequences and rounds
-    accepted: int = 0
     # accepted_at[k] / reached_at[k]: acceptance of the (k+1)-th draft of a round, given that
     # the k drafts before it were accepted.
     reached_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
     sequence_rounds: int = 0  # rounds summed over sequences (a finished sequence stops counting)
+
+    def __post_init__(self) -> None:
+        self.reached_at = self.reached_at or [0] * self.gamma
+        self.accepted_at = self.accepted_at or [0] * self.gamma
+
+    def record(self, reached: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Add one round's judged and accepted drafts by position (summed over sequences)."""
+        self.reached_at = [a + int(b) for a, b in zip(self.reached_at, reached, strict=True)]
+        self.accepted_at = [a + int(b) for a, b in zip(self.accepted_at, accepted, strict=True)]
+
+    def merge(self, other: SpeculativeStats) -> None:
+        """Add the counts of another call with the same gamma (e.g. the next batch of prompts)."""
+        self.rounds += other.rounds
+        self.emitted += other.emitted
+        self.sequence_rounds += other.sequence_rounds
+        self.record(torch.tensor(other.reached_at), torch.tensor(other.accepted_at))
+
+    @property
+    def drafted(self) -> int:
+        """Drafts the target judged, over all sequences and rounds."""
+        return sum(self.reached_at)
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.accepted_at)
 
     @property
     def acceptance_rate(self) -> float:
@@ -52,12 +75,14 @@ class SpeculativeStats:
         """Tokens emitted per target forward, per sequence (tau)."""
         return self.emitted / max(self.sequence_rounds, 1)
 
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [a / max(r, 1) for a, r in zip(self.accepted_at, self.reached_at, strict=True)]
+
     def to_dict(self) -> dict[str, object]:
         return {"gamma": self.gamma, "rounds": self.rounds, "emitted": self.emitted, "drafted": self.drafted,
                 "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
-                "block_efficiency": self.block_efficiency,
-                "acceptance_by_position": [a / max(r, 1) for a, r in zip(self.accepted_at, self.reached_at,
-                                                                          strict=True)]}
+                "block_efficiency": self.block_efficiency, "acceptance_by_position": self.acceptance_by_position}
 
 
 @dataclass
@@ -85,11 +110,13 @@ class _Model:
         self.length = 0  # positions of the buffer held in the cache
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, upto: int) -> torch.Tensor:
-        """Feed buffer positions [length, upto); return the logits of those positions."""
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, upto: int) -> torch.Tensor:
+        """Feed buffer positions [length, upto); return the logits of those positions. Position ids
+        count real tokens only, so holes and left padding take no position."""
+        positions = (mask[:, :upto].cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=tokens[:, self.length: upto], attention_mask=mask[:, :upto],
-            position_ids=positions[:, self.length: upto], past_key_values=self.cache, use_cache=True,
+            position_ids=positions[:, self.length:], past_key_values=self.cache, use_cache=True,
         )
         self.length = upto
         return out.logits
@@ -136,9 +163,9 @@ def speculative_generate(
         )
     device = input_ids.device
     bsz, prompt_len = input_ids.shape
-    eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int)
-                                                        else list(eos_token_id)), device=device, dtype=torch.long)
-    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    eos = set(eos)
     vocab = max(target.config.vocab_size, draft.config.vocab_size)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
 
@@ -151,22 +178,19 @@ def speculative_generate(
     out = [[] for _ in range(bsz)]  # emitted tokens per sequence
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     t_model, d_model = _Model(target), _Model(draft)
-    stats = SpeculativeStats(gamma, reached_at=[0] * gamma, accepted_at=[0] * gamma)
-
-    def positions() -> torch.Tensor:
-        return (full_mask.cumsum(-1) - 1).clamp(min=0)
+    stats = SpeculativeStats(gamma)
 
     # Prefill both caches with all but the last prompt position.
     if length > 1:
-        t_model.forward(tokens, full_mask, positions(), length - 1)
-        d_model.forward(tokens, full_mask, positions(), length - 1)
+        t_model.forward(tokens, full_mask, length - 1)
+        d_model.forward(tokens, full_mask, length - 1)
 
     while not bool(done.all()):
         live = ~done
         # 1. Draft gamma tokens (finished sequences draft into holes).
         q_all, drafts = [], []
         for i in range(gamma):
-            logits = d_model.forward(tokens, full_mask, positions(), length + i)[:, -1]
+            logits = d_model.forward(tokens, full_mask, length + i)[:, -1]
             q = _probs(logits, temperature, vocab)
             if do_sample:
                 x = torch.multinomial(q, 1, generator=generator).squeeze(1)
@@ -179,7 +203,7 @@ def speculative_generate(
         q_all, drafts = torch.stack(q_all, 1), torch.stack(drafts, 1)  # [B, gamma, V], [B, gamma]
 
         # 2. The target scores the last accepted token and all drafts in one forward.
-        t_logits = t_model.forward(tokens, full_mask, positions(), length + gamma)[:, -(gamma + 1):]
+        t_logits = t_model.forward(tokens, full_mask, length + gamma)[:, -(gamma + 1):]
         stats.rounds += 1
 
         # 3. Accept per sequence.
@@ -207,27 +231,18 @@ def speculative_generate(
         else:
             nxt = target_pick[rows, n_ok]
 
-        # 4. Emit, roll back, punch holes.
-        for b in range(bsz):
-            if done[b]:
-                continue
-            k = int(n_ok[b])
-            for j in range(min(k + 1, gamma)):  # drafts the target got to judge
-                stats.reached_at[j] += 1
-                stats.accepted_at[j] += j < k
-            stats.drafted += min(k + 1, gamma)
-            stats.accepted += k
-            stats.sequence_rounds += 1
-            new = drafts[b, :k].tolist() + [int(nxt[b])]
-            for tok in new:
-                if len(out[b]) >= max_new_tokens:
-                    break
+        # 4. Count, emit, roll back, punch holes.
+        judged = n_ok.clamp(max=gamma - 1) + 1  # drafts the target got to judge, per sequence
+        j = torch.arange(gamma, device=device)[None]
+        stats.record(((j < judged[:, None]) & live[:, None]).sum(0), ((j < n_ok[:, None]) & live[:, None]).sum(0))
+        stats.sequence_rounds += int(live.sum())
+        for b in live.nonzero().flatten().tolist():
+            for tok in drafts[b, : n_ok[b]].tolist() + [int(nxt[b])]:
                 out[b].append(tok)
-                stats.emitted += 1
-                if tok in eos.tolist():
+                if len(out[b]) == max_new_tokens or tok in eos:
+                    done[b] = True
                     break
-            if len(out[b]) >= max_new_tokens or (len(out[b]) and out[b][-1] in eos.tolist()):
-                done[b] = True
+        stats.emitted = sum(len(o) for o in out)
         # Buffer: accepted drafts stay where they are; the next token goes to the end of the
         # longest accepted run, so that every sequence's last real token is the buffer's last
         # position; in between, the rejected drafts of shorter runs become holes.

@@ -60,6 +60,12 @@ def kernel_kind(kind: str, beta: float, alpha: float) -> tuple[int, float]:
 
 
 @triton.jit
+def _load_scaled(ptrs, cols, inside, inv_temp):
+    """fp32(x) * inv_temp for a tile; -inf outside the rows and the vocabulary."""
+    return tl.load(ptrs + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
+
+
+@triton.jit
 def _online_lse(ptrs, rows_in, V, inv_temp, BLOCK_V: tl.constexpr):
     """Row-wise log-sum-exp of fp32(x) * inv_temp over a [BLOCK_R, BLOCK_V] tile of row pointers,
     in one pass over the vocabulary; -inf entries are skipped."""
@@ -68,7 +74,7 @@ def _online_lse(ptrs, rows_in, V, inv_temp, BLOCK_V: tl.constexpr):
     run_sum = tl.zeros([ptrs.shape[0]], tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        x = tl.load(ptrs + cols, mask=rows_in & (cols < V), other=-float("inf")).to(tl.float32) * inv_temp
+        x = _load_scaled(ptrs, cols, rows_in & (cols < V), inv_temp)
         new_max = tl.maximum(run_max, tl.max(x, axis=1))
         # While everything so far is -inf, shift by 0 instead (exp(-inf - -inf) would be NaN).
         shift = tl.where(new_max == -float("inf"), 0.0, new_max)
@@ -153,8 +159,8 @@ def divergence_rows_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         inside = rows_in & (cols < V)
-        a = tl.load(s_rows + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
-        b = tl.load(t_rows + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
+        a = _load_scaled(s_rows, cols, inside, inv_temp)
+        b = _load_scaled(t_rows, cols, inside, inv_temp)
         term, r, q, p = _row_terms(a, b, lse_q, lse_p, w, log_w, log_1mw, KIND)
         loss += tl.sum(term, axis=1)
         if KIND == 0:
@@ -169,8 +175,8 @@ def divergence_rows_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             inside = rows_in & (cols < V)
-            a = tl.load(s_rows + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
-            b = tl.load(t_rows + cols, mask=inside, other=-float("inf")).to(tl.float32) * inv_temp
+            a = _load_scaled(s_rows, cols, inside, inv_temp)
+            b = _load_scaled(t_rows, cols, inside, inv_temp)
             term, r, q, p = _row_terms(a, b, lse_q, lse_p, w, log_w, log_1mw, KIND)
             grad = (r - q * r_sum[:, None]) * grad_scale
             tl.store(g_rows + cols, grad.to(g_ptr.dtype.element_ty), mask=inside)

@@ -6,7 +6,9 @@ Everything is built locally (nothing is downloaded) and loaded back through the 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 # The Triton kernels run in the interpreter on CPU tensors. This must be set before triton is
 # first imported (transformers imports it), because @triton.jit decides at decoration time. The
@@ -69,3 +71,16 @@ def student_dir(tokenizer_dir, tmp_path_factory) -> Path:
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     return _save(Qwen2ForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("student"))
+
+
+@pytest.fixture
+def swapped_student_dir(student_dir, tmp_path) -> Path:
+    """A copy of the student whose tokenizer has the same tokens but two ids swapped."""
+    other = tmp_path / "swapped"
+    shutil.copytree(student_dir, other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    return other

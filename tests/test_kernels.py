@@ -18,9 +18,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distill import losses
+from distill import chunked_loss, losses
 from distill.kernels import divergence as kdiv
-from distill.kernels import fused_linear_divergence as kfused
 from distill.losses import KINDS, divergence, fused_linear_divergence
 
 pytestmark = pytest.mark.skipif(not kdiv.INTERPRETED, reason="needs TRITON_INTERPRET=1 before import (conftest)")
@@ -52,11 +51,14 @@ def fused_inputs(seed: int, dtype: torch.dtype, bias: bool = True):
 
 def run_fused(t, labels, wide: bool = False, **kw):
     """Loss and student gradients: the kernel path, or (wide) the float64 reference on the same values."""
-    leaves = {k: (v.detach().double() if wide else v.detach()).requires_grad_() if k.startswith("s") and v is not None
-              else (None if v is None else (v.double() if wide else v)) for k, v in t.items()}
+    def leaf(name, v):  # student tensors get gradients; float64 copies for the reference
+        v = v.detach().double() if wide else v.detach()
+        return v.requires_grad_(name.startswith("s"))
+
+    leaves = {k: None if v is None else leaf(k, v) for k, v in t.items()}
     if wide:
-        loss = kfused.reference(leaves["s_h"], leaves["s_w"], leaves["t_h"], leaves["t_w"], labels,
-                                student_bias=leaves["s_b"], teacher_bias=leaves["t_b"], **kw)
+        loss = chunked_loss.reference(leaves["s_h"], leaves["s_w"], leaves["t_h"], leaves["t_w"], labels,
+                                      student_bias=leaves["s_b"], teacher_bias=leaves["t_b"], **kw)
     else:
         loss = fused_linear_divergence(leaves["s_h"], leaves["s_w"], leaves["t_h"], leaves["t_w"], labels,
                                        student_bias=leaves["s_b"], teacher_bias=leaves["t_b"], backend="triton",
@@ -171,11 +173,11 @@ def test_tensor_core_path_emulated(monkeypatch, addmm):
     """The CUDA code path (half-precision weights used as they are, fp32 results from the matmuls,
     a half-precision gradient, dW accumulated in fp32 by addmm or in slices) with the fp32-output
     matmuls emulated on the CPU."""
-    monkeypatch.setattr(kfused, "_mm_out_fp32", lambda device: True)
-    monkeypatch.setattr(kfused, "_addmm_into_fp32", lambda device: addmm)
-    monkeypatch.setattr(kfused, "_half_mm", lambda a, b: a.float() @ b.float())
-    monkeypatch.setattr(kfused, "_half_addmm_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
-    monkeypatch.setattr(kfused, "DW_SLICE", 64)  # several slices over V = 300
+    monkeypatch.setattr(chunked_loss, "_mm_out_fp32", lambda device: True)
+    monkeypatch.setattr(chunked_loss, "_addmm_into_fp32", lambda device: addmm)
+    monkeypatch.setattr(chunked_loss, "_half_mm", lambda a, b: a.float() @ b.float())
+    monkeypatch.setattr(chunked_loss, "_half_addmm_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+    monkeypatch.setattr(chunked_loss, "DW_SLICE", 64)  # several slices over V = 300
     t, labels = fused_inputs(4, torch.bfloat16)
     for kind in ("fkl", "gjsd"):
         loss, grads = run_fused(t, labels, kind=kind)
