@@ -138,26 +138,40 @@ def load_split(cfg: DataConfig, split: str, tokenizer: Tokenizer | None = None) 
     return builtin_records(cfg, split, sizes[split])
 
 
+def prompt_ids(record: Record, tokenizer: Tokenizer) -> list[int]:
+    """Token ids of the record's prompt as training and generation see it: a chat template's
+    rendering already holds its special tokens (no second BOS), plain text gets the tokenizer's."""
+    return tokenizer(record.prompt, add_special_tokens=not record.templated).input_ids
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` for generation."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 def encode(record: Record, tokenizer: Tokenizer, max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of prompt and completion (completion ends with EOS, truncated to ``max_length``)."""
+    prompt = prompt_ids(record, tokenizer)
     if record.templated:
         # The rendering holds the template's special tokens; tokenize it whole so the completion
         # tokens are exactly those of the conversation, and split where the prompt ends.
-        prompt_ids = tokenizer(record.prompt, add_special_tokens=False).input_ids
         full_ids = tokenizer(record.prompt + record.completion, add_special_tokens=False).input_ids
-        if full_ids[: len(prompt_ids)] != prompt_ids:
+        if full_ids[: len(prompt)] != prompt:
             raise DistillError(f"{record.source}: the chat template's prompt does not tokenize as a prefix of the chat")
-        completion_ids = full_ids[len(prompt_ids):]
+        completion_ids = full_ids[len(prompt):]
     else:
-        prompt_ids = tokenizer(record.prompt).input_ids
         completion_ids = tokenizer(record.completion, add_special_tokens=False).input_ids
     if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
         completion_ids = completion_ids + [tokenizer.eos_token_id]
-    if len(prompt_ids) >= max_length:
-        raise DistillError(
-            f"{record.source}: prompt is {len(prompt_ids)} tokens, at least data.max_length={max_length}"
-        )
-    return prompt_ids, completion_ids[: max_length - len(prompt_ids)]
+    if len(prompt) >= max_length:
+        raise DistillError(f"{record.source}: prompt is {len(prompt)} tokens, at least data.max_length={max_length}")
+    return prompt, completion_ids[: max_length - len(prompt)]
 
 
 @dataclass

@@ -13,7 +13,9 @@ Writes ``draft_eval.json``, ``draft_eval.md`` and ``draft_eval.png``.
 
 from __future__ import annotations
 
+import functools
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.config import ASSETS, DataConfig
-from distill.data import builtin_records, read_records
+from distill.data import builtin_records, left_pad, prompt_ids, read_records
 from distill.errors import DistillError
 from distill.models import check_same_tokenizer, resolve_device
 from distill.speculative import SpeculativeStats, speculative_generate
@@ -34,48 +36,75 @@ class DraftEvalConfig:
 
     target: str = str(ASSETS / "teacher")
     draft: str = str(ASSETS / "student")
+    name: str | None = None  # what the draft is, for the report (default: its directory)
     prompts: str | None = None  # JSONL/csv/parquet with prompts; default: the built-in test split
     num_prompts: int = 64
     max_new_tokens: int = 48
     gammas: list[int] = field(default_factory=lambda: list(range(1, 9)))
     temperature: float = 1.0
     batch_size: int = 16
+    repeats: int = 5  # every wall-clock time is the median of this many runs
     seed: int = 0
     device: str = "auto"
     out: str = "draft_eval"
 
+    def validate(self) -> None:
+        for role in ("target", "draft"):
+            if not Path(getattr(self, role)).is_dir():
+                raise DistillError(f"eval-draft: {role} directory not found: {getattr(self, role)}")
+        if self.prompts is not None and not Path(self.prompts).is_file():
+            raise DistillError(f"eval-draft: prompts file not found: {self.prompts}")
+        if not self.gammas or min(self.gammas) < 1:
+            raise DistillError(f"eval-draft: gammas must be >= 1; got {self.gammas}")
+        for key in ("num_prompts", "max_new_tokens", "batch_size", "repeats"):
+            if getattr(self, key) < 1:
+                raise DistillError(f"eval-draft: {key} must be >= 1; got {getattr(self, key)}")
+        if not self.temperature > 0:
+            raise DistillError(f"eval-draft: temperature must be > 0; got {self.temperature}")
 
-def _prompts(cfg: DraftEvalConfig, tokenizer) -> list[str]:
+
+def _prompts(cfg: DraftEvalConfig, tokenizer, room: int) -> list[list[int]]:
+    """Token ids of the prompts, tokenized as training does; each must leave ``room`` positions."""
     if cfg.prompts is None:
         records = builtin_records(DataConfig(), "test", cfg.num_prompts)
     else:
         records = read_records(Path(cfg.prompts), DataConfig(), tokenizer)[: cfg.num_prompts]
-    return [r.prompt for r in records]
+    if not records:
+        raise DistillError(f"eval-draft: no prompts in {cfg.prompts or 'the built-in test split'}")
+    ids = [prompt_ids(r, tokenizer) for r in records]
+    for r, p in zip(records, ids, strict=True):
+        if len(p) > room:
+            raise DistillError(
+                f"eval-draft: {r.source}: prompt is {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} "
+                f"and gamma={max(cfg.gammas)} the models' context leaves room for {room}"
+            )
+    return ids
 
 
-def _batches(tokenizer, prompts: list[str], size: int, device):
+def _batches(prompts: list[list[int]], size: int, pad_id: int, device):
     for i in range(0, len(prompts), size):
-        yield tokenizer(prompts[i: i + size], return_tensors="pt", padding=True).to(device)
+        ids, mask = left_pad(prompts[i: i + size], pad_id)
+        yield ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
-def _alpha_from_logits(target, draft, tokenizer, prompts, cfg, device) -> tuple[float, list[float]]:
+def _alpha_from_logits(target, draft, prompts, cfg, pad_id, device) -> tuple[float, list[float]]:
     """Mean of 1 - TVD(p_t, q_t) over the response positions of target samples, and its mean by
     response position (0-based)."""
     sums = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
     counts = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
-    for enc in _batches(tokenizer, prompts, cfg.batch_size, device):
-        seqs = target.generate(**enc, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                               max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        mask = (seqs != tokenizer.pad_token_id).long()
-        mask[:, : enc.input_ids.shape[1]] = enc.attention_mask
-        v = min(target.config.vocab_size, draft.config.vocab_size)
-        p = torch.softmax(target(seqs, attention_mask=mask).logits[..., :v].float() / cfg.temperature, -1)
-        q = torch.softmax(draft(seqs, attention_mask=mask).logits[..., :v].float() / cfg.temperature, -1)
+    v = min(target.config.vocab_size, draft.config.vocab_size)
+    for ids, mask in _batches(prompts, cfg.batch_size, pad_id, device):
+        seqs = target.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
+                               top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id)
+        full = (seqs != pad_id).long()
+        full[:, : ids.shape[1]] = mask
+        p = torch.softmax(target(seqs, attention_mask=full).logits[..., :v].float() / cfg.temperature, -1)
+        q = torch.softmax(draft(seqs, attention_mask=full).logits[..., :v].float() / cfg.temperature, -1)
         # Position t predicts token t + 1; the response's j-th token is predicted at start + j.
-        start = enc.input_ids.shape[1] - 1
+        start = ids.shape[1] - 1
         beta = torch.minimum(p, q).sum(-1)[:, start:-1].double().cpu()
-        valid = mask[:, start + 1:].double().cpu()
+        valid = full[:, start + 1:].double().cpu()
         n = beta.shape[1]
         sums[:n] += (beta * valid).sum(0)
         counts[:n] += valid.sum(0)
@@ -83,55 +112,76 @@ def _alpha_from_logits(target, draft, tokenizer, prompts, cfg, device) -> tuple[
     return float(sums.sum() / counts.sum()), (sums[seen] / counts[seen]).tolist()
 
 
+def _median_seconds(fn, repeats: int, device) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs (after one warm-up run)."""
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    once()
+    return statistics.median(once() for _ in range(repeats))
+
+
 @torch.no_grad()
-def _step_time(model, tokenizer, prompts, cfg, device) -> float:
-    """Seconds per cached decoding step of one model (greedy, fixed length, batched)."""
-    enc = next(_batches(tokenizer, prompts, cfg.batch_size, device))
-    n = 32
-    model.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    t0 = time.perf_counter()
-    model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return (time.perf_counter() - t0) / n
+def _cost_ratio(target, draft, prompts, cfg, pad_id, device, steps: int = 32) -> float:
+    """c: the draft's time per cached decoding step over the target's (greedy, fixed length, one
+    batch), each the median of ``cfg.repeats`` runs."""
+    ids, mask = next(_batches(prompts, cfg.batch_size, pad_id, device))
+
+    def step_time(model) -> float:
+        run = functools.partial(model.generate, input_ids=ids, attention_mask=mask, max_new_tokens=steps,
+                                min_new_tokens=steps, do_sample=False, pad_token_id=pad_id)
+        return _median_seconds(run, cfg.repeats, device) / steps
+
+    return step_time(draft) / step_time(target)
 
 
 def evaluate_draft(cfg: DraftEvalConfig) -> dict:
     """Run the evaluation; write JSON, Markdown and PNG under ``cfg.out``; return the results."""
-    for role in ("target", "draft"):
-        if not Path(getattr(cfg, role)).is_dir():
-            raise DistillError(f"eval-draft: {role} directory not found: {getattr(cfg, role)}")
-    if not cfg.gammas or min(cfg.gammas) < 1:
-        raise DistillError(f"eval-draft: gammas must be >= 1; got {cfg.gammas}")
+    cfg.validate()
     device = resolve_device(cfg.device)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.target, padding_side="left")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.target)
     check_same_tokenizer(AutoTokenizer.from_pretrained(cfg.draft), tokenizer, cfg.draft, cfg.target)
     target = AutoModelForCausalLM.from_pretrained(cfg.target).to(device).eval()
     draft = AutoModelForCausalLM.from_pretrained(cfg.draft).to(device).eval()
-    prompts = _prompts(cfg, tokenizer)
+    rows = draft.get_input_embeddings().weight.shape[0]
+    if rows < target.config.vocab_size:
+        raise DistillError(
+            f"eval-draft: the draft ({cfg.draft}) embeds {rows} tokens but the target can emit "
+            f"{target.config.vocab_size}: export it first (distill export-draft student=... target=... out=...)"
+        )
+    positions = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (target, draft))
+    prompts = _prompts(cfg, tokenizer, room=positions - cfg.max_new_tokens - max(cfg.gammas) - 1)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(cfg.seed)
 
-    alpha, alpha_by_pos = _alpha_from_logits(target, draft, tokenizer, prompts, cfg, device)
-    c = _step_time(draft, tokenizer, prompts, cfg, device) / _step_time(target, tokenizer, prompts, cfg, device)
+    alpha, alpha_by_pos = _alpha_from_logits(target, draft, prompts, cfg, pad_id, device)
+    c = _cost_ratio(target, draft, prompts, cfg, pad_id, device)
 
-    def sample_alone() -> float:
-        t0 = time.perf_counter()
-        for enc in _batches(tokenizer, prompts, cfg.batch_size, device):
-            target.generate(**enc, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        return time.perf_counter() - t0
+    def target_alone() -> None:
+        for ids, mask in _batches(prompts, cfg.batch_size, pad_id, device):
+            target.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
+                            top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id)
 
-    baseline_s = sample_alone()
+    baseline_s = _median_seconds(target_alone, cfg.repeats, device)
     rows = []
     for gamma in cfg.gammas:
         gen = torch.Generator(device=device).manual_seed(cfg.seed + gamma)
         stats = SpeculativeStats(gamma)
-        t0 = time.perf_counter()
-        for enc in _batches(tokenizer, prompts, cfg.batch_size, device):
-            out = speculative_generate(target, draft, enc.input_ids, attention_mask=enc.attention_mask, gamma=gamma,
-                                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                       generator=gen)
-            stats.merge(out.stats)
-        seconds = time.perf_counter() - t0
+
+        def speculative(gamma: int = gamma, gen: torch.Generator = gen, stats: SpeculativeStats = stats) -> None:
+            for ids, mask in _batches(prompts, cfg.batch_size, pad_id, device):
+                out = speculative_generate(target, draft, ids, attention_mask=mask, gamma=gamma,
+                                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, generator=gen)
+                stats.merge(out.stats)
+
+        seconds = _median_seconds(speculative, cfg.repeats, device)  # stats pool all repeats' samples
         tau_pred = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1.0
         tau = stats.block_efficiency
         rows.append({
@@ -142,8 +192,9 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
             "speedup_predicted_from_measured_tau": tau / (c * gamma + 1),
             "speedup_measured": baseline_s / seconds, "seconds": seconds,
         })
-    result = {"config": asdict(cfg), "device": str(device), "prompts": len(prompts), "alpha": alpha,
-              "alpha_by_response_position": alpha_by_pos, "c": c, "target_alone_seconds": baseline_s, "by_gamma": rows}
+    result = {"config": asdict(cfg), "name": cfg.name or cfg.draft, "device": str(device), "prompts": len(prompts),
+              "alpha": alpha, "alpha_by_response_position": alpha_by_pos, "c": c,
+              "target_alone_seconds": baseline_s, "by_gamma": rows}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "draft_eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -153,10 +204,12 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
 
 
 def markdown(result: dict) -> str:
+    """The report as Markdown: alpha, c and a row per gamma."""
     cfg = result["config"]
     lines = [
-        f"Draft `{cfg['draft']}` for target `{cfg['target']}`: {result['prompts']} prompts, "
-        f"{cfg['max_new_tokens']} new tokens, temperature {cfg['temperature']}, {result['device']}.", "",
+        f"Draft: {result['name']}. Target: `{Path(cfg['target']).name}`. {result['prompts']} prompts, "
+        f"{cfg['max_new_tokens']} new tokens, temperature {cfg['temperature']}, batches of {cfg['batch_size']}, "
+        f"{result['device']}; wall-clock times are medians of {cfg['repeats']} runs.", "",
         f"- alpha (mean 1 - TVD over target samples): **{result['alpha']:.3f}**",
         f"- c (draft step / target step): {result['c']:.3f}", "",
         "| gamma | acceptance (measured) | tau measured | tau predicted | speedup predicted | speedup measured |",
@@ -169,13 +222,14 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
+    """tau and speedup against gamma, and alpha along the response."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     g = [r["gamma"] for r in result["by_gamma"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     a.plot(g, [r["tau_measured"] for r in result["by_gamma"]], "o-", label="measured")
     a.plot(g, [r["tau_predicted"] for r in result["by_gamma"]], "s--",
            label=f"predicted (alpha={result['alpha']:.2f})")
@@ -184,7 +238,11 @@ def plot(result: dict, path: Path) -> None:
     b.plot(g, [r["speedup_predicted"] for r in result["by_gamma"]], "s--", label=f"predicted (c={result['c']:.2f})")
     b.axhline(1.0, color="grey", lw=0.8)
     b.set(xlabel="gamma", ylabel="speedup over the target alone", title="speedup")
-    for ax in (a, b):
+    by_pos = result["alpha_by_response_position"]
+    c.plot(range(1, len(by_pos) + 1), by_pos, ".-", label="1 - TVD(p, q)")
+    c.axhline(result["alpha"], color="grey", lw=0.8, ls="--", label=f"mean {result['alpha']:.2f}")
+    c.set(xlabel="response position", ylabel="alpha", ylim=(0, 1), title="alpha along the response")
+    for ax in (a, b, c):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

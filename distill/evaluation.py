@@ -9,20 +9,10 @@ from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import LossConfig
-from distill.data import Record, collate, encode
+from distill.data import Record, collate, encode, left_pad
 from distill.losses import count_tokens, cross_entropy, divergence
 from distill.models import lm_logits
 from distill.tasks import TASKS
-
-
-def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -44,7 +34,7 @@ def generate(
         for start in range(0, len(records), batch_size):
             chunk = records[start: start + batch_size]
             prompts = [encode(r, tokenizer, max_length)[0] for r in chunk]
-            ids, mask = _left_padded(prompts, tokenizer.pad_token_id)
+            ids, mask = left_pad(prompts, tokenizer.pad_token_id)
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),

@@ -125,7 +125,8 @@ def test_export_and_eval_draft_commands(tmp_path, teacher_dir, student_dir):
     assert proc.returncode == 0, proc.stderr
     assert '"num_speculative_tokens": 3' in proc.stdout and "assistant_model" in proc.stdout
     proc = run_cli("eval-draft", f"draft={tmp_path / 'draft'}", f"target={teacher_dir}", "num_prompts=6",
-                   "max_new_tokens=8", "gammas=[1,3]", "batch_size=3", f"out={tmp_path / 'eval'}", cwd=tmp_path)
+                   "max_new_tokens=8", "gammas=[1,3]", "batch_size=3", "repeats=1", f"out={tmp_path / 'eval'}",
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "eval" / "draft_eval.json").read_text())
     assert [r["gamma"] for r in result["by_gamma"]] == [1, 3]

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from distill.config import DataConfig
-from distill.data import IGNORE_INDEX, EpochSampler, Record, collate, encode, read_records
+from distill.data import IGNORE_INDEX, EpochSampler, Record, collate, encode, prompt_ids, read_records
 from distill.errors import DistillError
 
 
@@ -78,6 +78,7 @@ def test_chat_messages_use_the_template(tmp_path, tokenizer_dir):
     assert r.completion == " five</s>"
     assert r.answer == "five"  # generations are scored against the assistant's text
     p, c = encode(r, tok, 64)
+    assert p == prompt_ids(r, tok)  # what generation (evaluation, eval-draft) is prompted with
     assert p[0] == tok.bos_token_id and p.count(tok.bos_token_id) == 2  # no BOS added twice
     assert c[-1] == tok.eos_token_id and c.count(tok.eos_token_id) == 1  # the template's EOS, not a second
     assert p + c == tok(r.prompt + r.completion, add_special_tokens=False).input_ids

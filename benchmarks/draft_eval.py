@@ -1,0 +1,118 @@
+"""The default recipe's student as a speculative-decoding draft for the shipped teacher, before and
+after distillation (DistillSpec metrics).
+
+    python benchmarks/draft_eval.py [--run DIR] [--out benchmarks/results] [--repeats 5]
+
+1. trains the embedded default recipe (what ``make demo`` runs) into ``DIR`` unless ``DIR`` already
+   holds a finished run;
+2. exports the shipped student and the distilled one as drafts for the teacher (``export-draft``);
+3. evaluates both (``eval-draft``: alpha, acceptance, tau and speedups for gamma = 1..8) into
+   ``draft_eval_before/`` and ``draft_eval_distilled/``;
+4. writes the side-by-side ``draft_eval.md`` and ``draft_eval.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from distill.config import ASSETS
+from distill.draft_eval import DraftEvalConfig, evaluate_draft
+from distill.export import export_draft
+
+
+def train_default(run: Path) -> Path:
+    """The distilled student of the default recipe (trained here unless ``run`` has it)."""
+    model = run / "model"
+    if not (model / "config.json").is_file():
+        cmd = [sys.executable, "-m", "distill.cli", f"output_dir={run}"]
+        print("training:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    return model
+
+
+def compare(before: dict, after: dict) -> str:
+    """Side-by-side Markdown of the two evaluations."""
+    gammas = [r["gamma"] for r in after["by_gamma"]]
+    rows = [
+        "Shipped student as a draft for the shipped teacher, before and after `distill` (the default recipe, "
+        f"as `make demo` runs it). {after['prompts']} held-out prompts of the built-in tasks, "
+        f"{after['config']['max_new_tokens']} new tokens, temperature {after['config']['temperature']}, "
+        f"{after['device']}; wall-clock times are medians of {after['config']['repeats']} runs.", "",
+        "| | alpha | c | " + " | ".join(f"tau at gamma = {g}" for g in gammas) + " |",
+        "|---|---|---|" + "---|" * len(after["by_gamma"]),
+    ]
+    for name, r in (("before", before), ("distilled", after)):
+        taus = " | ".join(f"{g['tau_measured']:.2f} ({g['tau_predicted']:.2f})" for g in r["by_gamma"])
+        rows.append(f"| {name} | {r['alpha']:.3f} | {r['c']:.2f} | {taus} |")
+    rows += ["", "tau: measured (predicted from alpha). Speedup over the target alone:", "",
+             "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |",
+             "|---|" + "---|" * len(after["by_gamma"])]
+    for name, r in (("before", before), ("distilled", after)):
+        for kind in ("predicted", "measured"):
+            cells = " | ".join(f"{g[f'speedup_{kind}']:.2f}" for g in r["by_gamma"])
+            rows.append(f"| {name}, {kind} | {cells} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(before: dict, after: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for (name, r), color in zip((("before", before), ("distilled", after)), ("tab:grey", "tab:blue"), strict=True):
+        g = [x["gamma"] for x in r["by_gamma"]]
+        axes[0].plot(g, [x["tau_measured"] for x in r["by_gamma"]], "o-", color=color, label=f"{name}, measured")
+        axes[0].plot(g, [x["tau_predicted"] for x in r["by_gamma"]], "--", color=color, label=f"{name}, predicted")
+        axes[1].plot(g, [x["speedup_measured"] for x in r["by_gamma"]], "o-", color=color, label=f"{name}, measured")
+        axes[1].plot(g, [x["speedup_predicted"] for x in r["by_gamma"]], "--", color=color,
+                     label=f"{name}, predicted (c={r['c']:.2f})")
+        by_pos = r["alpha_by_response_position"]
+        axes[2].plot(range(1, len(by_pos) + 1), by_pos, ".-", color=color, label=f"{name} (mean {r['alpha']:.2f})")
+    axes[0].set(xlabel="gamma", ylabel="tau (tokens per target forward)", title="block efficiency")
+    axes[1].axhline(1.0, color="black", lw=0.8)
+    axes[1].set(xlabel="gamma", ylabel="speedup over the target alone", title="speedup")
+    axes[2].set(xlabel="response position", ylabel="alpha = 1 - TVD", ylim=(0, 1), title="alpha along the response")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, default=None, help="a finished default-recipe run (trained if absent)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    teacher = ASSETS / "teacher"
+    with tempfile.TemporaryDirectory() as scratch:
+        run = args.run or Path(scratch) / "run"
+        students = {"before": (ASSETS / "student", "the shipped student (before distillation)"),
+                    "distilled": (train_default(run), "the shipped student distilled by the default recipe")}
+        results = {}
+        for key, (student, name) in students.items():
+            draft = export_draft(student, teacher, Path(scratch) / f"draft_{key}").out_dir
+            cfg = DraftEvalConfig(target=str(teacher), draft=str(draft), name=name, repeats=args.repeats,
+                                  out=str(args.out / f"draft_eval_{key}"))
+            results[key] = evaluate_draft(cfg)
+            # The scratch path means nothing once it is gone; the name says what the draft was.
+            results[key]["config"].update(draft=f"export-draft of {name}", target="distill/assets/teacher")
+            (args.out / f"draft_eval_{key}" / "draft_eval.json").write_text(json.dumps(results[key], indent=2) + "\n")
+            print(f"{key}: alpha {results[key]['alpha']:.3f}, c {results[key]['c']:.3f}", flush=True)
+    (args.out / "draft_eval.md").write_text(compare(results["before"], results["distilled"]))
+    plot(results["before"], results["distilled"], args.out / "draft_eval.png")
+    print((args.out / "draft_eval.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
