@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import transformers
+
 from distill.config import ASSETS
 from distill.draft_eval import DraftEvalConfig, evaluate_draft
 from distill.export import export_draft
@@ -53,9 +55,14 @@ def compare(before: dict, after: dict) -> str:
              "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |",
              "|---|" + "---|" * len(after["by_gamma"])]
     for name, r in (("before", before), ("distilled", after)):
-        for kind in ("predicted", "measured"):
+        for kind, label in (("predicted", "predicted"), ("predicted_with_verify_cost", "predicted with v"),
+                            ("measured", "measured")):
             cells = " | ".join(f"{g[f'speedup_{kind}']:.2f}" for g in r["by_gamma"])
-            rows.append(f"| {name}, {kind} | {cells} |")
+            rows.append(f"| {name}, {label} | {cells} |")
+    rows += ["", "Predicted: tau / (c gamma + 1). With v: tau (measured) / (c gamma + v), v the measured cost of the "
+             "target's forward over gamma + 1 tokens in target steps: "
+             + ", ".join(f"{g['verify_cost']:.2f}" for g in after["by_gamma"])
+             + f" at gamma = {', '.join(map(str, gammas))}."]
     return "\n".join(rows) + "\n"
 
 
@@ -73,6 +80,8 @@ def plot(before: dict, after: dict, path: Path) -> None:
         axes[1].plot(g, [x["speedup_measured"] for x in r["by_gamma"]], "o-", color=color, label=f"{name}, measured")
         axes[1].plot(g, [x["speedup_predicted"] for x in r["by_gamma"]], "--", color=color,
                      label=f"{name}, predicted (c={r['c']:.2f})")
+        axes[1].plot(g, [x["speedup_predicted_with_verify_cost"] for x in r["by_gamma"]], ":", color=color,
+                     label=f"{name}, predicted with measured verify cost")
         by_pos = r["alpha_by_response_position"]
         axes[2].plot(range(1, len(by_pos) + 1), by_pos, ".-", color=color, label=f"{name} (mean {r['alpha']:.2f})")
     axes[0].set(xlabel="gamma", ylabel="tau (tokens per target forward)", title="block efficiency")
@@ -93,6 +102,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    transformers.utils.logging.disable_progress_bar()
 
     teacher = ASSETS / "teacher"
     with tempfile.TemporaryDirectory() as scratch:

@@ -92,8 +92,9 @@ def _subcommand(name: str, args: list[str]) -> None:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(args)))
         if name == "export-draft":
             done = export_draft(cfg.student, cfg.target, cfg.out, num_assistant_tokens=cfg.num_assistant_tokens)
-            console.print(f"draft written to {done.out_dir} (vocab {done.vocab_size}, {done.padded_rows} rows padded)")
-            console.print(done.usage(), markup=False)
+            console.print(f"draft written to {done.out_dir} (vocab {done.vocab_size}, {done.padded_rows} rows padded)",
+                          soft_wrap=True, markup=False)
+            print(done.usage())  # plain print: a snippet to copy must not be wrapped
         else:
             result = evaluate_draft(cfg)
             console.print(Path(cfg.out, "draft_eval.md").read_text(), markup=False)

@@ -3,11 +3,15 @@
 On held-out prompts:
 - alpha from the logits: beta_t = sum_v min(p_t(v), q_t(v)) = 1 - TVD(p_t, q_t) at every position
   of continuations sampled from the target; alpha = E[beta];
-- measured acceptance per draft position and block efficiency tau (tokens per target forward) from
-  real speculative sampling, for each gamma; predicted tau(gamma) = (1 - alpha^(gamma+1)) / (1 - alpha);
-- c = draft forward time / target forward time (one cached decoding step each);
-- predicted speedup tau / (c gamma + 1), and the measured wall-clock speedup of speculative
-  sampling over the target sampling alone (Hugging Face ``generate``).
+- measured acceptance per draft position and block efficiency tau (tokens per round and sequence,
+  before EOS or the length limit cut the last round short) from real speculative sampling, for
+  each gamma; predicted tau(gamma) = (1 - alpha^(gamma+1)) / (1 - alpha);
+- c = draft step time / target step time (one cached decoding step each, prefill excluded, medians);
+- predicted speedup tau / (c gamma + 1); the same with the measured cost v of the target's forward
+  over gamma + 1 tokens (in target steps) in place of 1: tau / (c gamma + v);
+- the measured wall-clock speedup of speculative sampling over sampling from the target alone
+  (Hugging Face ``generate``), both generating exactly ``max_new_tokens`` per sequence so that
+  they do the same work.
 Writes ``draft_eval.json``, ``draft_eval.md`` and ``draft_eval.png``.
 """
 
@@ -21,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from distill.config import ASSETS, DataConfig
 from distill.data import builtin_records, left_pad, prompt_ids, read_records
@@ -87,24 +91,34 @@ def _batches(prompts: list[list[int]], size: int, pad_id: int, device):
         yield ids.to(device), mask.to(device)
 
 
+def _eos_ids(target, tokenizer) -> list[int]:
+    eos = target.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 @torch.no_grad()
-def _alpha_from_logits(target, draft, prompts, cfg, pad_id, device) -> tuple[float, list[float]]:
-    """Mean of 1 - TVD(p_t, q_t) over the response positions of target samples, and its mean by
-    response position (0-based)."""
+def _alpha_from_logits(target, draft, prompts, cfg, pad_id, eos, device) -> tuple[float, list[float]]:
+    """Mean of 1 - TVD(p_t, q_t) over the response positions of target samples (through their
+    first EOS), and its mean by response position (0-based)."""
     sums = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
     counts = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
-    v = min(target.config.vocab_size, draft.config.vocab_size)
+    v = target.config.vocab_size  # the draft has at least these rows (checked)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     for ids, mask in _batches(prompts, cfg.batch_size, pad_id, device):
         seqs = target.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
-                               top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id)
-        full = (seqs != pad_id).long()
-        full[:, : ids.shape[1]] = mask
+                               top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
+                               eos_token_id=eos)
+        # A response token is real up to and including its first EOS (pad may equal EOS).
+        is_eos = torch.isin(seqs[:, ids.shape[1]:], eos_ids).long()
+        real = (is_eos.cumsum(1) - is_eos) == 0
+        full = torch.cat([mask, real.long()], 1)
         p = torch.softmax(target(seqs, attention_mask=full).logits[..., :v].float() / cfg.temperature, -1)
         q = torch.softmax(draft(seqs, attention_mask=full).logits[..., :v].float() / cfg.temperature, -1)
         # Position t predicts token t + 1; the response's j-th token is predicted at start + j.
         start = ids.shape[1] - 1
         beta = torch.minimum(p, q).sum(-1)[:, start:-1].double().cpu()
-        valid = full[:, start + 1:].double().cpu()
+        valid = real.double().cpu()
         n = beta.shape[1]
         sums[:n] += (beta * valid).sum(0)
         counts[:n] += valid.sum(0)
@@ -112,33 +126,42 @@ def _alpha_from_logits(target, draft, prompts, cfg, pad_id, device) -> tuple[flo
     return float(sums.sum() / counts.sum()), (sums[seen] / counts[seen]).tolist()
 
 
-def _median_seconds(fn, repeats: int, device) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, repeats: int, device: torch.device) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs (after one warm-up run)."""
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    once()
-    return statistics.median(once() for _ in range(repeats))
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 @torch.no_grad()
-def _cost_ratio(target, draft, prompts, cfg, pad_id, device, steps: int = 32) -> float:
-    """c: the draft's time per cached decoding step over the target's (greedy, fixed length, one
-    batch), each the median of ``cfg.repeats`` runs."""
-    ids, mask = next(_batches(prompts, cfg.batch_size, pad_id, device))
-
-    def step_time(model) -> float:
-        run = functools.partial(model.generate, input_ids=ids, attention_mask=mask, max_new_tokens=steps,
-                                min_new_tokens=steps, do_sample=False, pad_token_id=pad_id)
-        return _median_seconds(run, cfg.repeats, device) / steps
-
-    return step_time(draft) / step_time(target)
+def _forward_seconds(model, ids, mask, tokens: int, steps: int, repeats: int, device: torch.device) -> float:
+    """Median time of one cached forward of ``tokens`` new positions per sequence after the prompt
+    (cropped back after each, so every forward sees the same context), over ``repeats`` runs of
+    ``steps`` forwards after an untimed prefill and one warm-up run."""
+    x = ids[:, -1:].repeat(1, tokens)
+    m = torch.cat([mask, mask.new_ones(mask.shape[0], tokens)], 1)
+    times = []
+    for _ in range(repeats + 1):
+        cache = DynamicCache()
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model(input_ids=x, attention_mask=m, past_key_values=cache, use_cache=True)
+            cache.crop(-tokens)
+        _sync(device)
+        times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times[1:])
 
 
 def evaluate_draft(cfg: DraftEvalConfig) -> dict:
@@ -149,47 +172,61 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
     check_same_tokenizer(AutoTokenizer.from_pretrained(cfg.draft), tokenizer, cfg.draft, cfg.target)
     target = AutoModelForCausalLM.from_pretrained(cfg.target).to(device).eval()
     draft = AutoModelForCausalLM.from_pretrained(cfg.draft).to(device).eval()
-    rows = draft.get_input_embeddings().weight.shape[0]
-    if rows < target.config.vocab_size:
+    draft_rows = draft.get_input_embeddings().weight.shape[0]
+    if draft_rows < target.config.vocab_size:
         raise DistillError(
-            f"eval-draft: the draft ({cfg.draft}) embeds {rows} tokens but the target can emit "
+            f"eval-draft: the draft ({cfg.draft}) embeds {draft_rows} tokens but the target can emit "
             f"{target.config.vocab_size}: export it first (distill export-draft student=... target=... out=...)"
         )
     positions = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (target, draft))
     prompts = _prompts(cfg, tokenizer, room=positions - cfg.max_new_tokens - max(cfg.gammas) - 1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = _eos_ids(target, tokenizer)
     torch.manual_seed(cfg.seed)
 
-    alpha, alpha_by_pos = _alpha_from_logits(target, draft, prompts, cfg, pad_id, device)
-    c = _cost_ratio(target, draft, prompts, cfg, pad_id, device)
+    alpha, alpha_by_pos = _alpha_from_logits(target, draft, prompts, cfg, pad_id, eos, device)
+    first = next(_batches(prompts, cfg.batch_size, pad_id, device))
+    step = functools.partial(_forward_seconds, ids=first[0], mask=first[1], steps=16, repeats=cfg.repeats,
+                             device=device)
+    target_step = step(target, tokens=1)
+    c = step(draft, tokens=1) / target_step
 
+    # Wall clock: every sequence generates exactly max_new_tokens (EOS ignored), so that the
+    # target alone and speculative decoding do the same work whatever the samples.
     def target_alone() -> None:
         for ids, mask in _batches(prompts, cfg.batch_size, pad_id, device):
             target.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
-                            top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id)
+                            top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                            min_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
 
     baseline_s = _median_seconds(target_alone, cfg.repeats, device)
     rows = []
     for gamma in cfg.gammas:
         gen = torch.Generator(device=device).manual_seed(cfg.seed + gamma)
-        stats = SpeculativeStats(gamma)
 
-        def speculative(gamma: int = gamma, gen: torch.Generator = gen, stats: SpeculativeStats = stats) -> None:
+        def speculative(gamma: int = gamma, gen: torch.Generator = gen, eos: list[int] = eos) -> SpeculativeStats:
+            stats = SpeculativeStats(gamma)
             for ids, mask in _batches(prompts, cfg.batch_size, pad_id, device):
                 out = speculative_generate(target, draft, ids, attention_mask=mask, gamma=gamma,
                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, generator=gen)
+                                           eos_token_id=eos, pad_token_id=pad_id, generator=gen)
                 stats.merge(out.stats)
+            return stats
 
-        seconds = _median_seconds(speculative, cfg.repeats, device)  # stats pool all repeats' samples
+        stats = speculative()  # acceptance on the samples as they are, stopping at EOS
+        seconds = _median_seconds(functools.partial(speculative, eos=[]), cfg.repeats, device)
         tau_pred = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1.0
         tau = stats.block_efficiency
+        # The speedup formula prices the target's verification of gamma + 1 tokens as one step;
+        # v is what it costs here (about 1 on a GPU at small batch, more where compute-bound).
+        v = step(target, tokens=gamma + 1) / target_step
         rows.append({
             "gamma": gamma, "acceptance_rate": stats.acceptance_rate,
             "acceptance_by_draft_position": stats.acceptance_by_position,
             "tau_measured": tau, "tau_predicted": tau_pred,
             "speedup_predicted": tau_pred / (c * gamma + 1),
             "speedup_predicted_from_measured_tau": tau / (c * gamma + 1),
+            "verify_cost": v, "speedup_predicted_with_verify_cost": tau / (c * gamma + v),
             "speedup_measured": baseline_s / seconds, "seconds": seconds,
         })
     result = {"config": asdict(cfg), "name": cfg.name or cfg.draft, "device": str(device), "prompts": len(prompts),
@@ -212,12 +249,14 @@ def markdown(result: dict) -> str:
         f"{result['device']}; wall-clock times are medians of {cfg['repeats']} runs.", "",
         f"- alpha (mean 1 - TVD over target samples): **{result['alpha']:.3f}**",
         f"- c (draft step / target step): {result['c']:.3f}", "",
-        "| gamma | acceptance (measured) | tau measured | tau predicted | speedup predicted | speedup measured |",
-        "|---|---|---|---|---|---|",
+        "| gamma | acceptance (measured) | tau measured | tau predicted | speedup predicted | v (verify cost) "
+        "| speedup predicted with v | speedup measured |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["by_gamma"]:
         lines.append(f"| {r['gamma']} | {r['acceptance_rate']:.3f} | {r['tau_measured']:.2f} "
-                     f"| {r['tau_predicted']:.2f} | {r['speedup_predicted']:.2f} | {r['speedup_measured']:.2f} |")
+                     f"| {r['tau_predicted']:.2f} | {r['speedup_predicted']:.2f} | {r['verify_cost']:.2f} "
+                     f"| {r['speedup_predicted_with_verify_cost']:.2f} | {r['speedup_measured']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -236,6 +275,8 @@ def plot(result: dict, path: Path) -> None:
     a.set(xlabel="gamma", ylabel="tau (tokens per target forward)", title="block efficiency")
     b.plot(g, [r["speedup_measured"] for r in result["by_gamma"]], "o-", label="measured (wall clock)")
     b.plot(g, [r["speedup_predicted"] for r in result["by_gamma"]], "s--", label=f"predicted (c={result['c']:.2f})")
+    b.plot(g, [r["speedup_predicted_with_verify_cost"] for r in result["by_gamma"]], "^:",
+           label="predicted with measured verify cost")
     b.axhline(1.0, color="grey", lw=0.8)
     b.set(xlabel="gamma", ylabel="speedup over the target alone", title="speedup")
     by_pos = result["alpha_by_response_position"]

@@ -45,13 +45,31 @@ class DraftExport:
         )
 
 
+def _adapter_base(student_dir: Path) -> Path | None:
+    """The base model directory of a PEFT adapter directory, None for a full model directory."""
+    adapter = student_dir / "adapter_config.json"
+    if not adapter.exists():
+        return None
+    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise DistillError(f"export-draft: {adapter}: base_model_name_or_path {base!r} is not a local directory")
+    return Path(base)
+
+
 def _load_student(student_dir: Path) -> PreTrainedModel:
     """A merged plain model: a full model directory, or a PEFT adapter directory (merged here)."""
-    if (student_dir / "adapter_config.json").exists():
+    if _adapter_base(student_dir) is not None:
         from peft import AutoPeftModelForCausalLM
 
         return AutoPeftModelForCausalLM.from_pretrained(student_dir).merge_and_unload()
     return AutoModelForCausalLM.from_pretrained(student_dir)
+
+
+def _student_tokenizer(student_dir: Path):
+    """The student's tokenizer; an adapter directory without tokenizer files uses its base model's."""
+    base = _adapter_base(student_dir)
+    has_own = any((student_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return AutoTokenizer.from_pretrained(base if base is not None and not has_own else student_dir)
 
 
 def export_draft(
@@ -73,11 +91,15 @@ def export_draft(
     if num_assistant_tokens < 1:
         raise DistillError(f"export-draft: num_assistant_tokens must be >= 1; got {num_assistant_tokens}")
     target_tok = AutoTokenizer.from_pretrained(target_dir)
-    student_tok = AutoTokenizer.from_pretrained(student_dir)
-    check_same_tokenizer(student_tok, target_tok, str(student_dir), str(target_dir))
+    check_same_tokenizer(_student_tokenizer(student_dir), target_tok, str(student_dir), str(target_dir))
     target_cfg = AutoConfig.from_pretrained(target_dir)
     model = _load_student(student_dir)
     cfg = model.config
+    if getattr(cfg, "auto_map", None):
+        raise DistillError(
+            f"export-draft: {student_dir} uses remote code (auto_map in its config.json); serving stacks load "
+            "drafts as plain transformers architectures"
+        )
 
     rows = model.get_input_embeddings().weight.shape[0]
     if rows > target_cfg.vocab_size:
@@ -101,27 +123,30 @@ def export_draft(
     gen = GenerationConfig.from_pretrained(target_dir) if (target_dir / "generation_config.json").exists() \
         else GenerationConfig.from_model_config(target_cfg)
     gen.num_assistant_tokens = num_assistant_tokens
-    gen.num_assistant_tokens_schedule = "constant"  # the count above, not transformers' heuristic
+    # The count above, every round: no schedule, and no early stop on the draft's confidence
+    # (transformers otherwise stops drafting below a default threshold of 0.4).
+    gen.num_assistant_tokens_schedule = "constant"
+    gen.assistant_confidence_threshold = 0.0
     model.generation_config = gen
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         target_tok.save_pretrained(tmp)  # the target's tokenizer files and chat template
+        _verify(tmp, target_cfg)  # before the rename: a rejected draft never replaces a good one
 
     export_model(out_dir, save)
-    _verify(out_dir, target_cfg)
-    return DraftExport(out_dir, target_cfg.vocab_size, padded, num_assistant_tokens)
+    return DraftExport(out_dir.resolve(), target_cfg.vocab_size, padded, num_assistant_tokens)
 
 
 def _verify(out_dir: Path, target_cfg) -> None:
     """Load the written draft back as a plain transformers model and check what serving needs."""
     config = json.loads((out_dir / "config.json").read_text())
     if "auto_map" in config:
-        raise DistillError(f"export-draft: {out_dir} would need trust_remote_code (auto_map in config.json)")
+        raise DistillError("export-draft: the draft would need trust_remote_code (auto_map in config.json)")
     if not list(out_dir.glob("*.safetensors")):
-        raise DistillError(f"export-draft: no safetensors weights in {out_dir}")
+        raise DistillError("export-draft: save_pretrained wrote no safetensors weights")
     draft = AutoModelForCausalLM.from_pretrained(out_dir)
     with torch.no_grad():
         logits = draft(torch.zeros(1, 1, dtype=torch.long)).logits
     if draft.config.vocab_size != target_cfg.vocab_size or logits.shape[-1] != target_cfg.vocab_size:
-        raise DistillError(f"export-draft: {out_dir} has vocab {logits.shape[-1]}, target {target_cfg.vocab_size}")
+        raise DistillError(f"export-draft: the draft has vocab {logits.shape[-1]}, the target {target_cfg.vocab_size}")

@@ -10,6 +10,10 @@ The emitted sequence is distributed exactly as sampling from the target alone (t
 chi-square test). Greedy decoding accepts while the draft equals the target's argmax and emits
 the target's argmax at the first mismatch, so it returns the target's greedy output exactly.
 
+Rolling back needs each layer's whole history, so models whose caches cannot be cropped
+(linear attention, state-space layers) are refused; sliding-window layers keep a full cache and
+the attention mask applies the window.
+
 Batches: sequences accept different numbers of drafts. Both KV caches are cropped to the
 shortest accepted length of the batch (the rollback), and in longer sequences the positions of
 rejected drafts become holes: masked out of attention, skipped by the position ids. So every
@@ -33,7 +37,7 @@ class SpeculativeStats:
 
     gamma: int
     rounds: int = 0  # target forwards (one per round)
-    emitted: int = 0  # tokens emitted over all sequences (capped at max_new_tokens)
+    emitted: int = 0  # tokens emitted over all sequences (through EOS, capped at max_new_tokens)
     # accepted_at[k] / reached_at[k]: acceptance of the (k+1)-th draft of a round, given that
     # the k drafts before it were accepted.
     reached_at: list[int] = field(default_factory=list)
@@ -72,8 +76,9 @@ class SpeculativeStats:
 
     @property
     def block_efficiency(self) -> float:
-        """Tokens emitted per target forward, per sequence (tau)."""
-        return self.emitted / max(self.sequence_rounds, 1)
+        """tau: tokens a round produces per sequence (its accepted drafts plus one), counted before
+        EOS or max_new_tokens cut a sequence's last round short, as in Leviathan et al."""
+        return 1.0 + self.accepted / max(self.sequence_rounds, 1)
 
     @property
     def acceptance_by_position(self) -> list[float]:
@@ -91,22 +96,24 @@ class SpeculativeOutput:
     stats: SpeculativeStats
 
 
-def _probs(logits: torch.Tensor, temperature: float, vocab: int) -> torch.Tensor:
-    """fp32 softmax(logits / T), padded with zeros to ``vocab`` entries (rows one model lacks)."""
-    p = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.nn.functional.pad(p, (0, vocab - p.shape[-1]))
-
-
-def _pad_to(x: torch.Tensor, vocab: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x.float(), (0, vocab - x.shape[-1]), value=-torch.inf)
-
-
 class _Model:
     """A causal LM with a KV cache over the shared token buffer."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
-        self.cache = DynamicCache(config=model.config)
+        # Rolling back needs every layer's full history: plain full-attention cache layers, also for
+        # sliding-window layers (the attention mask applies their window; a sliding cache layer
+        # would have dropped what a rollback needs).
+        layers = DynamicCache(config=model.config).layers
+        kinds = {type(layer).__name__ for layer in layers} - {"DynamicLayer", "DynamicSlidingWindowLayer"}
+        if kinds:
+            raise ValueError(
+                f"speculative decoding rolls KV caches back on rejection; {model.config.model_type} has "
+                f"{', '.join(sorted(kinds))} cache layers, which cannot be rolled back"
+            )
+        windows = [layer.sliding_window for layer in layers if hasattr(layer, "sliding_window")]
+        self.window: int | None = min(windows) if windows else None
+        self.cache = DynamicCache()
         self.length = 0  # positions of the buffer held in the cache
 
     @torch.no_grad()
@@ -147,27 +154,46 @@ def speculative_generate(
     ``gamma`` tokens per round. ``input_ids`` may be left-padded (``attention_mask``).
 
     ``do_sample=False`` is greedy (exactly the target's greedy output). ``lenience`` in (0, 1]
-    turns on LOSSY speculative sampling (1.0 is the lossless rule). Returns the sequences (prompt
-    then new tokens, right-padded with ``pad_token_id`` after EOS) and acceptance statistics.
+    turns on LOSSY speculative sampling (1.0 is the lossless rule). ``eos_token_id`` and
+    ``pad_token_id`` default to the target's generation config; ``eos_token_id=[]`` never stops
+    early. Draft vocabulary rows beyond the target's are never proposed. Returns the sequences
+    (prompt then new tokens, right-padded with ``pad_token_id`` after EOS) and acceptance statistics.
     """
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1; got {gamma}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
+    if lenience is not None and not do_sample:
+        raise ValueError("lenience applies to sampling; greedy decoding (do_sample=False) has no acceptance test")
     if lenience is not None and not 0 < lenience <= 1:
         raise ValueError(f"lenience must lie in (0, 1] (lossy speculative sampling); got {lenience}")
-    if draft.get_input_embeddings().weight.shape[0] < target.config.vocab_size:
+    vocab = target.config.vocab_size
+    if draft.get_input_embeddings().weight.shape[0] < vocab:
         raise ValueError(
             f"the draft embeds {draft.get_input_embeddings().weight.shape[0]} tokens but the target can emit "
-            f"{target.config.vocab_size}: pad the draft's vocabulary first (distill export-draft)"
+            f"{vocab}: pad the draft's vocabulary first (distill export-draft)"
         )
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+    if not bool(mask[:, -1].all()):
+        raise ValueError("prompts must be left-padded: the attention mask has padding in the last column")
+    gen_cfg = target.generation_config
+    if eos_token_id is None:
+        eos_token_id = gen_cfg.eos_token_id
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad = next(x for x in (pad_token_id, gen_cfg.pad_token_id, *eos, 0) if x is not None)
     device = input_ids.device
     bsz, prompt_len = input_ids.shape
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    eos = set(eos)
-    vocab = max(target.config.vocab_size, draft.config.vocab_size)
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    t_model, d_model = _Model(target), _Model(draft)
+    window = min((w for w in (t_model.window, d_model.window) if w is not None), default=None)
+    if window is not None and bsz > 1 and prompt_len + (gamma + 1) * max_new_tokens > window:
+        # Holes take buffer positions, and a sliding window counts buffer positions.
+        raise ValueError(
+            f"batched speculative decoding leaves holes in the KV cache, which a sliding attention window "
+            f"({window}) would count: decode this model one sequence at a time"
+        )
 
     # The shared buffer: prompt, then each round's tokens; holes (mask 0) where drafts were rejected.
     capacity = prompt_len + max_new_tokens + gamma + 1
@@ -175,9 +201,11 @@ def speculative_generate(
     full_mask = torch.zeros((bsz, capacity), dtype=torch.long, device=device)
     tokens[:, :prompt_len], full_mask[:, :prompt_len] = input_ids, mask
     length = prompt_len  # used buffer positions
-    out = [[] for _ in range(bsz)]  # emitted tokens per sequence
+    new = torch.full((bsz, max_new_tokens), pad, dtype=torch.long, device=device)  # emitted tokens
+    n_new = torch.zeros(bsz, dtype=torch.long, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    t_model, d_model = _Model(target), _Model(draft)
+    rows = torch.arange(bsz, device=device)
+    j_round = torch.arange(gamma + 1, device=device)[None]
     stats = SpeculativeStats(gamma)
 
     # Prefill both caches with all but the last prompt position.
@@ -187,73 +215,74 @@ def speculative_generate(
 
     while not bool(done.all()):
         live = ~done
-        # 1. Draft gamma tokens (finished sequences draft into holes).
+        # 1. Draft gamma tokens (finished sequences draft into holes). Draft rows beyond the
+        # target's vocabulary are dropped: the renormalised q is still a valid proposal.
         q_all, drafts = [], []
         for i in range(gamma):
-            logits = d_model.forward(tokens, full_mask, length + i)[:, -1]
-            q = _probs(logits, temperature, vocab)
+            logits = d_model.forward(tokens, full_mask, length + i)[:, -1, :vocab]
             if do_sample:
+                q = torch.softmax(logits.float() / temperature, dim=-1)
                 x = torch.multinomial(q, 1, generator=generator).squeeze(1)
+                q_all.append(q)
             else:
-                x = _pad_to(logits, vocab).argmax(-1)
+                x = logits.argmax(-1)
             tokens[:, length + i] = torch.where(live, x, pad)
             full_mask[:, length + i] = live.long()
-            q_all.append(q)
             drafts.append(x)
-        q_all, drafts = torch.stack(q_all, 1), torch.stack(drafts, 1)  # [B, gamma, V], [B, gamma]
+        drafts = torch.stack(drafts, 1)  # [B, gamma]
 
         # 2. The target scores the last accepted token and all drafts in one forward.
-        t_logits = t_model.forward(tokens, full_mask, length + gamma)[:, -(gamma + 1):]
+        t_logits = t_model.forward(tokens, full_mask, length + gamma)[:, -(gamma + 1):, :vocab]
         stats.rounds += 1
 
-        # 3. Accept per sequence.
+        # 3. Accept per sequence; then the token after the accepted prefix: a residual sample at a
+        # rejection, the bonus token from p_{gamma+1} otherwise.
         if do_sample:
-            p_all = _probs(t_logits, temperature, vocab)  # [B, gamma + 1, V]
+            q_all = torch.stack(q_all, 1)  # [B, gamma, V]
+            p_all = torch.softmax(t_logits.float() / temperature, dim=-1)  # [B, gamma + 1, V]
             p_x = p_all[:, :gamma].gather(-1, drafts[..., None]).squeeze(-1)
             q_x = q_all.gather(-1, drafts[..., None]).squeeze(-1)
             scale = 1.0 if lenience is None else lenience
             u = torch.rand(drafts.shape, generator=generator, device=device)
             ok = u * scale * q_x < p_x  # u < p / (scale q), without dividing by q = 0
-        else:
-            target_pick = _pad_to(t_logits, vocab).argmax(-1)  # [B, gamma + 1]
-            ok = drafts == target_pick[:, :gamma]
-        n_ok = torch.cumprod(ok.long(), 1).sum(1)  # accepted prefix length, [B]
-
-        # The token after the accepted prefix: residual sample at a rejection, bonus otherwise.
-        rows = torch.arange(bsz, device=device)
-        if do_sample:
+            n_ok = torch.cumprod(ok.long(), 1).sum(1)  # accepted prefix length, [B]
             p_next = p_all[rows, n_ok]
             q_next = torch.cat([q_all, torch.zeros_like(q_all[:, :1])], 1)[rows, n_ok]
-            residual = (p_next - (1.0 if lenience is None else lenience) * q_next).clamp(min=0)
+            residual = (p_next - scale * q_next).clamp(min=0)
             # Where the residual vanishes (p == q up to rounding) sample from p itself.
             residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
             nxt = torch.multinomial(residual, 1, generator=generator).squeeze(1)
         else:
+            target_pick = t_logits.argmax(-1)  # [B, gamma + 1]
+            n_ok = torch.cumprod((drafts == target_pick[:, :gamma]).long(), 1).sum(1)
             nxt = target_pick[rows, n_ok]
 
-        # 4. Count, emit, roll back, punch holes.
+        # 4. Count, emit (up to the first EOS and max_new_tokens), roll back, punch holes.
         judged = n_ok.clamp(max=gamma - 1) + 1  # drafts the target got to judge, per sequence
-        j = torch.arange(gamma, device=device)[None]
+        j = j_round[:, :gamma]
         stats.record(((j < judged[:, None]) & live[:, None]).sum(0), ((j < n_ok[:, None]) & live[:, None]).sum(0))
         stats.sequence_rounds += int(live.sum())
-        for b in live.nonzero().flatten().tolist():
-            for tok in drafts[b, : n_ok[b]].tolist() + [int(nxt[b])]:
-                out[b].append(tok)
-                if len(out[b]) == max_new_tokens or tok in eos:
-                    done[b] = True
-                    break
-        stats.emitted = sum(len(o) for o in out)
+        round_tokens = torch.cat([drafts, drafts[:, :1]], 1)
+        round_tokens[rows, n_ok] = nxt  # the accepted drafts, then the next token
+        valid = j_round <= n_ok[:, None]
+        is_eos = torch.isin(round_tokens, eos_ids) & valid
+        ends_at = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, n_ok + 1)  # through the first EOS
+        take = torch.minimum(ends_at, max_new_tokens - n_new) * live
+        put = j_round < take[:, None]
+        new[rows[:, None].expand_as(put)[put], (n_new[:, None] + j_round)[put]] = round_tokens[put]
+        done |= live & ((n_new + take == max_new_tokens) | (is_eos & put).any(1))
+        n_new += take
         # Buffer: accepted drafts stay where they are; the next token goes to the end of the
         # longest accepted run, so that every sequence's last real token is the buffer's last
         # position; in between, the rejected drafts of shorter runs become holes.
         if bool(live.any()):
             longest, shortest = int(n_ok[live].max()), int(n_ok[live].min())
-            j = torch.arange(longest + 1, device=device)[None]
-            keep = (j < n_ok[:, None]) & live[:, None]
+            jj = j_round[:, : longest + 1]
+            keep = (jj < n_ok[:, None]) & live[:, None]
             region = slice(length, length + longest + 1)
             tokens[:, region] = torch.where(keep, tokens[:, region], pad)
             tokens[:, length + longest] = torch.where(live, nxt, pad)
-            full_mask[:, region] = (keep | ((j == longest) & live[:, None])).long()
+            full_mask[:, region] = (keep | ((jj == longest) & live[:, None])).long()
             full_mask[:, length + longest + 1: length + gamma + 1] = 0
             t_model.crop(length + shortest)
             d_model.crop(min(d_model.length, length + shortest))
@@ -263,9 +292,6 @@ def speculative_generate(
             tokens = torch.cat([tokens, tokens.new_full((bsz, grow), pad)], 1)
             full_mask = torch.cat([full_mask, full_mask.new_zeros((bsz, grow))], 1)
 
-    width = max((len(o) for o in out), default=0)
-    result = torch.full((bsz, prompt_len + width), pad, dtype=torch.long, device=device)
-    result[:, :prompt_len] = input_ids
-    for b, o in enumerate(out):
-        result[b, prompt_len: prompt_len + len(o)] = torch.tensor(o, dtype=torch.long, device=device)
-    return SpeculativeOutput(result, stats)
+    stats.emitted = int(n_new.sum())
+    width = int(n_new.max())
+    return SpeculativeOutput(torch.cat([input_ids, new[:, :width]], 1), stats)

@@ -123,7 +123,10 @@ def test_export_and_eval_draft_commands(tmp_path, teacher_dir, student_dir):
     proc = run_cli("export-draft", f"student={student_dir}", f"target={teacher_dir}", f"out={tmp_path / 'draft'}",
                    "num_assistant_tokens=3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert '"num_speculative_tokens": 3' in proc.stdout and "assistant_model" in proc.stdout
+    # The serving snippets name the draft by its absolute path, on one line each (no wrapping).
+    draft = (tmp_path / "draft").resolve()
+    assert f'"model": "{draft}", "num_speculative_tokens": 3}})' in proc.stdout
+    assert f'AutoModelForCausalLM.from_pretrained("{draft}")' in proc.stdout
     proc = run_cli("eval-draft", f"draft={tmp_path / 'draft'}", f"target={teacher_dir}", "num_prompts=6",
                    "max_new_tokens=8", "gammas=[1,3]", "batch_size=3", "repeats=1", f"out={tmp_path / 'eval'}",
                    cwd=tmp_path)

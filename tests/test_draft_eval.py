@@ -27,6 +27,9 @@ def test_target_as_its_own_draft(tmp_path, teacher_dir):
         assert r["acceptance_rate"] > 0.999
         assert r["tau_predicted"] == pytest.approx(r["gamma"] + 1, rel=1e-5)
         assert 1.0 <= r["tau_measured"] <= r["gamma"] + 1
+        assert r["verify_cost"] > 0
+        assert r["speedup_predicted_with_verify_cost"] == pytest.approx(
+            r["tau_measured"] / (result["c"] * r["gamma"] + r["verify_cost"]))
     assert result["c"] > 0 and result["target_alone_seconds"] > 0
     out = tmp_path / "eval"
     assert json.loads((out / "draft_eval.json").read_text())["name"] == "the teacher"

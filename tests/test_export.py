@@ -42,9 +42,65 @@ def test_exported_draft_serves_the_target_losslessly(teacher_dir, student_dir, t
         # distill's own speculative decoding with the exported draft: the same tokens.
         ours = speculative_generate(target, draft, ids.input_ids, gamma=3, max_new_tokens=24, do_sample=False,
                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        assert torch.equal(ours.sequences[0, : alone.shape[1]], alone[0])
+        assert torch.equal(ours.sequences, alone)
     usage = result.usage()
-    assert f'"model": "{tmp_path / "draft"}", "num_speculative_tokens": 3' in usage and "assistant_model=draft" in usage
+    assert f'"model": "{(tmp_path / "draft").resolve()}", "num_speculative_tokens": 3' in usage
+    assert "assistant_model=draft" in usage
+
+
+def test_assisted_generation_drafts_num_assistant_tokens_every_round(teacher_dir, tmp_path):
+    """transformers stops drafting early when the draft is unsure (a default confidence threshold);
+    the exported generation_config turns that off, so each round drafts exactly k tokens. With the
+    target as its own draft every draft is accepted: 24 tokens take 24 / (k + 1) target forwards."""
+    k, new = 3, 24
+    export_draft(teacher_dir, teacher_dir, tmp_path / "draft", num_assistant_tokens=k)
+    target = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    calls = []
+    target.register_forward_hook(lambda *_: calls.append(1))
+    ids = AutoTokenizer.from_pretrained(teacher_dir)("Write 66 in words.", return_tensors="pt")
+    out = target.generate(**ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, assistant_model=draft)
+    assert out.shape[1] - ids.input_ids.shape[1] == new
+    assert len(calls) <= new // (k + 1) + 1
+
+
+def test_a_rejected_draft_never_replaces_a_good_export(teacher_dir, student_dir, tmp_path):
+    """A student that needs remote code is refused before anything is written; the good draft
+    already in out_dir stays as it was."""
+    export_draft(student_dir, teacher_dir, tmp_path / "draft")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "draft").iterdir()}
+    remote = tmp_path / "remote"
+    shutil.copytree(student_dir, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (remote / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DistillError, match=r"remote.code"):
+        export_draft(remote, teacher_dir, tmp_path / "draft")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "draft").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_lora_adapter_directory_is_merged(teacher_dir, student_dir, tmp_path):
+    """A PEFT adapter directory (no tokenizer files of its own: its base model's are used) is
+    exported with the adapters merged into the weights."""
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(student_dir),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # trained adapters: B != 0, so merging changes the outputs
+    peft.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "tokenizer.json").exists()
+    export_draft(tmp_path / "adapter", teacher_dir, tmp_path / "draft")
+    draft = AutoModelForCausalLM.from_pretrained(tmp_path / "draft").eval()
+    plain = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    x = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        merged, base, ours = peft.eval()(x).logits, plain(x).logits, draft(x).logits[..., : plain.config.vocab_size]
+    assert torch.allclose(ours, merged, atol=1e-5)
+    assert not torch.allclose(ours, base, atol=1e-3)
 
 
 def test_refuses_a_student_with_another_tokenizer(teacher_dir, swapped_student_dir, tmp_path):
