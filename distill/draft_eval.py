@@ -131,37 +131,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs (after one warm-up run)."""
-    times = []
+def _median_seconds(fns, repeats: int, device: torch.device) -> list[float]:
+    """Median wall-clock seconds of each of ``fns`` over ``repeats`` runs after one warm-up round,
+    the functions interleaved so that drift on the machine hits all alike."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+        for k, fn in enumerate(fns):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t[1:]) for t in times]
 
 
 @torch.no_grad()
-def _forward_seconds(model, ids, mask, tokens: int, steps: int, repeats: int, device: torch.device) -> float:
-    """Median time of one cached forward of ``tokens`` new positions per sequence after the prompt
-    (cropped back after each, so every forward sees the same context), over ``repeats`` runs of
-    ``steps`` forwards after an untimed prefill and one warm-up run."""
-    x = ids[:, -1:].repeat(1, tokens)
-    m = torch.cat([mask, mask.new_ones(mask.shape[0], tokens)], 1)
-    times = []
+def _forward_costs(target, draft, ids, mask, gammas: list[int], repeats: int, device: torch.device,
+                   steps: int = 64) -> tuple[float, dict[int, float]]:
+    """c (draft step / target step) and, for each gamma, v (target forward over gamma + 1 tokens /
+    target step). A step is one cached forward of one new token per sequence after the prompt;
+    each forward is cropped back, so all see the same context. Every configuration is timed once
+    per repeat, interleaved, so that drift on the machine hits all alike; medians of ``repeats``
+    after one warm-up round."""
+    configs = [(draft, 1), (target, 1)] + [(target, g + 1) for g in gammas]
+    times: list[list[float]] = [[] for _ in configs]
     for _ in range(repeats + 1):
-        cache = DynamicCache()
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            model(input_ids=x, attention_mask=m, past_key_values=cache, use_cache=True)
-            cache.crop(-tokens)
-        _sync(device)
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times[1:])
+        for k, (model, n) in enumerate(configs):
+            cache = DynamicCache()
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            x = ids[:, -1:].repeat(1, n)
+            m = torch.cat([mask, mask.new_ones(mask.shape[0], n)], 1)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                model(input_ids=x, attention_mask=m, past_key_values=cache, use_cache=True)
+                cache.crop(-n)
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    med = [statistics.median(t[1:]) for t in times]
+    return med[0] / med[1], {g: v / med[1] for g, v in zip(gammas, med[2:], strict=True)}
 
 
 def evaluate_draft(cfg: DraftEvalConfig) -> dict:
@@ -185,11 +193,8 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     alpha, alpha_by_pos = _alpha_from_logits(target, draft, prompts, cfg, pad_id, eos, device)
-    first = next(_batches(prompts, cfg.batch_size, pad_id, device))
-    step = functools.partial(_forward_seconds, ids=first[0], mask=first[1], steps=16, repeats=cfg.repeats,
-                             device=device)
-    target_step = step(target, tokens=1)
-    c = step(draft, tokens=1) / target_step
+    c, verify_cost = _forward_costs(target, draft, *next(_batches(prompts, cfg.batch_size, pad_id, device)),
+                                    gammas=cfg.gammas, repeats=cfg.repeats, device=device)
 
     # Wall clock: every sequence generates exactly max_new_tokens (EOS ignored), so that the
     # target alone and speculative decoding do the same work whatever the samples.
@@ -199,7 +204,6 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
                             top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                             min_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
 
-    baseline_s = _median_seconds(target_alone, cfg.repeats, device)
     rows = []
     for gamma in cfg.gammas:
         gen = torch.Generator(device=device).manual_seed(cfg.seed + gamma)
@@ -214,12 +218,13 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
             return stats
 
         stats = speculative()  # acceptance on the samples as they are, stopping at EOS
-        seconds = _median_seconds(functools.partial(speculative, eos=[]), cfg.repeats, device)
+        baseline_s, seconds = _median_seconds([target_alone, functools.partial(speculative, eos=[])],
+                                              cfg.repeats, device)
         tau_pred = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1.0
         tau = stats.block_efficiency
         # The speedup formula prices the target's verification of gamma + 1 tokens as one step;
         # v is what it costs here (about 1 on a GPU at small batch, more where compute-bound).
-        v = step(target, tokens=gamma + 1) / target_step
+        v = verify_cost[gamma]
         rows.append({
             "gamma": gamma, "acceptance_rate": stats.acceptance_rate,
             "acceptance_by_draft_position": stats.acceptance_by_position,
@@ -227,11 +232,11 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
             "speedup_predicted": tau_pred / (c * gamma + 1),
             "speedup_predicted_from_measured_tau": tau / (c * gamma + 1),
             "verify_cost": v, "speedup_predicted_with_verify_cost": tau / (c * gamma + v),
-            "speedup_measured": baseline_s / seconds, "seconds": seconds,
+            "speedup_measured": baseline_s / seconds, "seconds": seconds, "target_alone_seconds": baseline_s,
         })
     result = {"config": asdict(cfg), "name": cfg.name or cfg.draft, "device": str(device), "prompts": len(prompts),
               "alpha": alpha, "alpha_by_response_position": alpha_by_pos, "c": c,
-              "target_alone_seconds": baseline_s, "by_gamma": rows}
+              "by_gamma": rows}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "draft_eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -15,9 +15,10 @@ Rolling back needs each layer's whole history, so models whose caches cannot be 
 the attention mask applies the window.
 
 Batches: sequences accept different numbers of drafts. Both KV caches are cropped to the
-shortest accepted length of the batch (the rollback), and in longer sequences the positions of
-rejected drafts become holes: masked out of attention, skipped by the position ids. So every
-sequence keeps its own accepted tokens and all share one cache length.
+longest accepted run of the batch (the rollback). In shorter runs the positions of rejected
+drafts become holes: masked out of attention and skipped by the position ids, so their stale
+keys and values can stay in the cache and nothing is computed twice. Every sequence keeps its
+own accepted tokens and all share one cache length.
 
 ``lenience`` (lossy, off by default) accepts with min(1, p / (lenience q)) and draws rejections
 from norm(max(0, p - lenience q)); the output is then NOT the target's distribution.
@@ -274,9 +275,10 @@ def speculative_generate(
         n_new += take
         # Buffer: accepted drafts stay where they are; the next token goes to the end of the
         # longest accepted run, so that every sequence's last real token is the buffer's last
-        # position; in between, the rejected drafts of shorter runs become holes.
+        # position; in between, the rejected drafts of shorter runs become holes. The caches keep
+        # every position before the next token: each is an accepted draft or a (masked) hole.
         if bool(live.any()):
-            longest, shortest = int(n_ok[live].max()), int(n_ok[live].min())
+            longest = int(n_ok[live].max())
             jj = j_round[:, : longest + 1]
             keep = (jj < n_ok[:, None]) & live[:, None]
             region = slice(length, length + longest + 1)
@@ -284,8 +286,8 @@ def speculative_generate(
             tokens[:, length + longest] = torch.where(live, nxt, pad)
             full_mask[:, region] = (keep | ((jj == longest) & live[:, None])).long()
             full_mask[:, length + longest + 1: length + gamma + 1] = 0
-            t_model.crop(length + shortest)
-            d_model.crop(min(d_model.length, length + shortest))
+            t_model.crop(length + longest)
+            d_model.crop(min(d_model.length, length + longest))
             length += longest + 1
         if length + gamma + 1 > tokens.shape[1]:  # holes used up the room: grow the buffer
             grow = gamma + 1 + max_new_tokens
