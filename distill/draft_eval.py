@@ -97,6 +97,13 @@ def _eos_ids(target, tokenizer) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+def response_mask(new_tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+    """True for generated tokens up to and including each row's first EOS: the padding after it
+    is not part of the response, even where the pad id equals the EOS id."""
+    is_eos = torch.isin(new_tokens, eos_ids).long()
+    return (is_eos.cumsum(1) - is_eos) == 0
+
+
 @torch.no_grad()
 def _alpha_from_logits(target, draft, prompts, cfg, pad_id, eos, device) -> tuple[float, list[float]]:
     """Mean of 1 - TVD(p_t, q_t) over the response positions of target samples (through their
@@ -109,9 +116,7 @@ def _alpha_from_logits(target, draft, prompts, cfg, pad_id, eos, device) -> tupl
         seqs = target.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
                                top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
                                eos_token_id=eos)
-        # A response token is real up to and including its first EOS (pad may equal EOS).
-        is_eos = torch.isin(seqs[:, ids.shape[1]:], eos_ids).long()
-        real = (is_eos.cumsum(1) - is_eos) == 0
+        real = response_mask(seqs[:, ids.shape[1]:], eos_ids)
         full = torch.cat([mask, real.long()], 1)
         p = torch.softmax(target(seqs, attention_mask=full).logits[..., :v].float() / cfg.temperature, -1)
         q = torch.softmax(draft(seqs, attention_mask=full).logits[..., :v].float() / cfg.temperature, -1)

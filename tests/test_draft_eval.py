@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from distill.draft_eval import DraftEvalConfig, evaluate_draft
+from distill.draft_eval import DraftEvalConfig, evaluate_draft, response_mask
 from distill.errors import DistillError
 from distill.export import export_draft
 
@@ -66,3 +67,12 @@ def test_a_draft_with_fewer_rows_than_the_target_emits_is_refused(tmp_path, teac
     """The target may sample its padding rows, which the student cannot embed: export first."""
     with pytest.raises(DistillError, match=r"embeds 200 tokens but the target can emit 224: export it first"):
         evaluate_draft(small(tmp_path, target=str(teacher_dir), draft=str(student_dir)))
+
+
+def test_response_mask_keeps_the_eos_also_when_pad_is_eos():
+    """Llama-style tokenizers pad with the EOS id: the first EOS is part of the response, the
+    padding after it is not, and a row without EOS is real throughout."""
+    eos = torch.tensor([3])
+    new = torch.tensor([[5, 3, 3, 3], [5, 6, 7, 8], [3, 9, 3, 3]])
+    assert response_mask(new, eos).tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    assert response_mask(new, torch.tensor([3, 9]))[2].tolist() == [True, False, False, False]
