@@ -23,7 +23,7 @@ from pathlib import Path
 import transformers
 
 from distill.config import ASSETS
-from distill.draft_eval import DraftEvalConfig, evaluate_draft
+from distill.draft_eval import DraftEvalConfig, evaluate_draft, plot
 from distill.export import export_draft
 
 
@@ -66,36 +66,6 @@ def compare(before: dict, after: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def plot(before: dict, after: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for (name, r), color in zip((("before", before), ("distilled", after)), ("tab:grey", "tab:blue"), strict=True):
-        g = [x["gamma"] for x in r["by_gamma"]]
-        axes[0].plot(g, [x["tau_measured"] for x in r["by_gamma"]], "o-", color=color, label=f"{name}, measured")
-        axes[0].plot(g, [x["tau_predicted"] for x in r["by_gamma"]], "--", color=color, label=f"{name}, predicted")
-        axes[1].plot(g, [x["speedup_measured"] for x in r["by_gamma"]], "o-", color=color, label=f"{name}, measured")
-        axes[1].plot(g, [x["speedup_predicted"] for x in r["by_gamma"]], "--", color=color,
-                     label=f"{name}, predicted (c={r['c']:.2f})")
-        axes[1].plot(g, [x["speedup_predicted_with_verify_cost"] for x in r["by_gamma"]], ":", color=color,
-                     label=f"{name}, predicted with measured verify cost")
-        by_pos = r["alpha_by_response_position"]
-        axes[2].plot(range(1, len(by_pos) + 1), by_pos, ".-", color=color, label=f"{name} (mean {r['alpha']:.2f})")
-    axes[0].set(xlabel="gamma", ylabel="tau (tokens per target forward)", title="block efficiency")
-    axes[1].axhline(1.0, color="black", lw=0.8)
-    axes[1].set(xlabel="gamma", ylabel="speedup over the target alone", title="speedup")
-    axes[2].set(xlabel="response position", ylabel="alpha = 1 - TVD", ylim=(0, 1), title="alpha along the response")
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=None, help="a finished default-recipe run (trained if absent)")
@@ -120,7 +90,7 @@ def main() -> None:
             (args.out / f"draft_eval_{key}" / "draft_eval.json").write_text(json.dumps(results[key], indent=2) + "\n")
             print(f"{key}: alpha {results[key]['alpha']:.3f}, c {results[key]['c']:.3f}", flush=True)
     (args.out / "draft_eval.md").write_text(compare(results["before"], results["distilled"]))
-    plot(results["before"], results["distilled"], args.out / "draft_eval.png")
+    plot(results, args.out / "draft_eval.png")
     print((args.out / "draft_eval.md").read_text())
 
 

@@ -9,7 +9,7 @@ V = 128256) and the Qwen shape (H = 2048, V = 151936), bf16 inputs: median time 
 after warm-up (triton.testing.do_bench) and peak memory above the inputs
 (torch.cuda.max_memory_allocated). Methods: ``distill`` (Triton kernels), ``eager`` (full logits,
 then ``distill.losses.divergence``) and ``liger`` (LigerFusedLinearJSD, gjsd only, when
-importable). The matmul floor is 8 N H V FLOPs (performance.md), reported at the H100 bf16
+importable). The matmul floor is 8 N H V FLOPs (the four matmuls of forward and backward), reported at the H100 bf16
 spec (989 TFLOP/s) and as the time of the same four matmuls measured in this run.
 
 ``cpu``: each configuration in a fresh process; peak memory is the process's maximum resident

@@ -169,9 +169,9 @@ class ChunkedLinearDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        scale = None if grad_total.item() == 1.0 else grad_total  # the mean's 1/count, or a caller's weight
+        # grad_total is the mean's 1/count or a caller's weight; no .item(): no host sync per step.
         grads = [
-            None if g is None else (g if scale is None else g * scale.to(g.dtype)).to(dtype)
+            None if g is None else (g * grad_total.to(g.dtype)).to(dtype)
             for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
         ]
         return (*grads, None, None, None, None, None, None)

@@ -28,10 +28,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from distill.config import ASSETS, DataConfig
-from distill.data import builtin_records, left_pad, prompt_ids, read_records
+from distill.data import IGNORE_INDEX, builtin_records, left_pad, prompt_ids, read_records
 from distill.errors import DistillError
+from distill.losses import divergence
 from distill.models import check_same_tokenizer, resolve_device
-from distill.speculative import SpeculativeStats, speculative_generate
+from distill.speculative import SpeculativeStats, check_draft_vocab, speculative_generate
 
 
 @dataclass
@@ -85,10 +86,9 @@ def _prompts(cfg: DraftEvalConfig, tokenizer, room: int) -> list[list[int]]:
     return ids
 
 
-def _batches(prompts: list[list[int]], size: int, pad_id: int, device):
-    for i in range(0, len(prompts), size):
-        ids, mask = left_pad(prompts[i: i + size], pad_id)
-        yield ids.to(device), mask.to(device)
+def _batches(prompts: list[list[int]], size: int, pad_id: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Left-padded (input_ids, attention_mask) batches on ``device``, built once for every pass."""
+    return [tuple(x.to(device) for x in left_pad(prompts[i: i + size], pad_id)) for i in range(0, len(prompts), size)]
 
 
 def _eos_ids(target, tokenizer) -> list[int]:
@@ -105,27 +105,27 @@ def response_mask(new_tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def _alpha_from_logits(target, draft, prompts, cfg, pad_id, eos, device) -> tuple[float, list[float]]:
-    """Mean of 1 - TVD(p_t, q_t) over the response positions of target samples (through their
-    first EOS), and its mean by response position (0-based)."""
+def _alpha_from_logits(target, draft, batches, cfg, pad_id, eos) -> tuple[float, list[float]]:
+    """Mean of beta = 1 - TVD(p_t, q_t) over the response positions of target samples (through
+    their first EOS), and its mean by response position (0-based)."""
     sums = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
     counts = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
-    v = target.config.vocab_size  # the draft has at least these rows (checked)
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-    for ids, mask in _batches(prompts, cfg.batch_size, pad_id, device):
+    for ids, mask in batches:
         seqs = target.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
                                top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
                                eos_token_id=eos)
-        real = response_mask(seqs[:, ids.shape[1]:], eos_ids)
+        real = response_mask(seqs[:, ids.shape[1]:], torch.tensor(eos, dtype=torch.long, device=ids.device))
         full = torch.cat([mask, real.long()], 1)
-        p = torch.softmax(target(seqs, attention_mask=full).logits[..., :v].float() / cfg.temperature, -1)
-        q = torch.softmax(draft(seqs, attention_mask=full).logits[..., :v].float() / cfg.temperature, -1)
-        # Position t predicts token t + 1; the response's j-th token is predicted at start + j.
+        # Position t predicts token t + 1: the response's j-th token is predicted at start + j.
+        # The draft's rows beyond the target's vocabulary drop out (align_vocab), as in sampling.
         start = ids.shape[1] - 1
-        beta = torch.minimum(p, q).sum(-1)[:, start:-1].double().cpu()
+        p_logits = target(seqs, attention_mask=full).logits[:, start:-1]
+        q_logits = draft(seqs, attention_mask=full).logits[:, start:-1]
+        labels = torch.where(real, 0, IGNORE_INDEX)
+        tvd = divergence(q_logits, p_logits, labels, kind="tvd", temperature=cfg.temperature, reduction="none")
         valid = real.double().cpu()
-        n = beta.shape[1]
-        sums[:n] += (beta * valid).sum(0)
+        n = tvd.shape[1]
+        sums[:n] += ((1 - tvd.double().cpu()) * valid).sum(0)
         counts[:n] += valid.sum(0)
     seen = counts > 0
     return float(sums.sum() / counts.sum()), (sums[seen] / counts[seen]).tolist()
@@ -185,26 +185,24 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
     check_same_tokenizer(AutoTokenizer.from_pretrained(cfg.draft), tokenizer, cfg.draft, cfg.target)
     target = AutoModelForCausalLM.from_pretrained(cfg.target).to(device).eval()
     draft = AutoModelForCausalLM.from_pretrained(cfg.draft).to(device).eval()
-    draft_rows = draft.get_input_embeddings().weight.shape[0]
-    if draft_rows < target.config.vocab_size:
-        raise DistillError(
-            f"eval-draft: the draft ({cfg.draft}) embeds {draft_rows} tokens but the target can emit "
-            f"{target.config.vocab_size}: export it first (distill export-draft student=... target=... out=...)"
-        )
+    try:
+        check_draft_vocab(target, draft)
+    except ValueError as e:
+        raise DistillError(f"eval-draft: {cfg.draft}: {e}") from None
     positions = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (target, draft))
     prompts = _prompts(cfg, tokenizer, room=positions - cfg.max_new_tokens - max(cfg.gammas) - 1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(target, tokenizer)
+    batches = _batches(prompts, cfg.batch_size, pad_id, device)
     torch.manual_seed(cfg.seed)
 
-    alpha, alpha_by_pos = _alpha_from_logits(target, draft, prompts, cfg, pad_id, eos, device)
-    c, verify_cost = _forward_costs(target, draft, *next(_batches(prompts, cfg.batch_size, pad_id, device)),
-                                    gammas=cfg.gammas, repeats=cfg.repeats, device=device)
+    alpha, alpha_by_pos = _alpha_from_logits(target, draft, batches, cfg, pad_id, eos)
+    c, verify_cost = _forward_costs(target, draft, *batches[0], gammas=cfg.gammas, repeats=cfg.repeats, device=device)
 
     # Wall clock: every sequence generates exactly max_new_tokens (EOS ignored), so that the
     # target alone and speculative decoding do the same work whatever the samples.
     def target_alone() -> None:
-        for ids, mask in _batches(prompts, cfg.batch_size, pad_id, device):
+        for ids, mask in batches:
             target.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
                             top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                             min_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
@@ -215,7 +213,7 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
 
         def speculative(gamma: int = gamma, gen: torch.Generator = gen, eos: list[int] = eos) -> SpeculativeStats:
             stats = SpeculativeStats(gamma)
-            for ids, mask in _batches(prompts, cfg.batch_size, pad_id, device):
+            for ids, mask in batches:
                 out = speculative_generate(target, draft, ids, attention_mask=mask, gamma=gamma,
                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                            eos_token_id=eos, pad_token_id=pad_id, generator=gen)
@@ -246,7 +244,7 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "draft_eval.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "draft_eval.md").write_text(markdown(result))
-    plot(result, out / "draft_eval.png")
+    plot({result["name"]: result}, out / "draft_eval.png")
     return result
 
 
@@ -270,31 +268,34 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
-    """tau and speedup against gamma, and alpha along the response."""
+def plot(results: dict[str, dict], path: Path) -> None:
+    """tau and speedup against gamma, and alpha along the response, for one or more drafts
+    (``{label: result}``; one color per draft)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    g = [r["gamma"] for r in result["by_gamma"]]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
-    a.plot(g, [r["tau_measured"] for r in result["by_gamma"]], "o-", label="measured")
-    a.plot(g, [r["tau_predicted"] for r in result["by_gamma"]], "s--",
-           label=f"predicted (alpha={result['alpha']:.2f})")
+    for k, (label, r) in enumerate(results.items()):
+        color, name = f"C{k}", (f"{label}, " if len(results) > 1 else "")
+        g = [x["gamma"] for x in r["by_gamma"]]
+        a.plot(g, [x["tau_measured"] for x in r["by_gamma"]], "o-", color=color, label=f"{name}measured")
+        a.plot(g, [x["tau_predicted"] for x in r["by_gamma"]], "--", color=color,
+               label=f"{name}predicted (alpha={r['alpha']:.2f})")
+        b.plot(g, [x["speedup_measured"] for x in r["by_gamma"]], "o-", color=color, label=f"{name}measured")
+        b.plot(g, [x["speedup_predicted"] for x in r["by_gamma"]], "--", color=color,
+               label=f"{name}predicted (c={r['c']:.2f})")
+        b.plot(g, [x["speedup_predicted_with_verify_cost"] for x in r["by_gamma"]], ":", color=color,
+               label=f"{name}predicted with measured verify cost")
+        by_pos = r["alpha_by_response_position"]
+        c.plot(range(1, len(by_pos) + 1), by_pos, ".-", color=color, label=f"{name}mean {r['alpha']:.2f}")
     a.set(xlabel="gamma", ylabel="tau (tokens per target forward)", title="block efficiency")
-    b.plot(g, [r["speedup_measured"] for r in result["by_gamma"]], "o-", label="measured (wall clock)")
-    b.plot(g, [r["speedup_predicted"] for r in result["by_gamma"]], "s--", label=f"predicted (c={result['c']:.2f})")
-    b.plot(g, [r["speedup_predicted_with_verify_cost"] for r in result["by_gamma"]], "^:",
-           label="predicted with measured verify cost")
-    b.axhline(1.0, color="grey", lw=0.8)
-    b.set(xlabel="gamma", ylabel="speedup over the target alone", title="speedup")
-    by_pos = result["alpha_by_response_position"]
-    c.plot(range(1, len(by_pos) + 1), by_pos, ".-", label="1 - TVD(p, q)")
-    c.axhline(result["alpha"], color="grey", lw=0.8, ls="--", label=f"mean {result['alpha']:.2f}")
-    c.set(xlabel="response position", ylabel="alpha", ylim=(0, 1), title="alpha along the response")
+    b.axhline(1.0, color="black", lw=0.8)
+    b.set(xlabel="gamma", ylabel="speedup over the target alone", title="speedup (wall clock)")
+    c.set(xlabel="response position", ylabel="alpha = 1 - TVD(p, q)", ylim=(0, 1), title="alpha along the response")
     for ax in (a, b, c):
-        ax.legend()
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -56,18 +56,17 @@ def _adapter_base(student_dir: Path) -> Path | None:
     return Path(base)
 
 
-def _load_student(student_dir: Path) -> PreTrainedModel:
+def _load_student(student_dir: Path, base: Path | None) -> PreTrainedModel:
     """A merged plain model: a full model directory, or a PEFT adapter directory (merged here)."""
-    if _adapter_base(student_dir) is not None:
+    if base is not None:
         from peft import AutoPeftModelForCausalLM
 
         return AutoPeftModelForCausalLM.from_pretrained(student_dir).merge_and_unload()
     return AutoModelForCausalLM.from_pretrained(student_dir)
 
 
-def _student_tokenizer(student_dir: Path):
+def _student_tokenizer(student_dir: Path, base: Path | None):
     """The student's tokenizer; an adapter directory without tokenizer files uses its base model's."""
-    base = _adapter_base(student_dir)
     has_own = any((student_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     return AutoTokenizer.from_pretrained(base if base is not None and not has_own else student_dir)
 
@@ -91,9 +90,10 @@ def export_draft(
     if num_assistant_tokens < 1:
         raise DistillError(f"export-draft: num_assistant_tokens must be >= 1; got {num_assistant_tokens}")
     target_tok = AutoTokenizer.from_pretrained(target_dir)
-    check_same_tokenizer(_student_tokenizer(student_dir), target_tok, str(student_dir), str(target_dir))
+    base = _adapter_base(student_dir)
+    check_same_tokenizer(_student_tokenizer(student_dir, base), target_tok, str(student_dir), str(target_dir))
     target_cfg = AutoConfig.from_pretrained(target_dir)
-    model = _load_student(student_dir)
+    model = _load_student(student_dir, base)
     cfg = model.config
     if getattr(cfg, "auto_map", None):
         raise DistillError(

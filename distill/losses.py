@@ -35,7 +35,7 @@ Reduction = Literal["mean", "sum", "none"]
 BACKENDS = ("auto", "triton", "torch")
 Backend = Literal["auto", "triton", "torch"]
 # Memory for one chunk's [rows x vocab] buffers in fused_linear_divergence when chunk_size is not
-# given: on a GPU it allows chunks of about 2048 rows at a 128K vocabulary (see performance.md).
+# given: on a GPU it allows chunks of about 2048 rows at a 128K vocabulary with bf16 weights.
 CHUNK_BUDGET_BYTES = {"cuda": 5 << 29, "cpu": 1 << 28}
 
 
@@ -274,10 +274,12 @@ def fused_linear_divergence(
     vocab = min(student_weight.shape[0], teacher_weight.shape[0] if teacher_weight is not None else t_rows.shape[-1])
     triton_path = use_triton(backend, s_rows.device, student_weight.dtype)
     if chunk_size is None:
-        # Per logit entry: fp32 student and teacher logits, plus the gradient (Triton) or the
-        # autograd temporaries of the reference divergence (PyTorch path: about 15 fp32 buffers
-        # of a chunk's size, benchmarks/results/fused_loss_cpu.md).
-        per_entry = 4 + 4 + student_weight.element_size() if triton_path else 15 * 4
+        # Per logit entry: fp32 student and teacher logits, plus a half-precision gradient buffer
+        # (Triton; an fp32 gradient overwrites the student logits in place), or the autograd
+        # temporaries of the reference divergence (PyTorch path: about 15 fp32 buffers of a
+        # chunk's size, benchmarks/results/fused_loss_cpu.md).
+        half = student_weight.dtype in (torch.float16, torch.bfloat16)
+        per_entry = 4 + 4 + (student_weight.element_size() if half else 0) if triton_path else 15 * 4
         budget = CHUNK_BUDGET_BYTES["cuda" if s_rows.is_cuda else "cpu"]
         chunk_size = auto_chunk_size(s_rows.shape[0], vocab, per_entry, budget)
     from distill.chunked_loss import ChunkedLinearDivergence, torch_rows

@@ -188,10 +188,10 @@ def fused_head_problem(model: PreTrainedModel, input_ids: torch.Tensor, attentio
     was_training = model.training
     model.eval()  # no dropout in the comparison
     try:
-        with torch.no_grad(), fp32_logits(model):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            fused = F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+        with torch.no_grad():
+            logits = lm_logits(model, input_ids, attention_mask).float()
+            hidden, weight, bias = head_inputs(model, input_ids, attention_mask)  # what the fused loss gets
+            fused = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     finally:
         model.train(was_training)
     if not torch.allclose(logits, fused, rtol=1e-4, atol=1e-4 * float(fused.abs().max()) + 1e-6):
@@ -207,18 +207,15 @@ def head_inputs(
     vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What the fused loss needs in place of ``lm_logits``: the final hidden states of positions
-    ``[:, :-1]`` and the LM head's weight and bias (rows beyond ``vocab`` dropped). With ``bf16``
-    hidden states and weight are cast to bf16, as autocast would for the head; the fused loss
-    still accumulates and keeps the logits in fp32."""
+    ``[:, :-1]`` (from the decoder in bf16 autocast with ``bf16``) and the LM head's weight and bias
+    as they are (rows beyond ``vocab`` dropped). The head is not cast: the fused loss then applies
+    it at the weight's precision, like ``lm_logits``' fp32 head, and returns the weight gradient
+    from its fp32 accumulator without rounding."""
     autocast = torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
     with autocast:
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     head = model.get_output_embeddings()
-    weight, bias = head.weight[:vocab], None if head.bias is None else head.bias[:vocab]
-    if bf16:
-        hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
-        bias = None if bias is None else bias.to(torch.bfloat16)
-    return hidden[:, :-1], weight, bias
+    return hidden[:, :-1], head.weight[:vocab], None if head.bias is None else head.bias[:vocab]
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

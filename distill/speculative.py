@@ -49,17 +49,17 @@ class SpeculativeStats:
         self.reached_at = self.reached_at or [0] * self.gamma
         self.accepted_at = self.accepted_at or [0] * self.gamma
 
-    def record(self, reached: torch.Tensor, accepted: torch.Tensor) -> None:
+    def record(self, reached: list[int], accepted: list[int]) -> None:
         """Add one round's judged and accepted drafts by position (summed over sequences)."""
-        self.reached_at = [a + int(b) for a, b in zip(self.reached_at, reached, strict=True)]
-        self.accepted_at = [a + int(b) for a, b in zip(self.accepted_at, accepted, strict=True)]
+        self.reached_at = [a + b for a, b in zip(self.reached_at, reached, strict=True)]
+        self.accepted_at = [a + b for a, b in zip(self.accepted_at, accepted, strict=True)]
 
     def merge(self, other: SpeculativeStats) -> None:
         """Add the counts of another call with the same gamma (e.g. the next batch of prompts)."""
         self.rounds += other.rounds
         self.emitted += other.emitted
         self.sequence_rounds += other.sequence_rounds
-        self.record(torch.tensor(other.reached_at), torch.tensor(other.accepted_at))
+        self.record(other.reached_at, other.accepted_at)
 
     @property
     def drafted(self) -> int:
@@ -135,6 +135,16 @@ class _Model:
             self.length = length
 
 
+def check_draft_vocab(target: PreTrainedModel, draft: PreTrainedModel) -> None:
+    """The draft reads every token the target emits: it needs at least the target's vocabulary rows."""
+    rows = draft.get_input_embeddings().weight.shape[0]
+    if rows < target.config.vocab_size:
+        raise ValueError(
+            f"the draft embeds {rows} tokens but the target can emit {target.config.vocab_size}: "
+            "pad the draft's vocabulary first (distill export-draft)"
+        )
+
+
 @torch.no_grad()
 def speculative_generate(
     target: PreTrainedModel,
@@ -170,12 +180,8 @@ def speculative_generate(
         raise ValueError("lenience applies to sampling; greedy decoding (do_sample=False) has no acceptance test")
     if lenience is not None and not 0 < lenience <= 1:
         raise ValueError(f"lenience must lie in (0, 1] (lossy speculative sampling); got {lenience}")
+    check_draft_vocab(target, draft)
     vocab = target.config.vocab_size
-    if draft.get_input_embeddings().weight.shape[0] < vocab:
-        raise ValueError(
-            f"the draft embeds {draft.get_input_embeddings().weight.shape[0]} tokens but the target can emit "
-            f"{vocab}: pad the draft's vocabulary first (distill export-draft)"
-        )
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
     if not bool(mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: the attention mask has padding in the last column")
@@ -261,7 +267,8 @@ def speculative_generate(
         # 4. Count, emit (up to the first EOS and max_new_tokens), roll back, punch holes.
         judged = n_ok.clamp(max=gamma - 1) + 1  # drafts the target got to judge, per sequence
         j = j_round[:, :gamma]
-        stats.record(((j < judged[:, None]) & live[:, None]).sum(0), ((j < n_ok[:, None]) & live[:, None]).sum(0))
+        counts = torch.stack([(j < judged[:, None]) & live[:, None], (j < n_ok[:, None]) & live[:, None]]).sum(1)
+        stats.record(*counts.tolist())  # one device sync for both counts
         stats.sequence_rounds += int(live.sum())
         round_tokens = torch.cat([drafts, drafts[:, :1]], 1)
         round_tokens[rows, n_ok] = nxt  # the accepted drafts, then the next token

@@ -128,13 +128,9 @@ def step_loss(
 
 
 def fused_loss_problem(
-    loss: LossConfig, student: PreTrainedModel, teacher: PreTrainedModel | None, vocab: int, device: torch.device
+    student: PreTrainedModel, teacher: PreTrainedModel, vocab: int, device: torch.device
 ) -> str | None:
-    """Why the trainer cannot use the fused loss for this run (None when it can)."""
-    if not loss.fused:
-        return "loss.fused=false"
-    if loss.kind == "ce" or teacher is None:
-        return "cross-entropy (SFT) takes the full logits"
+    """Why the fused loss cannot stand in for full logits with these models (None when it can)."""
     probe = torch.arange(min(vocab, 16), device=device)[None]  # any valid ids will do
     for role, model in (("student", student), ("teacher", teacher)):
         problem = fused_head_problem(model, probe, torch.ones_like(probe))
@@ -257,10 +253,11 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
 
     student.train()
     bf16, vocab = tc.precision == "bf16", len(tokenizer)
-    not_fused = fused_loss_problem(cfg.loss, student, teacher, vocab, device)
-    fused = not_fused is None
-    if not_fused and cfg.loss.fused and cfg.loss.kind != "ce":
+    fused = cfg.loss.fused and cfg.loss.kind != "ce"  # cross-entropy (SFT) takes the full logits
+    not_fused = fused_loss_problem(student, teacher, vocab, device) if fused else None
+    if not_fused:
         console.print(f"[yellow]full logits instead of the fused loss: {not_fused}[/yellow]")
+        fused = False
     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
     try:
         with _progress(tc.progress) as progress, _StopAtStepBoundary() as stop:

@@ -1,5 +1,6 @@
 """Triton kernels of distill, installed as ``distill.kernels``.
 
-Each kernel module holds the Triton kernel, its autograd Function and a docstring with the math;
-the plain-PyTorch reference it is tested against lives in ``distill.losses``.
+Each kernel module holds the Triton kernel, its autograd Function, a docstring with the math and
+``reference``, the plain-PyTorch function it is tested against (for the divergences, the same
+``distill.losses.token_divergence`` the trainer falls back to).
 """

@@ -135,8 +135,7 @@ def divergence_rows_kernel(
     loss_ptr,  # [rows] fp32, per-row L
     n_rows,
     V,
-    inv_temp,
-    grad_scale,  # multiplies dL/dz_S: 1 / tau times the caller's scale
+    inv_temp,  # 1 / tau: scales the logits, and dL/dz_S by the chain rule
     w, log_w, log_1mw,  # mixture weight on p and its logs (unused by fkl, rkl, tvd)
     KIND: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
@@ -165,7 +164,7 @@ def divergence_rows_kernel(
         loss += tl.sum(term, axis=1)
         if KIND == 0:
             if WRITE_GRAD:
-                tl.store(g_rows + cols, ((q - p) * grad_scale).to(g_ptr.dtype.element_ty), mask=inside)
+                tl.store(g_rows + cols, ((q - p) * inv_temp).to(g_ptr.dtype.element_ty), mask=inside)
         else:
             r_sum += tl.sum(r, axis=1)
     tl.store(loss_ptr + rows, loss, mask=rows < n_rows)
@@ -178,7 +177,7 @@ def divergence_rows_kernel(
             a = _load_scaled(s_rows, cols, inside, inv_temp)
             b = _load_scaled(t_rows, cols, inside, inv_temp)
             term, r, q, p = _row_terms(a, b, lse_q, lse_p, w, log_w, log_1mw, KIND)
-            grad = (r - q * r_sum[:, None]) * grad_scale
+            grad = (r - q * r_sum[:, None]) * inv_temp
             tl.store(g_rows + cols, grad.to(g_ptr.dtype.element_ty), mask=inside)
 
 
@@ -203,12 +202,11 @@ def divergence_rows(
     beta: float,
     alpha: float,
     temperature: float,
-    grad_scale: float = 1.0,
     block_v: int | None = None,
 ) -> torch.Tensor:
     """Launch the row kernel on 2-D logits ``[rows, V]`` (the shared vocabulary: the caller has
     dropped padding columns). Returns the per-row divergence (fp32); when ``grad_out`` is given,
-    writes ``grad_scale * dL/dz_S`` into it (it may be ``student_logits`` itself when fp32)."""
+    writes ``dL/dz_S`` into it (it may be ``student_logits`` itself when fp32)."""
     rows, vocab = student_logits.shape
     if teacher_logits.shape != (rows, vocab):
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} != student logits {(rows, vocab)}")
@@ -231,7 +229,6 @@ def divergence_rows(
         rows,
         vocab,
         1.0 / temperature,
-        grad_scale / temperature,
         w, math.log(w) if mix else 0.0, math.log1p(-w) if mix else 0.0,
         KIND=code,
         WRITE_GRAD=grad_out is not None,

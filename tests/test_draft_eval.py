@@ -65,7 +65,8 @@ def test_bad_options_are_named(tmp_path, teacher_dir, change, message):
 
 def test_a_draft_with_fewer_rows_than_the_target_emits_is_refused(tmp_path, teacher_dir, student_dir):
     """The target may sample its padding rows, which the student cannot embed: export first."""
-    with pytest.raises(DistillError, match=r"embeds 200 tokens but the target can emit 224: export it first"):
+    with pytest.raises(DistillError, match=r"embeds 200 tokens but the target can emit 224: pad the draft's vocabulary "
+                                           r"first \(distill export-draft\)"):
         evaluate_draft(small(tmp_path, target=str(teacher_dir), draft=str(student_dir)))
 
 

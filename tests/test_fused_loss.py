@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -47,7 +49,7 @@ def leaf(t):
 
 @pytest.mark.parametrize("kind,beta", CASES)
 def test_matches_reference_float64(kind, beta):
-    t, labels = make(hash((kind, beta)) % 1000)
+    t, labels = make(zlib.crc32(repr((kind, beta)).encode()) % 1000)  # fixed across runs, unlike hash()
     kw = dict(kind=kind, beta=beta, alpha=0.2, temperature=1.7)
     a, b = leaf(t), leaf(t)
     fused = fused_linear_divergence(a["s_h"], a["s_w"], a["t_h"], a["t_w"], labels, student_bias=a["s_b"],
@@ -67,10 +69,11 @@ def test_low_precision_inputs(dtype, tol, kind):
     fused = fused_linear_divergence(a["s_h"], a["s_w"], a["t_h"], a["t_w"], labels, student_bias=a["s_b"],
                                     teacher_bias=a["t_b"], kind=kind, chunk_size=5)
     assert fused.dtype == torch.float32
-    # Reference: the same (rounded) inputs, in float64.
+    # Reference: the same (rounded) inputs, in float64. The logits are formed and kept in fp32,
+    # so the loss is as exact in every dtype; only the gradients are rounded to the input dtype.
     b = leaf({k: (v.double() if v is not None else None) for k, v in t.items()})
     ref = reference(b, labels, kind=kind)
-    assert torch.allclose(fused.double(), ref, rtol=tol, atol=tol)
+    assert torch.allclose(fused.double(), ref, rtol=1e-5, atol=1e-7)
     gf, gr = grads(fused, a), grads(ref, b)
     for k in gr:
         assert gf[k].dtype == dtype

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 import torch
@@ -70,12 +71,13 @@ def run_fused(t, labels, wide: bool = False, **kw):
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("kind,beta", CASES)
 def test_fused_linear_divergence_matches_reference(kind, beta, dtype, tol):
-    t, labels = fused_inputs(hash((kind, beta)) % 997, dtype)
+    t, labels = fused_inputs(zlib.crc32(repr((kind, beta)).encode()) % 997, dtype)  # fixed across runs
     kw = dict(kind=kind, beta=beta, alpha=0.25, temperature=1.5)
     loss, grads = run_fused(t, labels, **kw)
     ref_loss, ref_grads = run_fused(t, labels, wide=True, **kw)
     assert loss.dtype == torch.float32
-    assert abs(loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item()) + 1e-7
+    # fp32 logits from the rounded inputs: the loss is exact to fp32 in every dtype; gradients are rounded.
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()) + 1e-7
     for k, ref in ref_grads.items():
         assert grads[k].dtype == dtype and grads[k].shape == ref.shape
         assert rel(grads[k], ref) < tol, (k, rel(grads[k], ref))
@@ -95,7 +97,7 @@ def test_divergence_kernel_on_given_logits(kind, beta, dtype, tol):
         a, b = s.clone().requires_grad_(), s.double().requires_grad_()
         out = divergence(a, t, labels, backend="triton", reduction=reduction, **kw)
         ref = divergence(b, t.double(), labels, backend="torch", reduction=reduction, **kw)
-        assert rel(out, ref) < tol
+        assert rel(out, ref) < 1e-5  # fp32 inside the kernel whatever the input dtype
         weights = torch.rand(ref.shape, generator=g, dtype=torch.float64)  # any upstream gradient
         (ga,) = torch.autograd.grad((out * weights.to(out.dtype)).sum(), a)
         (gb,) = torch.autograd.grad((ref * weights).sum(), b)
@@ -237,7 +239,7 @@ def test_kernels_compile_for_hopper(tmp_path):
         from distill.kernels.divergence import divergence_rows_kernel
         sig = {"s_ptr": "*bf16", "s_stride": "i64", "t_ptr": "*fp32", "t_stride": "i64", "g_ptr": "*bf16",
                "g_stride": "i64", "loss_ptr": "*fp32", "n_rows": "i32", "V": "i32", "inv_temp": "fp32",
-               "grad_scale": "fp32", "w": "fp32", "log_w": "fp32", "log_1mw": "fp32", "KIND": "constexpr",
+               "w": "fp32", "log_w": "fp32", "log_1mw": "fp32", "KIND": "constexpr",
                "WRITE_GRAD": "constexpr", "BLOCK_R": "constexpr", "BLOCK_V": "constexpr"}
         for kind in range(6):
             for write_grad, block_r, block_v in ((True, 1, 4096), (False, 8, 512)):

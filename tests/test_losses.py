@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ CASES = [(k, b) for k in KINDS for b in ([0.0, 0.1, 0.5, 0.9, 1.0] if k == "gjsd
 @pytest.mark.parametrize("kind,beta", CASES)
 @pytest.mark.parametrize("tau", [1.0, 2.0])
 def test_matches_float64_formula(kind, beta, tau):
-    g = torch.Generator().manual_seed(hash((kind, beta, tau)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((kind, beta, tau)).encode()))  # fixed across runs
     z_s = torch.randn(3, 5, 37, generator=g) * 3
     z_t = torch.randn(3, 5, 37, generator=g) * 3
     labels = torch.randint(0, 37, (3, 5), generator=g)

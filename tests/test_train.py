@@ -71,6 +71,32 @@ def test_fused_loss_paths_train_alike(teacher_dir, student_dir, tmp_path, loss_k
             assert torch.allclose(weights[name][k], weights["full"][k], atol=1e-5), (name, k)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_step_in_bf16_matches_full_logits(teacher_dir, student_dir, backend):
+    """bf16 autocast: the fused step and the full-logit step see the same hidden states and the
+    same fp32 head, so loss and every gradient agree to fp32 rounding; in particular the LM-head
+    weight gradient is not rounded to bf16 on its way out."""
+    from distill.data import TrainData
+    from distill.models import load_model, load_tokenizer
+
+    cpu = torch.device("cpu")
+    tok = load_tokenizer(student_dir)
+    teacher = load_model(ModelConfig(path=str(teacher_dir)), "teacher", cpu).eval()
+    student = load_model(ModelConfig(path=str(student_dir)), "student", cpu)
+    batch = TrainData(DataConfig(num_train=8), tok, seed=0).next_batch(8)
+    loss_cfg = LossConfig(kind="gjsd", beta=0.3, temperature=2.0, backend=backend, chunk_size=50)
+    results = {}
+    for fused in (False, True):
+        student.zero_grad(set_to_none=True)
+        loss = train_mod.step_loss(loss_cfg, student, teacher, batch, bf16=True, vocab=len(tok), fused=fused)
+        loss.backward()
+        results[fused] = float(loss), {n: p.grad.clone() for n, p in student.named_parameters()}
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for name, grad in results[False][1].items():
+        assert results[True][1][name].dtype == torch.float32
+        assert torch.allclose(results[True][1][name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max())), name
+
+
 class Killed(BaseException):
     """Stands in for SIGKILL: not an Exception, so nothing in the loop handles it."""
 
