@@ -1,8 +1,8 @@
 """Typed configuration: the dataclasses behind every recipe, registered with Hydra's ConfigStore.
 
-The YAML recipes in ``recipes/`` (installed as ``distill.recipes``) compose these groups:
-``teacher``, ``student``, ``data``, ``loss`` and ``trainer``; ``recipe=NAME`` selects a whole
-recipe that overrides several groups at once.
+The dataclasses hold every default. The YAML files in ``recipes/`` (installed as
+``distill.recipes``) state only what they change: the ``teacher`` and ``student`` groups name
+models, and ``recipe=NAME`` selects a whole recipe (tested: no YAML restates a default).
 """
 
 from __future__ import annotations
@@ -207,16 +207,10 @@ def _asset(name: str) -> str:
 
 
 def register() -> None:
-    """Register the schemas with Hydra's ConfigStore and the ``${asset:NAME}`` resolver."""
+    """Register the schema with Hydra's ConfigStore and the ``${asset:NAME}`` resolver."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", _asset)
-    cs = ConfigStore.instance()
-    cs.store(name="distill_schema", node=DistillConfig)
-    cs.store(group="teacher", name="model_schema", node=ModelConfig)
-    cs.store(group="student", name="model_schema", node=ModelConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="loss", name="loss_schema", node=LossConfig)
-    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    ConfigStore.instance().store(name="distill_schema", node=DistillConfig)
 
 
 __all__ = [

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,10 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-@pytest.mark.parametrize("recipe", ["supervised_kd", "sft", "pretrain_teacher", "sft_student"])
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (RECIPES / "recipe").glob("*.yaml")))
 def test_recipes_compose_to_typed_configs(recipe):
     with initialize_config_module(config_module="distill.recipes", version_base=None):
         raw = compose("config", overrides=[f"recipe={recipe}", "loss.beta=0.25"])
@@ -38,6 +43,47 @@ def test_recipes_compose_to_typed_configs(recipe):
         assert cfg.student.arch.hidden_size == 256 and cfg.teacher.path is None and cfg.data.stream
     if recipe == "sft_student":
         assert cfg.student.arch.hidden_size == 128 and cfg.loss.kind == "ce"
+
+
+def _schema_default(path: list[str]) -> object:
+    """The dataclass default at a dotted path of DistillConfig (a None sub-config counts as its
+    type's defaults, as OmegaConf fills it in when a YAML sets a field of it)."""
+    obj: object = DistillConfig()
+    for key in path:
+        if obj is None or not dataclasses.is_dataclass(obj):
+            raise KeyError(".".join(path))
+        cls = type(obj)
+        obj = getattr(obj, key)
+        if obj is None and key != path[-1]:
+            hint = typing.get_type_hints(cls)[key]
+            obj = next(t for t in typing.get_args(hint) if dataclasses.is_dataclass(t))()
+    return obj
+
+
+def _leaves(node: object, prefix: list[str]):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, [*prefix, str(k)])
+    else:
+        yield prefix, node
+
+
+def test_no_yaml_restates_a_default():
+    """The dataclasses hold the defaults (one source for the Python API and the CLI): every value
+    a YAML file sets differs from the schema's default at that place."""
+    checked = 0
+    for path in sorted(RECIPES.rglob("*.yaml")):
+        text = path.read_text()
+        group = path.parent.name
+        package = [] if group in ("recipes", "recipe") or "@package _global_" in text else [group]
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        for key in ("defaults", "hydra"):
+            raw.pop(key, None)
+        for keys, value in _leaves(raw, package):
+            default = _schema_default(keys)
+            assert value != default, f"{path.relative_to(RECIPES)}: {'.'.join(keys)}: {value!r} is the default"
+            checked += 1
+    assert checked > 10
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -51,7 +97,7 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 def test_beta_out_of_range(tmp_path, teacher_dir, student_dir):
-    proc = run_cli(f"teacher.path={teacher_dir}", f"student.path={student_dir}", "loss=gjsd", "loss.beta=1.5",
+    proc = run_cli(f"teacher.path={teacher_dir}", f"student.path={student_dir}", "loss.kind=gjsd", "loss.beta=1.5",
                    f"output_dir={tmp_path}/r", cwd=tmp_path)
     _one_line_error(proc, "loss.beta", "1.5")
 
