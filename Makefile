@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# On a CUDA machine (with a CUDA build of torch, see TORCH above): the kernel and fused-loss tests
+# with the compiled kernels on the GPU, then the GPU benchmark (results in benchmarks/results/).
+gpu-check: $(STAMP)
+	DISTILL_TEST_DEVICE=cuda $(BIN)/python -m pytest -q tests/test_kernels.py tests/test_fused_loss.py
+	$(BIN)/python benchmarks/fused_loss.py gpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check distill kernels tests benchmarks

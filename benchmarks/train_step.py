@@ -4,8 +4,9 @@
 
 Uses the shipped teacher and student on built-in task batches. Reports the median time of one
 optimizer step (forward, loss, backward, AdamW) and its ratio to the SFT step (student forward and
-cross-entropy only), so the overhead of the teacher forward and of each divergence is visible,
-for the trainer's default fused loss (LM head + divergence in token chunks) and for full logits.
+cross-entropy only, fused as the trainer runs it), so the overhead of the teacher forward and of
+each divergence is visible, for the trainer's default fused loss (LM head + loss in token chunks)
+and for full logits.
 Writes ``train_step.json`` and ``train_step.md``.
 """
 
@@ -24,7 +25,7 @@ from distill.config import ASSETS, DataConfig, LossConfig, ModelConfig
 from distill.data import TrainData
 from distill.losses import KINDS, count_tokens
 from distill.models import load_model, load_tokenizer
-from distill.train import step_loss
+from distill.objective import batch_loss
 
 
 def step_time(student, teacher, batch, kind: str, fused: bool, optimizer, steps: int, vocab: int) -> float:
@@ -33,7 +34,8 @@ def step_time(student, teacher, batch, kind: str, fused: bool, optimizer, steps:
     times = []
     for i in range(steps + 2):
         t0 = time.perf_counter()
-        loss = step_loss(LossConfig(kind=kind), student, teacher, batch, bf16=False, vocab=vocab, fused=fused)
+        loss = batch_loss(LossConfig(kind=kind), student, teacher if kind != "ce" else None, batch, bf16=False,
+                          vocab=vocab, fused=fused).loss
         (loss / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -57,12 +59,12 @@ def main() -> None:
     # A learning rate of 0 keeps the student identical across kinds while AdamW still does its work.
     optimizer = torch.optim.AdamW(student.parameters(), lr=0.0)
 
-    rows = {"ce": step_time(student, teacher, batch, "ce", False, optimizer, args.steps, len(tok))}
-    for kind in KINDS:
+    rows = {}
+    for kind in ("ce", *KINDS):
         for fused in (True, False):
             name = kind + (" (fused)" if fused else " (full logits)")
             rows[name] = step_time(student, teacher, batch, kind, fused, optimizer, args.steps, len(tok))
-    base = rows["ce"]
+    base = rows["ce (fused)"]
     result = {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),

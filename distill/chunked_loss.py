@@ -1,13 +1,15 @@
-"""LM head fused with the token divergence, in chunks of tokens: the ``[tokens x vocab]`` logits
-never exist. One loop serves both backends of ``distill.losses.fused_linear_divergence``; only the
-per-row step differs (the Triton kernel ``distill.kernels.divergence.divergence_rows``, or
-``torch_rows``: the reference ``token_divergence`` and autograd).
+"""LM head fused with the token loss, in chunks of tokens: the ``[tokens x vocab]`` logits never
+exist. One loop serves every fused loss of ``distill.losses`` (divergence, cross-entropy, their
+mix) and both backends; only the per-row steps differ (the Triton kernels
+``distill.kernels.divergence.divergence_rows`` and ``distill.kernels.cross_entropy.cross_entropy_rows``,
+or ``torch_rows`` / ``torch_ce_rows``: the references and autograd).
 
 For each chunk of C counted tokens, student hidden X [C, H_S] and weight W_S [V, H_S]:
 
     Z_S = X W_S^T (+ b_S)                    fp32 output, fp32 accumulation (float64 stays float64)
     Z_T = X_T W_T^T (+ b_T), or given        the teacher's own hidden size H_T
-    L, G = rows(Z_S, Z_T)                    G = dL/dZ_S
+    L = w_kd D(Z_S, Z_T) + w_ce CE(Z_S, y)   per row; a term is computed only where it is asked for
+    G = dL/dZ_S                              from the row steps, in the forward pass
     dX = G W_S     dW_S += G^T X (fp32 accumulator)     db_S += sum_rows G
 
 Cost: 2 N H_S V + 2 N H_T V FLOPs forward and 4 N H_S V for the gradients, all matmuls in the
@@ -15,16 +17,19 @@ input dtype (on CUDA, half-precision matmuls write fp32 directly: ``torch.mm(out
 The weights are read once per chunk, so a chunk's arithmetic intensity is about C FLOP/byte:
 chunks of >= 1024 rows keep the matmuls compute-bound, and a memory budget for the chunk's C x V
 buffers caps them. Peak extra memory is O(C x V + V x H), independent of N. The gradient is made
-in the forward pass; backward only scales it. Vocabulary rows present in one model only are
-padding: excluded on both sides, no gradient. The teacher gets no gradient.
+in the forward pass; backward only scales it, and without autograd (evaluation) no gradient
+buffer is allocated. Vocabulary rows present in one model only are padding: excluded on both
+sides, no gradient. The teacher gets no gradient.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from distill.losses import _upcast, token_divergence
 
@@ -33,8 +38,23 @@ HALF = (torch.bfloat16, torch.float16)
 # temporary to DW_SLICE x H while keeping each matmul large.
 DW_SLICE = 16384
 
-# rows(z_s, z_t, g, **loss_kwargs) -> per-row divergence; writes dL/dz_S into g unless g is None.
+# divergence rows(z_s, z_t, g, **loss_kwargs) -> per-row divergence; writes dD/dz_S into g unless g is None.
+# cross-entropy rows(z_s, y, g, scale=, accumulate=) -> per-row CE; writes (or adds) scale * dCE/dz_S into g.
 Rows = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a row contributes: ``kd_weight * D(z_S, z_T) + ce_weight * CE(z_S, y)``.
+
+    The divergence is computed when teacher inputs are given, the cross-entropy when targets are;
+    a term with weight 0 is still computed (for reporting) but sends no gradient."""
+
+    divergence_rows: Rows | None = None
+    ce_rows: Rows | None = None
+    loss_kwargs: dict = field(default_factory=dict)  # kind, beta, alpha, temperature of the divergence
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
 
 
 @functools.cache
@@ -113,9 +133,24 @@ def torch_rows(z_s: torch.Tensor, z_t: torch.Tensor, g: torch.Tensor | None, **l
     return per_row.detach()
 
 
-class ChunkedLinearDivergence(torch.autograd.Function):
-    """Sum over the given rows of D(h_S W_S^T + b_S, teacher logits); gradients for h_S, W_S and
-    b_S computed in the forward pass; none for the teacher."""
+def torch_ce_rows(z_s: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None, scale: float = 1.0,
+                  accumulate: bool = False) -> torch.Tensor:
+    """The plain-PyTorch cross-entropy row step: ``F.cross_entropy`` in (at least) fp32, its
+    gradient by autograd, scaled, written into ``g`` or added to it."""
+    with torch.enable_grad():
+        z = z_s.detach().requires_grad_(g is not None)
+        per_row = F.cross_entropy(_upcast(z), y, reduction="none")
+        if g is not None:
+            (grad,) = torch.autograd.grad(per_row.sum(), z)
+            grad = grad if scale == 1.0 else grad * scale
+            g.add_(grad) if accumulate else g.copy_(grad)  # g may be z_s: written after autograd is done
+    return per_row.detach()
+
+
+class ChunkedLinearLoss(torch.autograd.Function):
+    """Sum over the given rows of the ``Objective`` of ``h_S W_S^T + b_S``; gradients for h_S, W_S
+    and b_S computed in the forward pass; none for the teacher. Returns the objective's sum and,
+    as a second output without gradient, the sums of its terms ``[D, CE]`` (0 where not computed)."""
 
     @staticmethod
     def forward(
@@ -123,15 +158,17 @@ class ChunkedLinearDivergence(torch.autograd.Function):
         s_hidden: torch.Tensor,  # [N, H_S], counted rows only
         s_weight: torch.Tensor,  # [V_S, H_S]
         s_bias: torch.Tensor | None,
-        t_hidden: torch.Tensor,  # [N, H_T], or teacher logits [N, V_T] when t_weight is None
+        t_hidden: torch.Tensor | None,  # [N, H_T], teacher logits [N, V_T] when t_weight is None, or no teacher
         t_weight: torch.Tensor | None,
         t_bias: torch.Tensor | None,
+        targets: torch.Tensor | None,  # [N] token ids for the cross-entropy, or None
         chunk_size: int,
-        rows: Rows,
-        loss_kwargs: dict,
-    ) -> torch.Tensor:
+        objective: Objective,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = s_hidden.shape[0]
-        vocab = min(s_weight.shape[0], t_weight.shape[0] if t_weight is not None else t_hidden.shape[-1])
+        vocab = s_weight.shape[0]
+        if t_hidden is not None:
+            vocab = min(vocab, t_weight.shape[0] if t_weight is not None else t_hidden.shape[-1])
         w_s = _operand(s_weight[:vocab])
         w_t = None if t_weight is None else _operand(t_weight[:vocab])
         b_s = None if s_bias is None else s_bias.detach()[:vocab]
@@ -140,23 +177,45 @@ class ChunkedLinearDivergence(torch.autograd.Function):
 
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and s_bias is not None
+        with_kd, with_ce = t_hidden is not None, targets is not None
+        # Terms that send a gradient; a chunk's gradient buffer may overwrite its student logits
+        # unless a second gradient term still has to read them.
+        grad_kd = (need_h or need_w or need_b) and with_kd and objective.kd_weight != 0
+        grad_ce = (need_h or need_w or need_b) and with_ce and objective.ce_weight != 0
         device = s_hidden.device
-        grad_h = torch.empty(s_hidden.shape, dtype=w_s.dtype, device=device) if need_h else None
+        new = torch.empty if grad_kd or grad_ce else torch.zeros  # without a gradient term no row is written
+        grad_h = new(s_hidden.shape, dtype=w_s.dtype, device=device) if need_h else None
         grad_w = torch.zeros(s_weight.shape, dtype=acc_dtype, device=device) if need_w else None
         grad_b = torch.zeros(s_weight.shape[0], dtype=acc_dtype, device=device) if need_b else None
-        total = torch.zeros((), dtype=acc_dtype, device=device)
+        kd_total = torch.zeros((), dtype=acc_dtype, device=device)
+        ce_total = torch.zeros((), dtype=acc_dtype, device=device)
         for start in range(0, n, chunk_size):
             x = s_hidden.detach()[start: start + chunk_size].to(w_s.dtype)
             z_s = _logits(x, w_s, b_s)
-            t = t_hidden.detach()[start: start + chunk_size]
-            z_t = t[:, :vocab] if w_t is None else _logits(t, w_t, b_t)  # given logits are widened by rows()
-            z_t = z_t if z_t.stride(-1) == 1 else z_t.contiguous()
+            z_t = None
+            if with_kd:
+                t = t_hidden.detach()[start: start + chunk_size]
+                z_t = t[:, :vocab] if w_t is None else _logits(t, w_t, b_t)  # given logits are widened by rows()
+                z_t = z_t if z_t.stride(-1) == 1 else z_t.contiguous()
+            y = None if targets is None else targets[start: start + chunk_size]
             g = None
-            if need_h or need_w or need_b:
-                # With wide weights the gradient overwrites the student logits in place.
-                g = z_s if z_s.dtype == w_s.dtype else torch.empty_like(z_s, dtype=w_s.dtype)
-            total += rows(z_s, z_t, g, **loss_kwargs).sum()
+            if grad_kd or grad_ce:
+                alias = z_s.dtype == w_s.dtype and not (grad_kd and grad_ce)
+                g = z_s if alias else torch.empty_like(z_s, dtype=w_s.dtype)
+            # Terms without gradient first: they read z_s before a gradient may overwrite it.
+            if with_ce and not grad_ce:
+                ce_total += objective.ce_rows(z_s, y, None).sum()
+            if with_kd and not grad_kd:
+                kd_total += objective.divergence_rows(z_s, z_t, None, **objective.loss_kwargs).sum()
+            if grad_kd:
+                kd_total += objective.divergence_rows(z_s, z_t, g, **objective.loss_kwargs).sum()
+                if objective.kd_weight != 1.0:
+                    g.mul_(objective.kd_weight)
+            if grad_ce:
+                ce_total += objective.ce_rows(z_s, y, g, scale=objective.ce_weight, accumulate=grad_kd).sum()
             del z_s, z_t
+            if g is None:
+                continue
             if grad_h is not None:
                 torch.mm(g, w_s, out=grad_h[start: start + chunk_size])
             if grad_w is not None:
@@ -165,16 +224,28 @@ class ChunkedLinearDivergence(torch.autograd.Function):
                 grad_b[:vocab] += g.sum(0, dtype=acc_dtype)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (s_hidden.dtype, s_weight.dtype, None if s_bias is None else s_bias.dtype)
-        return total
+        terms = torch.stack([kd_total, ce_total])
+        ctx.mark_non_differentiable(terms)
+        total = objective.kd_weight * kd_total + objective.ce_weight * ce_total
+        return total, terms
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
+    def backward(ctx, grad_total: torch.Tensor, grad_terms: torch.Tensor | None = None):
         # grad_total is the mean's 1/count or a caller's weight; no .item(): no host sync per step.
         grads = [
             None if g is None else (g * grad_total.to(g.dtype)).to(dtype)
             for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
         ]
         return (*grads, None, None, None, None, None, None)
+
+
+def reference_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch on full logits, then ``distill.losses.cross_entropy`` (float64 in the tests)."""
+    from distill.losses import cross_entropy
+
+    return cross_entropy(torch.nn.functional.linear(hidden, weight, bias), labels)
 
 
 def reference(

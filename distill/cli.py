@@ -14,12 +14,27 @@ Two more commands take ``key=value`` options of their typed configs:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import difflib
+import importlib.resources
+import io
+import os
+import re
+import shutil
 import sys
+import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_module
+from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType, QuotedString, ValueType
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
@@ -30,20 +45,212 @@ from distill.errors import DistillError
 
 register()
 
-# What may change when a run is resumed: where it runs and how it reports, not what it computes.
-RESUME_OVERRIDABLE = ("resume", "trainer.device", "trainer.progress")
+# What may change when a run is resumed: where it runs, how it reports, and how long it trains
+# (trainer.steps may be raised: a finished run is extended), not what it computes.
+RESUME_OVERRIDABLE = ("resume", "trainer.device", "trainer.progress", "trainer.steps")
+
+# When main() began: Hydra's output directories modified since then are this invocation's.
+_STARTED: float | None = None
 
 
-def summary_table(test: dict[str, dict[str, float]]) -> Table:
-    """Teacher, student before and student after on the test split."""
-    keys = sorted({k for row in test.values() for k in row}, key=lambda k: (k != "accuracy", k))
-    table = Table(title="test split")
+def _fail(message: object) -> typing.NoReturn:
+    """The CLI's report of bad input: one line on stderr, exit code 2."""
+    print(f"distill: error: {message}".splitlines()[0], file=sys.stderr)
+    sys.exit(2)
+
+
+def summary_table(rows: dict[str, dict[str, float]], split: str) -> Table:
+    """Teacher, student before and student after on a split (the report's order of columns)."""
+    from distill.report import columns
+
+    keys = columns(rows)
+    table = Table(title=f"{split} split")
     table.add_column("model")
     for k in keys:
         table.add_column(k.replace("/", "\n"), justify="right")
-    for name, row in test.items():
+    for name, row in rows.items():
         table.add_row(name, *(f"{row[k]:.3f}" if k in row else "-" for k in keys))
     return table
+
+
+def _config_groups() -> dict[str, list[str]]:
+    """The config groups of ``distill.recipes`` (its folders; nested ones as ``a/b``) and their options
+    (the YAML files in each), as installed."""
+    groups: dict[str, list[str]] = {}
+    todo = [("", importlib.resources.files("distill.recipes"))]
+    while todo:
+        prefix, folder = todo.pop()
+        for child in folder.iterdir():
+            if child.is_dir() and not child.name.startswith(("_", ".")):
+                groups[prefix + child.name] = sorted(c.name[:-5] for c in child.iterdir() if c.name.endswith(".yaml"))
+                todo.append((f"{prefix}{child.name}/", child))
+    return groups
+
+
+def _schema_keys(cls: type = DistillConfig, prefix: str = "") -> dict[str, object]:
+    """Every dotted key of the typed config and its type, through nested dataclasses (optional ones too)."""
+    keys: dict[str, object] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        keys[prefix + name] = hint
+        sub = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+        if sub is not None:
+            keys.update(_schema_keys(sub, f"{prefix}{name}."))
+    return keys
+
+
+def _type_name(hint: object) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(args[0])}"
+    if args:  # X | None
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    return getattr(hint, "__name__", str(hint))
+
+
+def _unknown_key(o: Override, keys: dict[str, object], groups: dict[str, list[str]]) -> str | None:
+    """Why ``o``'s key is not in the typed config, naming the closest keys; None where it is (or may be)."""
+    key = o.key_or_group
+    parent = key.rpartition(".")[0]
+    if key in keys or typing.get_origin(keys.get(parent)) in (list, dict):  # trainer.betas.0: OmegaConf's to judge
+        return None
+    message = f"{o.input_line}: {key} is not a key of the config"
+    if parent in keys and not any(k.startswith(parent + ".") for k in keys):
+        message += f" ({parent} is a value of type {_type_name(keys[parent])}, not a section)"
+    sections = {k.rpartition(".")[0] for k in keys}
+    if parent in sections:  # a mistyped last part: the closest keys beside it, else all of them
+        siblings = list(dict.fromkeys([k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
+                                      + ([] if parent else [*groups])))
+        close = [f"{parent}.{c}" if parent else c for c in difflib.get_close_matches(key.rpartition(".")[2], siblings)]
+    else:
+        names = [k for k in dict.fromkeys([*keys, *groups]) if not (k in sections and key.startswith(k + "."))]
+        close = difflib.get_close_matches(key, names)
+        siblings = list(dict.fromkeys([k for k in keys if "." not in k] + [*groups]))
+    if close:
+        return f"{message}; did you mean {' or '.join(close)}?"
+    return f"{message}; the keys {f'of {parent} ' if parent in sections and parent else ''}are {', '.join(siblings)}"
+
+
+def _composition_error(e: Exception, overrides: list[Override], keys: dict[str, object],
+                       groups: dict[str, list[str]]) -> str:
+    """One line for an error of Hydra's composition: the override, OmegaConf's message, the key's type."""
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    if not isinstance(e, HydraException):  # OmegaConf cannot set a field of a null sub-config (student.arch)
+        nullable = [k for k, t in keys.items()
+                    if type(None) in typing.get_args(t) and any(map(dataclasses.is_dataclass, typing.get_args(t)))]
+        for o in overrides:
+            k = next((k for k in nullable if o.key_or_group == k or o.key_or_group.startswith(k + ".")), None)
+            if k is not None:
+                top = k.split(".")[0]
+                return (f"{o.input_line}: {k} is null in this config, so its fields cannot be set; select a {top} "
+                        f"option that sets it ({top}=...: {', '.join(groups.get(top, []))})")
+    lines = [ln.strip() for ln in str(cause).splitlines()]
+    lines = [ln for ln in lines if ln and not re.match(r"(full_key|reference_type|object_type)\b", ln)]
+    lines = lines[: next((i for i, ln in enumerate(lines) if ln.startswith("Config search path")), None)]
+    message = " ".join(lines) or type(cause).__name__
+    culprit = next((o for o in overrides if o.input_line and o.input_line in str(e)), None)
+    key = re.sub(r"\[\d+\]$", "", str(getattr(cause, "full_key", None) or ""))
+    if key in keys and not any(k.startswith(key + ".") for k in keys) and not (culprit and culprit.is_delete()):
+        message += f" ({key} takes {_type_name(keys[key])})"
+    return f"{culprit.input_line}: {message}" if culprit and culprit.input_line not in message else message
+
+
+def _check_overrides(argv: list[str]) -> None:
+    """Check the command line before Hydra runs, so that a mistake is one line (a DistillError).
+
+    A config group's option must be one of the group's YAML files in ``distill.recipes``, and any other
+    key a field of ``DistillConfig`` (the closest keys or options are named). Hydra's own overrides
+    (``hydra.*``, ``hydra/...``) and the ``+key`` / ``++key`` / ``~key`` forms are Hydra's to judge. Then
+    the config is composed once (each ``-m`` sweep at its first value; all swept values were checked)
+    and any remaining error (a wrong type, ...) becomes one line. Hydra's flags (``--help``, ``--info``,
+    ``-cn``, ``-cd``, ...) skip the check.
+    """
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            args = get_args_parser().parse_args(argv)
+        except SystemExit:  # --version, or a usage error: Hydra reports it
+            return
+    if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_name
+            or args.config_dir or args.experimental_rerun or any(o.startswith("hydra.searchpath") for o in argv)):
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except OverrideParseException as e:
+        reason = next((ln for ln in e.message.splitlines() if not ln.startswith(("Error parsing", "See "))), "")
+        raise DistillError(f"cannot parse the override {e.override!r}: {reason.strip()}") from None
+    groups, keys = _config_groups(), _schema_keys()
+    composed = []
+    for o in overrides:
+        if o.is_hydra_override():
+            continue
+        if o.value_type == ValueType.GLOB_CHOICE_SWEEP or o.is_interval_sweep():
+            values = []
+        elif o.is_sweep_override():
+            values = [v.text if isinstance(v, QuotedString) else v for v in o.sweep_iterator()]
+        else:
+            values = [o.value()]
+        key = o.key_or_group
+        if not o.is_delete() and (key in groups or "/" in key):
+            if key not in groups:
+                raise DistillError(f"{o.input_line}: no config group {key}; the groups are {', '.join(groups)}")
+            for option in (x for v in values for x in (v if isinstance(v, list) else [v])):
+                if isinstance(option, str) and option not in groups[key]:
+                    close = difflib.get_close_matches(option, groups[key], n=1)
+                    raise DistillError(
+                        f"{o.input_line}: config group {key!r} has no option {option!r}; "
+                        + (f"did you mean {close[0]!r}? " if close else "")
+                        + f"options: {', '.join(groups[key])}"
+                        + (f" (a model directory is {key}.path={option})" if "/" in option and f"{key}.path" in keys
+                           else "")
+                    )
+        elif o.type == OverrideType.CHANGE and (problem := _unknown_key(o, keys, groups)):
+            raise DistillError(problem)
+        if not (args.multirun and o.is_sweep_override()):
+            composed.append(o.input_line)
+        elif values:
+            composed.append(f"{o.get_key_element()}={next(o.sweep_string_iterator())}")
+    try:
+        with initialize_config_module("distill.recipes", version_base=None):
+            compose("config", overrides=composed)
+    except Exception as e:  # noqa: BLE001 - OmegaConf also raises AssertionError, AttributeError
+        raise DistillError(_composition_error(e, overrides, keys, groups)) from None
+
+
+def _made_since(path: Path, since: float | None) -> list[Path]:
+    """``path`` and those of its parents made after ``since``, deepest first: each modified since, and so
+    its parent (where it appeared); up to the first that was not, never the working directory or its parents."""
+    made: list[Path] = []
+    spared = {Path.cwd(), *Path.cwd().parents}
+    for p in (path, *path.parents) if since is not None else ():
+        try:
+            if p in spared or p.stat().st_mtime < since or p.parent.stat().st_mtime < since:
+                break
+        except OSError:
+            break
+        made.append(p)
+    return made
+
+
+def _remove_failed_outputs(made: list[Path], run_dir: Path | None, hydra_dir: Path) -> None:
+    """After a failed run, remove what this invocation made (``made``), deepest first, where it holds
+    nothing of value: the run directory unless it holds a checkpoint, Hydra's output directory if it
+    holds only Hydra's files (``.hydra/``, ``*.log``), any other directory only when empty."""
+    from distill.checkpoint import CHECKPOINT_PREFIX
+
+    for d in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
+        if not d.is_dir():
+            continue
+        entries = list(d.iterdir())
+        if (d == run_dir and not any(d.glob(f"checkpoints/{CHECKPOINT_PREFIX}*/"))) or (d == hydra_dir and all(
+                e.name == ".hydra" and e.is_dir() or e.suffix == ".log" and e.is_file() for e in entries)):
+            shutil.rmtree(d, ignore_errors=True)
+        elif not entries:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def _override_keys(hydra_cfg) -> list[str]:
+    """The keys of the command line's overrides, in order (``+``/``~`` prefixes dropped)."""
+    return [o.split("=")[0].lstrip("+~") for o in hydra_cfg.overrides.task]
 
 
 @hydra.main(version_base=None, config_path="pkg://distill.recipes", config_name="config")
@@ -51,23 +258,31 @@ def _hydra_main(raw: DictConfig) -> None:
     from distill.train import train
 
     console = Console()
+    hydra_cfg = HydraConfig.get()
+    hydra_dir = Path(hydra_cfg.runtime.output_dir)
+    made = _made_since(hydra_dir, _STARTED)  # before anything but Hydra wrote: did Hydra make its directory?
+    cfg, run_dir = None, None
     try:
-        cfg: DistillConfig = OmegaConf.to_object(raw)
-        hydra_cfg = HydraConfig.get()
+        cfg = OmegaConf.to_object(raw)
         if cfg.resume is not None:
-            fixed = [o for o in hydra_cfg.overrides.task if o.split("=")[0].lstrip("+~") not in RESUME_OVERRIDABLE]
+            fixed = [o for o, k in zip(hydra_cfg.overrides.task, _override_keys(hydra_cfg), strict=True)
+                     if k not in RESUME_OVERRIDABLE]
             if fixed:
                 raise DistillError(
                     f"resume continues the run's saved config ({cfg.resume}/config.yaml); drop {' '.join(fixed)} "
                     f"(only {', '.join(RESUME_OVERRIDABLE[1:])} may change)"
                 )
-        run_dir = Path(cfg.output_dir or hydra_cfg.runtime.output_dir)
-        result = train(cfg, run_dir)
+        run_dir = Path(os.path.abspath(cfg.output_dir or hydra_dir))
+        made += [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        steps = cfg.trainer.steps if cfg.resume is not None and "trainer.steps" in _override_keys(hydra_cfg) else None
+        result = train(cfg, run_dir, steps=steps)
     except (DistillError, OmegaConfBaseException) as e:
-        print(f"distill: error: {e}".splitlines()[0], file=sys.stderr)
-        sys.exit(2)
-    if result.test:
-        console.print(summary_table(result.test))
+        resumed = cfg is not None and cfg.resume is not None  # the run directory is the resumed run's: kept
+        _remove_failed_outputs(made, None if resumed else run_dir, hydra_dir)
+        _fail(e)
+    split = "test" if result.test else "validation"  # user data without a test split: the validation's
+    if getattr(result, split):
+        console.print(summary_table(getattr(result, split), split))
     console.print(f"model: {result.model_dir}\nrun:   {result.run_dir}")
 
 
@@ -81,6 +296,15 @@ class ExportDraftConfig:
     num_assistant_tokens: int = 5
 
 
+def _typed_options(schema: type, args: list[str]) -> object:
+    """``key=value`` arguments as an instance of the dataclass ``schema``; a list option also takes
+    ``1,2`` and a single ``4`` for ``[1,2]`` and ``[4]``."""
+    lists = {k for k, t in typing.get_type_hints(schema).items() if typing.get_origin(t) is list}
+    args = [f"{k}=[{v}]" if k in lists and sep and not v.lstrip().startswith("[") else a
+            for a in args for k, sep, v in [a.partition("=")]]
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(args)))
+
+
 def _subcommand(name: str, args: list[str]) -> None:
     """``eval-draft`` and ``export-draft``: typed configs from ``key=value`` arguments."""
     from distill.draft_eval import DraftEvalConfig, evaluate_draft
@@ -89,7 +313,7 @@ def _subcommand(name: str, args: list[str]) -> None:
     schema = DraftEvalConfig if name == "eval-draft" else ExportDraftConfig
     console = Console()
     try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(args)))
+        cfg = _typed_options(schema, args)
         if name == "export-draft":
             done = export_draft(cfg.student, cfg.target, cfg.out, num_assistant_tokens=cfg.num_assistant_tokens)
             console.print(f"draft written to {done.out_dir} (vocab {done.vocab_size}, {done.padded_rows} rows padded)",
@@ -100,18 +324,25 @@ def _subcommand(name: str, args: list[str]) -> None:
             console.print(Path(cfg.out, "draft_eval.md").read_text(), markup=False)
             console.print(f"alpha {result['alpha']:.3f}; results in {cfg.out}/draft_eval.{{json,md,png}}")
     except (DistillError, OmegaConfBaseException, ValueError) as e:
-        print(f"distill: error: {name}: {e}".splitlines()[0], file=sys.stderr)
-        sys.exit(2)
+        _fail(f"{name}: {e}")
 
 
 def main() -> None:
     """Console-script entry point."""
+    global _STARTED
+    _STARTED = time.time()
+    subcommand = len(sys.argv) > 1 and sys.argv[1] in ("eval-draft", "export-draft")
+    if not subcommand:
+        try:
+            _check_overrides(sys.argv[1:])
+        except DistillError as e:
+            _fail(e)
     import transformers
 
     # distill draws its own progress; transformers' per-file loading bars would only clutter it.
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    if len(sys.argv) > 1 and sys.argv[1] in ("eval-draft", "export-draft"):
+    if subcommand:
         _subcommand(sys.argv[1], sys.argv[2:])
         return
     _hydra_main()

@@ -15,6 +15,9 @@ from omegaconf import MISSING, OmegaConf
 
 from distill.errors import DistillError
 from distill.losses import BACKENDS, KINDS, check_loss_args
+from distill.metrics import METRICS
+
+OVERLONG = ("skip", "truncate", "error")  # data.overlong (distill.data.encode)
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -77,6 +80,12 @@ class DataConfig:
     stream: bool = False
     seed: int = 0
     max_length: int = 128
+    # A record whose prompt leaves no room for its completion within max_length: skip it,
+    # truncate the prompt from the left, or stop with an error naming it. Counted and reported.
+    overlong: str = "skip"
+    # How generated completions are scored on the user's data (distill.metrics): auto (chrf for
+    # free text), chrf, bleu, rouge_l, exact or none. The built-in tasks keep their exact metrics.
+    metric: str = "auto"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     messages_field: str = "messages"
@@ -90,6 +99,7 @@ class LossConfig:
     ``fkl``, ``rkl``, ``gjsd``, ``tvd``, ``skew_fkl``, ``skew_rkl``.
     ``beta`` (gjsd): 0 is exactly forward KL and 1 exactly reverse KL; interior values tend to 0
     near both ends, so the loss is discontinuous at beta = 0 and 1 (same convention as TRL).
+    The divergence's temperature applies to both models; the cross-entropy is at temperature 1.
     """
 
     kind: str = "fkl"
@@ -97,6 +107,10 @@ class LossConfig:
     alpha: float = 0.1
     temperature: float = 1.0
     hinton_scale: bool = False
+    # Weight w of the cross-entropy on the data's labels mixed into a divergence: the objective is
+    # (1 - w) * divergence + w * cross-entropy (torchtune's kd_ratio is 1 - w). Off by default; a
+    # run's report states it.
+    ce_weight: float = 0.0
     # LM head fused with the divergence (distill.losses.fused_linear_divergence): the
     # [tokens x vocab] logits never exist. Off: full logits, then the divergence.
     fused: bool = True
@@ -155,6 +169,16 @@ PRECISIONS = ("fp32", "bf16")
 
 def validate(cfg: DistillConfig) -> None:
     """Check a config before anything is loaded; raise DistillError naming the field."""
+
+    hf_model_dir = "a Hugging Face model directory with config.json and weights (e.g. from save_pretrained)"
+
+    def _not_a_directory(key: str, path: str, what: str, expected: str) -> DistillError:
+        """Where a directory was expected: no such path, or what the path is instead."""
+        if not Path(path).exists():
+            return DistillError(f"{key}: no such {what}: {path}")
+        kind = "a GGUF file" if path.lower().endswith(".gguf") else "a file" if Path(path).is_file() else "no directory"
+        return DistillError(f"{key}: {path} is {kind}, not a {what}; expected {expected}")
+
     if cfg.loss.kind not in ("ce", *KINDS):
         raise DistillError(f"loss.kind must be ce (SFT) or one of {', '.join(KINDS)}; got {cfg.loss.kind!r}")
     try:
@@ -162,6 +186,10 @@ def validate(cfg: DistillConfig) -> None:
             check_loss_args(cfg.loss.kind, cfg.loss.beta, cfg.loss.alpha, cfg.loss.temperature)
     except ValueError as e:
         raise DistillError(str(e)) from None
+    if not 0.0 <= cfg.loss.ce_weight <= 1.0:
+        raise DistillError(f"loss.ce_weight must lie in [0, 1] (the cross-entropy's share); got {cfg.loss.ce_weight}")
+    if cfg.loss.kind == "ce" and cfg.loss.ce_weight != 0.0:
+        raise DistillError("loss.ce_weight mixes cross-entropy into a divergence; loss.kind=ce is cross-entropy alone")
     if cfg.loss.backend not in BACKENDS:
         raise DistillError(f"loss.backend must be one of {', '.join(BACKENDS)}; got {cfg.loss.backend!r}")
     if cfg.loss.chunk_size is not None and cfg.loss.chunk_size < 1:
@@ -175,9 +203,11 @@ def validate(cfg: DistillConfig) -> None:
         if m.path is not None and m.arch is not None:
             raise DistillError(f"{role}: set either {role}.path (pretrained) or {role}.arch (from scratch), not both")
         if m.path is not None and not Path(m.path).is_dir():
-            raise DistillError(f"{role}.path: no such model directory: {m.path}")
+            raise _not_a_directory(f"{role}.path", m.path, "model directory", hf_model_dir)
         if m.tokenizer is not None and not Path(m.tokenizer).is_dir():
-            raise DistillError(f"{role}.tokenizer: no such tokenizer directory: {m.tokenizer}")
+            raise _not_a_directory(f"{role}.tokenizer", m.tokenizer, "tokenizer directory",
+                                   "a Hugging Face model or tokenizer directory (tokenizer files, e.g. from "
+                                   "save_pretrained)")
     if cfg.student.path is None and cfg.student.arch is None:
         raise DistillError("student.path is not set (a local Hugging Face model directory)")
     t = cfg.trainer
@@ -187,6 +217,10 @@ def validate(cfg: DistillConfig) -> None:
                  "max_new_tokens", "eval_batch_size"):
         if getattr(t, name) < 1:
             raise DistillError(f"trainer.{name} must be >= 1; got {getattr(t, name)}")
+    if cfg.data.overlong not in OVERLONG:
+        raise DistillError(f"data.overlong must be one of {', '.join(OVERLONG)}; got {cfg.data.overlong!r}")
+    if cfg.data.metric not in METRICS:
+        raise DistillError(f"data.metric must be one of {', '.join(METRICS)}; got {cfg.data.metric!r}")
     if cfg.data.max_length < 2:
         raise DistillError(f"data.max_length must be >= 2; got {cfg.data.max_length}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
@@ -196,7 +230,7 @@ def validate(cfg: DistillConfig) -> None:
         if path is not None and not Path(path).exists():
             raise DistillError(f"data.{split}: no such file: {path}")
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
-        raise DistillError(f"resume: no such run directory: {cfg.resume}")
+        raise _not_a_directory("resume", cfg.resume, "run directory", "the run directory of a distill run")
 
 
 def _asset(name: str) -> str:

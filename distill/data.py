@@ -43,29 +43,36 @@ class Record:
         return self.completion if self.reference is None else self.reference
 
 
-def _record_from_row(row: object, cfg: DataConfig, tokenizer: Tokenizer | None, where: str) -> Record:
+def _record_from_row(
+    row: object, cfg: DataConfig, tokenizer: Tokenizer | None, where: str, require_completion: bool = True
+) -> Record:
     if not isinstance(row, dict):
         raise DistillError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if row.get(cfg.messages_field) is not None:
-        return _record_from_messages(row[cfg.messages_field], tokenizer, where)
+        return _record_from_messages(row[cfg.messages_field], tokenizer, where, require_completion)
     for key in (cfg.prompt_field, cfg.completion_field):
-        if key not in row:
+        if key not in row and (require_completion or key == cfg.prompt_field):
             raise DistillError(f"{where}: missing field {key!r} (or {cfg.messages_field!r})")
-        if not isinstance(row[key], str):
+        if key in row and not isinstance(row[key], str):
             raise DistillError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
     task = row.get("task") if isinstance(row.get("task"), str) else None
-    return Record(row[cfg.prompt_field], row[cfg.completion_field], where, task)
+    return Record(row[cfg.prompt_field], row.get(cfg.completion_field, ""), where, task)
 
 
-def _record_from_messages(messages: object, tokenizer: Tokenizer | None, where: str) -> Record:
+def _record_from_messages(
+    messages: object, tokenizer: Tokenizer | None, where: str, require_completion: bool = True
+) -> Record:
     if not isinstance(messages, list) or not messages or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
     ):
         raise DistillError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
-    if messages[-1]["role"] != "assistant":
+    if messages[-1]["role"] != "assistant" and require_completion:
         raise DistillError(f"{where}: the last message must be the assistant's response")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise DistillError(f"{where}: chat 'messages' need a tokenizer with a chat template")
+    if messages[-1]["role"] != "assistant":  # a prompt only: the template's generation prompt ends it
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return Record(prompt, "", where, task="chat", templated=True, reference="")
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
@@ -73,8 +80,13 @@ def _record_from_messages(messages: object, tokenizer: Tokenizer | None, where: 
     return Record(prompt, full[len(prompt):], where, task="chat", templated=True, reference=messages[-1]["content"])
 
 
-def read_records(path: str | Path, cfg: DataConfig, tokenizer: Tokenizer | None = None) -> list[Record]:
-    """Read a local data file; a malformed line is a DistillError naming file and line."""
+def read_records(
+    path: str | Path, cfg: DataConfig, tokenizer: Tokenizer | None = None, *, require_completion: bool = True
+) -> list[Record]:
+    """Read a local data file; a malformed line is a DistillError naming file and line.
+
+    With ``require_completion=False`` (prompts for generation) a row needs only its prompt (the
+    completion is then ""), and chat ``messages`` may end with the user's turn."""
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"no such data file: {path}")
@@ -89,7 +101,7 @@ def read_records(path: str | Path, cfg: DataConfig, tokenizer: Tokenizer | None 
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DistillError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-                records.append(_record_from_row(row, cfg, tokenizer, where))
+                records.append(_record_from_row(row, cfg, tokenizer, where, require_completion))
     else:
         import datasets
 
@@ -100,7 +112,8 @@ def read_records(path: str | Path, cfg: DataConfig, tokenizer: Tokenizer | None 
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # datasets raises many types for unreadable files
             raise DistillError(f"{path}: cannot read as {builder}: {e}") from None
-        records = [_record_from_row(row, cfg, tokenizer, f"{path}: row {i + 1}") for i, row in enumerate(ds)]
+        records = [_record_from_row(row, cfg, tokenizer, f"{path}: row {i + 1}", require_completion)
+                   for i, row in enumerate(ds)]
     if not records:
         raise DistillError(f"{path}: no records")
     return records
@@ -155,9 +168,23 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def encode(record: Record, tokenizer: Tokenizer, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of prompt and completion (completion ends with EOS, truncated to ``max_length``)."""
+def encode(
+    record: Record, tokenizer: Tokenizer, max_length: int, overlong: str = "error"
+) -> tuple[list[int], list[int]] | None:
+    """Token ids of prompt and completion; the completion ends with EOS (a chat template's own end
+    token, nothing after it) and is cut to fit ``max_length``. A prompt that leaves no room for a
+    completion: ``error`` raises naming the record, ``skip`` returns None, ``truncate`` drops the
+    prompt's first tokens so that the completion keeps up to half of ``max_length``."""
+    return _encode(record, tokenizer, max_length, overlong)[0]
+
+
+def _encode(
+    record: Record, tokenizer: Tokenizer, max_length: int, overlong: str
+) -> tuple[tuple[list[int], list[int]] | None, int]:
+    """``encode``'s result and the prompt's length before any truncation."""
     prompt = prompt_ids(record, tokenizer)
+    prompt_length = len(prompt)
+    eos = tokenizer.eos_token_id
     if record.templated:
         # The rendering holds the template's special tokens; tokenize it whole so the completion
         # tokens are exactly those of the conversation, and split where the prompt ends.
@@ -165,13 +192,43 @@ def encode(record: Record, tokenizer: Tokenizer, max_length: int) -> tuple[list[
         if full_ids[: len(prompt)] != prompt:
             raise DistillError(f"{record.source}: the chat template's prompt does not tokenize as a prefix of the chat")
         completion_ids = full_ids[len(prompt):]
+        # The reply ends at the template's end-of-turn token (ChatML renders "<|im_end|>\n"): what
+        # follows it is layout between turns, not something the model says before stopping.
+        if eos in completion_ids:
+            completion_ids = completion_ids[: len(completion_ids) - completion_ids[::-1].index(eos)]
     else:
         completion_ids = tokenizer(record.completion, add_special_tokens=False).input_ids
-    if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
-        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    if not completion_ids or completion_ids[-1] != eos:
+        completion_ids = completion_ids + [eos]
     if len(prompt) >= max_length:
-        raise DistillError(f"{record.source}: prompt is {len(prompt)} tokens, at least data.max_length={max_length}")
-    return prompt, completion_ids[: max_length - len(prompt)]
+        if overlong == "skip":
+            return None, prompt_length
+        if overlong != "truncate":
+            raise DistillError(
+                f"{record.source}: prompt is {len(prompt)} tokens, at least data.max_length={max_length} "
+                "(data.overlong=skip or truncate goes on without it)"
+            )
+        prompt = prompt[len(prompt) - (max_length - min(len(completion_ids), max_length // 2)):]
+    return (prompt, completion_ids[: max_length - len(prompt)]), prompt_length
+
+
+def encode_all(
+    records: list[Record], tokenizer: Tokenizer, max_length: int, overlong: str
+) -> tuple[list[Record], list[tuple[list[int], list[int]]], dict[str, int]]:
+    """``encode`` for every record: the records kept, their token ids, and how many records there
+    were, were ``skipped``, had their prompt ``truncated`` or their completion ``cut`` at ``max_length``."""
+    kept, pairs = [], []
+    counts = {"records": len(records), "skipped": 0, "truncated": 0, "cut": 0}
+    for r in records:
+        pair, prompt_length = _encode(r, tokenizer, max_length, overlong)
+        if pair is None:
+            counts["skipped"] += 1
+            continue
+        counts["truncated"] += len(pair[0]) < prompt_length
+        counts["cut"] += len(pair[0]) + len(pair[1]) == max_length and pair[1][-1] != tokenizer.eos_token_id
+        kept.append(r)
+        pairs.append(pair)
+    return kept, pairs, counts
 
 
 @dataclass
@@ -209,10 +266,13 @@ class EpochSampler:
         if n < 1:
             raise DistillError("the training set is empty")
         self.n, self.seed, self.position = n, seed, 0
+        self._epoch, self._perm = -1, []  # the current epoch's permutation, drawn once
 
     def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm
 
     def take(self, k: int) -> list[int]:
         out: list[int] = []
@@ -237,11 +297,13 @@ class EpochSampler:
 
 
 class TrainData:
-    """Where the training loop's micro-batches come from: a fixed, shuffled set or a built-in stream."""
+    """Where the training loop's micro-batches come from: a fixed, shuffled set or a built-in stream.
+    ``counts`` says how many training records ``data.overlong`` skipped or truncated."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, seed: int) -> None:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.stream_seed = seed
+        self.counts: dict[str, int] = {}
         if cfg.stream:
             if cfg.train is not None:
                 raise DistillError("data.stream draws from the built-in tasks; unset data.train to use it")
@@ -250,11 +312,16 @@ class TrainData:
             self.position = 0
         else:
             records = load_split(cfg, "train", tokenizer)
-            self.examples = [encode(r, tokenizer, cfg.max_length) for r in records]
+            _, self.examples, self.counts = encode_all(records, tokenizer, cfg.max_length, cfg.overlong)
+            if not self.examples:
+                raise DistillError(
+                    f"data.train: all {len(records)} records have prompts of at least data.max_length="
+                    f"{cfg.max_length} tokens"
+                )
             self.sampler = EpochSampler(len(self.examples), seed)
 
     def next_batch(self, size: int) -> Batch:
-        if self.cfg.stream:
+        if self.cfg.stream:  # built-in examples are short: max_length is an error, not a filter
             pairs = [encode(next(self._stream), self.tokenizer, self.cfg.max_length) for _ in range(size)]
             self.position += size
         else:

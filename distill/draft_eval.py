@@ -25,13 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from distill.config import ASSETS, DataConfig
 from distill.data import IGNORE_INDEX, builtin_records, left_pad, prompt_ids, read_records
 from distill.errors import DistillError
 from distill.losses import divergence
-from distill.models import check_same_tokenizer, resolve_device
+from distill.models import check_same_tokenizer, load_tokenizer, resolve_device
 from distill.speculative import SpeculativeStats, check_draft_vocab, speculative_generate
 
 
@@ -56,16 +56,16 @@ class DraftEvalConfig:
     def validate(self) -> None:
         for role in ("target", "draft"):
             if not Path(getattr(self, role)).is_dir():
-                raise DistillError(f"eval-draft: {role} directory not found: {getattr(self, role)}")
+                raise DistillError(f"{role} directory not found: {getattr(self, role)}")
         if self.prompts is not None and not Path(self.prompts).is_file():
-            raise DistillError(f"eval-draft: prompts file not found: {self.prompts}")
+            raise DistillError(f"prompts file not found: {self.prompts}")
         if not self.gammas or min(self.gammas) < 1:
-            raise DistillError(f"eval-draft: gammas must be >= 1; got {self.gammas}")
+            raise DistillError(f"gammas must be >= 1; got {self.gammas}")
         for key in ("num_prompts", "max_new_tokens", "batch_size", "repeats"):
             if getattr(self, key) < 1:
-                raise DistillError(f"eval-draft: {key} must be >= 1; got {getattr(self, key)}")
+                raise DistillError(f"{key} must be >= 1; got {getattr(self, key)}")
         if not self.temperature > 0:
-            raise DistillError(f"eval-draft: temperature must be > 0; got {self.temperature}")
+            raise DistillError(f"temperature must be > 0; got {self.temperature}")
 
 
 def _prompts(cfg: DraftEvalConfig, tokenizer, room: int) -> list[list[int]]:
@@ -73,14 +73,14 @@ def _prompts(cfg: DraftEvalConfig, tokenizer, room: int) -> list[list[int]]:
     if cfg.prompts is None:
         records = builtin_records(DataConfig(), "test", cfg.num_prompts)
     else:
-        records = read_records(Path(cfg.prompts), DataConfig(), tokenizer)[: cfg.num_prompts]
+        records = read_records(Path(cfg.prompts), DataConfig(), tokenizer, require_completion=False)[: cfg.num_prompts]
     if not records:
-        raise DistillError(f"eval-draft: no prompts in {cfg.prompts or 'the built-in test split'}")
+        raise DistillError(f"no prompts in {cfg.prompts or 'the built-in test split'}")
     ids = [prompt_ids(r, tokenizer) for r in records]
     for r, p in zip(records, ids, strict=True):
         if len(p) > room:
             raise DistillError(
-                f"eval-draft: {r.source}: prompt is {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} "
+                f"{r.source}: prompt is {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} "
                 f"and gamma={max(cfg.gammas)} the models' context leaves room for {room}"
             )
     return ids
@@ -104,28 +104,51 @@ def response_mask(new_tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tens
     return (is_eos.cumsum(1) - is_eos) == 0
 
 
+def predicted_block_efficiency(alpha: float, gamma: int) -> float:
+    """tau(gamma) = (1 - alpha^(gamma+1)) / (1 - alpha): expected tokens per target forward when each
+    draft is accepted independently with probability alpha (gamma + 1 at alpha = 1)."""
+    return gamma + 1.0 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def predicted_speedup(tau: float, c: float, gamma: int, verify_cost: float = 1.0) -> float:
+    """tau / (c gamma + v): tokens per round over the round's cost in target steps (gamma draft
+    steps at c each, and the target's verification forward at v, 1 in the paper's model)."""
+    return tau / (c * gamma + verify_cost)
+
+
+@torch.no_grad()
+def acceptance_on(target, draft, seqs: torch.Tensor, prompt_mask: torch.Tensor, eos_ids: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """beta = 1 - TVD(p_t, q_t) at every response position of ``seqs`` (left-padded prompts of
+    ``prompt_mask``'s width, then responses) and whether the position counts (through the
+    response's first EOS): two [B, response length] tensors."""
+    real = response_mask(seqs[:, prompt_mask.shape[1]:], eos_ids)
+    full = torch.cat([prompt_mask, real.long()], 1)
+    # Position t predicts token t + 1: the response's j-th token is predicted at start + j.
+    # The draft's rows beyond the target's vocabulary drop out (align_vocab), as in sampling.
+    start = prompt_mask.shape[1] - 1
+    p_logits = target(seqs, attention_mask=full).logits[:, start:-1]
+    q_logits = draft(seqs, attention_mask=full).logits[:, start:-1]
+    labels = torch.where(real, 0, IGNORE_INDEX)
+    tvd = divergence(q_logits, p_logits, labels, kind="tvd", temperature=temperature, reduction="none")
+    return 1 - tvd, real
+
+
 @torch.no_grad()
 def _alpha_from_logits(target, draft, batches, cfg, pad_id, eos) -> tuple[float, list[float]]:
-    """Mean of beta = 1 - TVD(p_t, q_t) over the response positions of target samples (through
-    their first EOS), and its mean by response position (0-based)."""
+    """Mean of beta over the response positions of target samples (through their first EOS), and
+    its mean by response position (0-based)."""
     sums = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
     counts = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
     for ids, mask in batches:
         seqs = target.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
                                top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id,
                                eos_token_id=eos)
-        real = response_mask(seqs[:, ids.shape[1]:], torch.tensor(eos, dtype=torch.long, device=ids.device))
-        full = torch.cat([mask, real.long()], 1)
-        # Position t predicts token t + 1: the response's j-th token is predicted at start + j.
-        # The draft's rows beyond the target's vocabulary drop out (align_vocab), as in sampling.
-        start = ids.shape[1] - 1
-        p_logits = target(seqs, attention_mask=full).logits[:, start:-1]
-        q_logits = draft(seqs, attention_mask=full).logits[:, start:-1]
-        labels = torch.where(real, 0, IGNORE_INDEX)
-        tvd = divergence(q_logits, p_logits, labels, kind="tvd", temperature=cfg.temperature, reduction="none")
+        beta, real = acceptance_on(target, draft, seqs, mask, torch.tensor(eos, dtype=torch.long, device=ids.device),
+                                   cfg.temperature)
         valid = real.double().cpu()
-        n = tvd.shape[1]
-        sums[:n] += ((1 - tvd.double().cpu()) * valid).sum(0)
+        n = beta.shape[1]
+        sums[:n] += (beta.double().cpu() * valid).sum(0)
         counts[:n] += valid.sum(0)
     seen = counts > 0
     return float(sums.sum() / counts.sum()), (sums[seen] / counts[seen]).tolist()
@@ -181,14 +204,14 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
     """Run the evaluation; write JSON, Markdown and PNG under ``cfg.out``; return the results."""
     cfg.validate()
     device = resolve_device(cfg.device)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.target)
-    check_same_tokenizer(AutoTokenizer.from_pretrained(cfg.draft), tokenizer, cfg.draft, cfg.target)
+    tokenizer = load_tokenizer(cfg.target, "target")
+    check_same_tokenizer(load_tokenizer(cfg.draft, "draft"), tokenizer, cfg.draft, cfg.target)
     target = AutoModelForCausalLM.from_pretrained(cfg.target).to(device).eval()
     draft = AutoModelForCausalLM.from_pretrained(cfg.draft).to(device).eval()
     try:
         check_draft_vocab(target, draft)
     except ValueError as e:
-        raise DistillError(f"eval-draft: {cfg.draft}: {e}") from None
+        raise DistillError(f"{cfg.draft}: {e}") from None
     positions = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in (target, draft))
     prompts = _prompts(cfg, tokenizer, room=positions - cfg.max_new_tokens - max(cfg.gammas) - 1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -223,7 +246,7 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
         stats = speculative()  # acceptance on the samples as they are, stopping at EOS
         baseline_s, seconds = _median_seconds([target_alone, functools.partial(speculative, eos=[])],
                                               cfg.repeats, device)
-        tau_pred = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1.0
+        tau_pred = predicted_block_efficiency(alpha, gamma)
         tau = stats.block_efficiency
         # The speedup formula prices the target's verification of gamma + 1 tokens as one step;
         # v is what it costs here (about 1 on a GPU at small batch, more where compute-bound).
@@ -232,9 +255,9 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
             "gamma": gamma, "acceptance_rate": stats.acceptance_rate,
             "acceptance_by_draft_position": stats.acceptance_by_position,
             "tau_measured": tau, "tau_predicted": tau_pred,
-            "speedup_predicted": tau_pred / (c * gamma + 1),
-            "speedup_predicted_from_measured_tau": tau / (c * gamma + 1),
-            "verify_cost": v, "speedup_predicted_with_verify_cost": tau / (c * gamma + v),
+            "speedup_predicted": predicted_speedup(tau_pred, c, gamma),
+            "speedup_predicted_from_measured_tau": predicted_speedup(tau, c, gamma),
+            "verify_cost": v, "speedup_predicted_with_verify_cost": predicted_speedup(tau, c, gamma, v),
             "speedup_measured": baseline_s / seconds, "seconds": seconds, "target_alone_seconds": baseline_s,
         })
     result = {"config": asdict(cfg), "name": cfg.name or cfg.draft, "device": str(device), "prompts": len(prompts),

@@ -1,8 +1,15 @@
-"""Evaluation: task metrics from greedy generation, and teacher-student divergence on references."""
+"""Evaluation: metrics of greedy generations, and losses on the reference completions.
+
+Generations are scored by the built-in tasks' exact metrics, or on the user's data by
+``data.metric`` (``distill.metrics``). The losses (student cross-entropy, teacher-student
+divergence, the objective) come from the same fused path as training, so no evaluation batch
+holds ``[tokens x vocab]`` logits. Both take an ``on_batch`` callback for a progress display.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
@@ -10,9 +17,27 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import LossConfig
 from distill.data import Record, collate, encode, left_pad
-from distill.losses import count_tokens, cross_entropy, divergence
-from distill.models import lm_logits
+from distill.losses import count_tokens
+from distill.metrics import resolve, text_scores
+from distill.objective import batch_loss
 from distill.tasks import TASKS
+
+OnBatch = Callable[[], None] | None
+
+
+def _pairs(records: list[Record], tokenizer: Tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    # The loaders applied data.overlong already (an error raised, a skipped record is gone): what is
+    # left is truncated as training truncates it.
+    return [encode(r, tokenizer, max_length, "truncate") for r in records]
+
+
+def batch_count(records: list[Record], batch_size: int) -> int:
+    return -(-len(records) // batch_size)
+
+
+def needs_generation(records: list[Record], metric: str) -> bool:
+    """Whether any record is scored from a generation (a built-in task, or a metric other than none)."""
+    return resolve(metric) != "none" or any(r.task in TASKS for r in records)
 
 
 @torch.no_grad()
@@ -24,6 +49,7 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     max_length: int,
+    on_batch: OnBatch = None,
 ) -> list[str]:
     """Greedy completions of the records' prompts (batched, KV-cached, left-padded)."""
     device = next(model.parameters()).device
@@ -32,8 +58,7 @@ def generate(
     out: list[str] = []
     try:
         for start in range(0, len(records), batch_size):
-            chunk = records[start: start + batch_size]
-            prompts = [encode(r, tokenizer, max_length)[0] for r in chunk]
+            prompts = [p for p, _ in _pairs(records[start: start + batch_size], tokenizer, max_length)]
             ids, mask = left_pad(prompts, tokenizer.pad_token_id)
             gen = model.generate(
                 input_ids=ids.to(device),
@@ -44,27 +69,31 @@ def generate(
                 pad_token_id=tokenizer.pad_token_id,
             )
             out += tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+            if on_batch:
+                on_batch()
     finally:
         model.train(was_training)
     return out
 
 
-def task_metrics(records: list[Record], predictions: list[str]) -> dict[str, float]:
-    """Per-task metrics (``TASK/metric``) and their mean ``accuracy`` over tasks."""
+def task_metrics(records: list[Record], predictions: list[str], metric: str = "auto") -> dict[str, float]:
+    """Scores per group of records (``GROUP/name``: a built-in task's exact metrics, or ``metric`` on
+    the user's data, group ``data`` or a record's ``task``) and, under each group's first score name
+    (``accuracy``, ``chrf``, ...), its mean over the groups."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         groups[r.task or "data"].append(i)
     metrics: dict[str, float] = {}
+    headline: dict[str, list[float]] = defaultdict(list)
     for name, idx in sorted(groups.items()):
         preds = [predictions[i] for i in idx]
         refs = [records[i].answer for i in idx]
-        if name in TASKS:
-            scores = TASKS[name]().score(preds, refs)
-        else:
-            scores = {"accuracy": sum(p.strip() == r.strip() for p, r in zip(preds, refs, strict=True)) / len(refs)}
+        scores = TASKS[name]().score(preds, refs) if name in TASKS else text_scores(preds, refs, metric)
         metrics.update({f"{name}/{k}": v for k, v in scores.items()})
-    accs = [v for k, v in metrics.items() if k.endswith("/accuracy")]
-    metrics["accuracy"] = sum(accs) / len(accs)
+        if scores:
+            key = next(iter(scores))
+            headline[key].append(scores[key])
+    metrics.update({k: sum(v) / len(v) for k, v in headline.items()})
     return metrics
 
 
@@ -76,32 +105,40 @@ def reference_losses(
     records: list[Record],
     loss: LossConfig,
     *,
+    fused: bool,
     batch_size: int,
     max_length: int,
+    on_batch: OnBatch = None,
 ) -> dict[str, float]:
-    """Token-averaged student cross-entropy and (with a teacher) divergence on reference completions."""
+    """Token-averaged losses on the reference completions: the student's cross-entropy ``ce``
+    and, with a teacher, the teacher-student ``divergence`` (``loss.kind``, or forward KL when
+    training on cross-entropy) and the ``objective`` when it mixes the two (``loss.ce_weight``).
+    ``fused``: through the fused LM-head loss (``distill.objective.batch_loss``), never the
+    ``[tokens x vocab]`` logits. Without a teacher this is also a teacher's own ``ce``."""
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
-    ce_sum = div_sum = 0.0
+    sums = {"ce": 0.0, "divergence": 0.0, "objective": 0.0}
     n = 0
+    vocab = len(tokenizer)
     try:
         for start in range(0, len(records), batch_size):
-            pairs = [encode(r, tokenizer, max_length) for r in records[start: start + batch_size]]
-            b = collate(pairs, tokenizer.pad_token_id).to(device)
-            labels = b.labels[:, 1:]
-            s = lm_logits(student, b.input_ids, b.attention_mask, vocab=len(tokenizer))
-            ce_sum += float(cross_entropy(s, labels, reduction="sum"))
-            if teacher is not None and loss.kind != "ce":
-                t = lm_logits(teacher, b.input_ids, b.attention_mask, vocab=len(tokenizer))
-                div_sum += float(divergence(s, t, labels, reduction="sum", **loss.divergence_kwargs()))
-            n += count_tokens(labels)
+            b = collate(_pairs(records[start: start + batch_size], tokenizer, max_length), tokenizer.pad_token_id)
+            terms = batch_loss(loss, student, teacher, b.to(device), bf16=False, vocab=vocab, fused=fused,
+                               measure_cross_entropy=True)
+            sums["ce"] += float(terms.cross_entropy)
+            if terms.divergence is not None:
+                sums["divergence"] += float(terms.divergence)
+                sums["objective"] += float(terms.loss)
+            n += count_tokens(b.labels[:, 1:])
+            if on_batch:
+                on_batch()
     finally:
         student.train(was_training)
-    out = {"ce": ce_sum / max(n, 1)}
-    if teacher is not None and loss.kind != "ce":
-        out["divergence"] = div_sum / max(n, 1)
-    return out
+    keys = ["ce"] + (["divergence"] if teacher is not None else [])
+    if teacher is not None and loss.kind != "ce" and loss.ce_weight > 0:
+        keys.append("objective")  # otherwise it is one of the two above
+    return {k: sums[k] / max(n, 1) for k in keys}
 
 
 def evaluate(
@@ -109,12 +146,16 @@ def evaluate(
     tokenizer: Tokenizer,
     records: list[Record],
     *,
+    metric: str,
     max_new_tokens: int,
     batch_size: int,
     max_length: int,
+    on_batch: OnBatch = None,
 ) -> dict[str, float]:
-    """Task metrics of ``model``'s greedy completions on ``records``."""
-    preds = generate(
-        model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length
-    )
-    return task_metrics(records, preds)
+    """Scores of ``model``'s greedy completions on ``records`` (nothing is generated when no record
+    needs it: ``data.metric=none`` on the user's data)."""
+    if not needs_generation(records, metric):
+        return {}
+    preds = generate(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     max_length=max_length, on_batch=on_batch)
+    return task_metrics(records, preds, metric)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from distill.checkpoint import export_model
 from distill.errors import DistillError
-from distill.models import check_same_tokenizer
+from distill.models import check_same_tokenizer, load_tokenizer
 
 SPECIAL_IDS = ("eos_token_id", "bos_token_id", "pad_token_id")
 
@@ -52,7 +52,7 @@ def _adapter_base(student_dir: Path) -> Path | None:
         return None
     base = json.loads(adapter.read_text()).get("base_model_name_or_path")
     if not base or not Path(base).is_dir():
-        raise DistillError(f"export-draft: {adapter}: base_model_name_or_path {base!r} is not a local directory")
+        raise DistillError(f"{adapter}: base_model_name_or_path {base!r} is not a local directory")
     return Path(base)
 
 
@@ -68,7 +68,7 @@ def _load_student(student_dir: Path, base: Path | None) -> PreTrainedModel:
 def _student_tokenizer(student_dir: Path, base: Path | None):
     """The student's tokenizer; an adapter directory without tokenizer files uses its base model's."""
     has_own = any((student_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    return AutoTokenizer.from_pretrained(base if base is not None and not has_own else student_dir)
+    return load_tokenizer(base if base is not None and not has_own else student_dir, "student", set_pad=False)
 
 
 def export_draft(
@@ -86,10 +86,11 @@ def export_draft(
     student_dir, target_dir, out_dir = Path(student_dir), Path(target_dir), Path(out_dir)
     for role, path in (("student", student_dir), ("target", target_dir)):
         if not path.is_dir():
-            raise DistillError(f"export-draft: {role} directory not found: {path}")
+            raise DistillError(f"{role} directory not found: {path}")
     if num_assistant_tokens < 1:
-        raise DistillError(f"export-draft: num_assistant_tokens must be >= 1; got {num_assistant_tokens}")
-    target_tok = AutoTokenizer.from_pretrained(target_dir)
+        raise DistillError(f"num_assistant_tokens must be >= 1; got {num_assistant_tokens}")
+    # As it is (no pad token added): its files are the draft's.
+    target_tok = load_tokenizer(target_dir, "target", set_pad=False)
     base = _adapter_base(student_dir)
     check_same_tokenizer(_student_tokenizer(student_dir, base), target_tok, str(student_dir), str(target_dir))
     target_cfg = AutoConfig.from_pretrained(target_dir)
@@ -97,21 +98,21 @@ def export_draft(
     cfg = model.config
     if getattr(cfg, "auto_map", None):
         raise DistillError(
-            f"export-draft: {student_dir} uses remote code (auto_map in its config.json); serving stacks load "
+            f"{student_dir} uses remote code (auto_map in its config.json); serving stacks load "
             "drafts as plain transformers architectures"
         )
 
     rows = model.get_input_embeddings().weight.shape[0]
     if rows > target_cfg.vocab_size:
         raise DistillError(
-            f"export-draft: the student has {rows} vocabulary rows, more than the target's {target_cfg.vocab_size}; "
+            f"the student has {rows} vocabulary rows, more than the target's {target_cfg.vocab_size}; "
             "serving stacks need equal sizes"
         )
     target_pos = getattr(target_cfg, "max_position_embeddings", None)
     student_pos = getattr(cfg, "max_position_embeddings", None)
     if target_pos is not None and student_pos is not None and student_pos < target_pos:
         raise DistillError(
-            f"export-draft: the student serves {student_pos} positions, fewer than the target's {target_pos}"
+            f"the student serves {student_pos} positions, fewer than the target's {target_pos}"
         )
     padded = target_cfg.vocab_size - rows
     if padded:
@@ -142,11 +143,11 @@ def _verify(out_dir: Path, target_cfg) -> None:
     """Load the written draft back as a plain transformers model and check what serving needs."""
     config = json.loads((out_dir / "config.json").read_text())
     if "auto_map" in config:
-        raise DistillError("export-draft: the draft would need trust_remote_code (auto_map in config.json)")
+        raise DistillError("the draft would need trust_remote_code (auto_map in config.json)")
     if not list(out_dir.glob("*.safetensors")):
-        raise DistillError("export-draft: save_pretrained wrote no safetensors weights")
+        raise DistillError("save_pretrained wrote no safetensors weights")
     draft = AutoModelForCausalLM.from_pretrained(out_dir)
     with torch.no_grad():
         logits = draft(torch.zeros(1, 1, dtype=torch.long)).logits
     if draft.config.vocab_size != target_cfg.vocab_size or logits.shape[-1] != target_cfg.vocab_size:
-        raise DistillError(f"export-draft: the draft has vocab {logits.shape[-1]}, the target {target_cfg.vocab_size}")
+        raise DistillError(f"the draft has vocab {logits.shape[-1]}, the target {target_cfg.vocab_size}")

@@ -24,7 +24,10 @@ in both models gives a finite loss and finite gradients.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -34,7 +37,7 @@ KINDS = ("fkl", "rkl", "gjsd", "tvd", "skew_fkl", "skew_rkl")
 Reduction = Literal["mean", "sum", "none"]
 BACKENDS = ("auto", "triton", "torch")
 Backend = Literal["auto", "triton", "torch"]
-# Memory for one chunk's [rows x vocab] buffers in fused_linear_divergence when chunk_size is not
+# Memory for one chunk's [rows x vocab] buffers in fused_linear_loss when chunk_size is not
 # given: on a GPU it allows chunks of about 2048 rows at a 128K vocabulary with bf16 weights.
 CHUNK_BUDGET_BYTES = {"cuda": 5 << 29, "cpu": 1 << 28}
 
@@ -65,21 +68,63 @@ def _triton_unusable(device: torch.device) -> str | None:
     )
 
 
+@functools.cache
+def triton_problem_on(device: torch.device) -> str | None:
+    """Run each Triton row kernel once on a small problem on ``device`` (milliseconds) and compare
+    it with the PyTorch row step; what went wrong, or None. Cached per device."""
+    from distill.chunked_loss import torch_ce_rows, torch_rows
+
+    try:
+        from distill.kernels.cross_entropy import cross_entropy_rows
+        from distill.kernels.divergence import divergence_rows
+
+        g = torch.Generator().manual_seed(0)
+        z_s, z_t = ((torch.randn(8, 1000, generator=g) * 3).to(device) for _ in range(2))
+        y = torch.randint(0, 1000, (8,), generator=g).to(device)
+        steps = [(f"{kind} divergence", functools.partial(fn, kind=kind, beta=0.3, alpha=0.2, temperature=1.3), z_t)
+                 for kind in KINDS for fn in (divergence_rows, torch_rows)]
+        steps += [("cross-entropy", fn, y) for fn in (cross_entropy_rows, torch_ce_rows)]
+        for (name, kernel, other), (_, plain, _) in zip(steps[::2], steps[1::2], strict=True):
+            got_g, want_g = torch.empty_like(z_s), torch.empty_like(z_s)
+            got, want = kernel(z_s, other, got_g), plain(z_s, other, want_g)
+            for a, b in ((got, want), (got_g, want_g)):
+                if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+                    return f"{name}: the kernel differs from PyTorch by up to {float((a - b).abs().max()):.3g}"
+    except Exception as e:  # a compiler or driver failure is a problem like a wrong value
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 def use_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """The dispatch: ``triton`` insists on the kernels (and says why they cannot run), ``torch`` is
     the plain-PyTorch path, ``auto`` takes the kernels for fp32/bf16/fp16 CUDA tensors whenever
     Triton imports, and the reference path otherwise (the CPU interpreter is for tests: far slower
-    than PyTorch on a CPU)."""
+    than PyTorch on a CPU). The first time the kernels would run on a CUDA device they are checked
+    against PyTorch there (``triton_problem_on``); if they disagree, ``auto`` falls back to PyTorch
+    with a warning naming the device and the error, and ``triton`` raises."""
     if backend not in BACKENDS:
         raise ValueError(f"loss backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "torch":
         return False
     reason = _triton_unusable(device)
-    if backend == "triton":
-        if reason:
-            raise RuntimeError(f"backend='triton': {reason}")
-        return True
-    return reason is None and device.type == "cuda" and dtype != torch.float64
+    if backend == "triton" and reason:
+        raise RuntimeError(f"backend='triton': {reason}")
+    if backend == "auto" and (reason or device.type != "cuda" or dtype == torch.float64):
+        return False
+    if device.type == "cuda":
+        problem = triton_problem_on(device)
+        if problem:
+            where = f"{device} ({torch.cuda.get_device_name(device)})"
+            if backend == "triton":
+                raise RuntimeError(f"backend='triton': the Triton kernels fail their check on {where}: {problem}")
+            _warn_once(f"distill: the Triton loss kernels fail their check on {where}, using PyTorch: {problem}")
+            return False
+    return True
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def align_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,34 +265,54 @@ def auto_chunk_size(rows: int, vocab: int, bytes_per_entry: int, budget_bytes: i
     return max(1, min(cap, -(-even // 64) * 64))
 
 
-def fused_linear_divergence(
+@dataclass
+class LossTerms:
+    """What ``fused_linear_loss`` returns: the objective (differentiable) and its terms, detached,
+    unweighted and reduced like the objective (None where a term was not computed)."""
+
+    loss: torch.Tensor
+    divergence: torch.Tensor | None
+    cross_entropy: torch.Tensor | None
+
+
+def fused_linear_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
     kind: str = "gjsd",
     beta: float = 0.5,
     alpha: float = 0.1,
     temperature: float = 1.0,
+    hinton_scale: bool = False,
+    ce_weight: float = 0.0,
+    measure_cross_entropy: bool = False,
     ignore_index: int = -100,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
-    hinton_scale: bool = False,
     reduction: Literal["mean", "sum"] = "mean",
     chunk_size: int | None = None,
     backend: Backend = "auto",
-) -> torch.Tensor:
-    """``divergence(student_hidden @ student_weight.T (+ student_bias), teacher logits, labels, ...)``
-    without holding the ``[tokens x vocab]`` logits: computed in chunks of counted tokens, with the
-    gradients for ``student_hidden``, ``student_weight`` and ``student_bias`` produced in the same
-    pass (none for the teacher).
+) -> LossTerms:
+    """The LM head fused with the training loss, without holding the ``[tokens x vocab]`` logits:
+    computed in chunks of counted tokens, with the gradients for ``student_hidden``,
+    ``student_weight`` and ``student_bias`` produced in the same pass (none for the teacher, and no
+    gradient buffers at all under ``torch.no_grad``).
 
-    The teacher logits are ``teacher_hidden @ teacher_weight.T (+ teacher_bias)``, or
-    ``teacher_hidden`` itself when ``teacher_weight`` is None (precomputed logits). Student and
-    teacher hidden sizes may differ; vocabulary rows present in one model only are excluded.
-    Logits are formed with fp32 accumulation and kept fp32, from bf16, fp16 or fp32 inputs.
+    The student logits are ``student_hidden @ student_weight.T (+ student_bias)``; the teacher's
+    ``teacher_hidden @ teacher_weight.T (+ teacher_bias)``, or ``teacher_hidden`` itself when
+    ``teacher_weight`` is None (precomputed logits). Hidden sizes may differ; vocabulary rows
+    present in one model only are excluded. Logits are formed with fp32 accumulation and kept fp32,
+    from bf16, fp16 or fp32 inputs, also inside ``torch.autocast`` (which is turned off here).
+
+    The objective per counted token: with a teacher, ``(1 - ce_weight) * D + ce_weight * CE``
+    (D the divergence ``kind``, times temperature**2 with ``hinton_scale``; CE the next-token
+    cross-entropy against ``labels`` at temperature 1); without a teacher, CE alone (SFT). With
+    ``measure_cross_entropy`` the CE is computed (and reported in the terms) also where its weight
+    is 0. ``labels`` are aligned with the hidden states (no shift); ``ignore_index`` positions do
+    not count.
 
     Args:
         chunk_size: counted tokens per chunk; by default as many as fit ``CHUNK_BUDGET_BYTES``
@@ -255,12 +320,19 @@ def fused_linear_divergence(
         backend: ``auto`` (Triton on CUDA, the PyTorch chunked path otherwise), ``triton`` or
             ``torch``; see ``use_triton``.
     """
-    check_loss_args(kind, beta, alpha, temperature)
+    with_kd = teacher_hidden is not None
+    if with_kd:
+        check_loss_args(kind, beta, alpha, temperature)
+    if not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight must lie in [0, 1] (0: distillation only, 1: cross-entropy only); got {ce_weight}")
+    with_ce = not with_kd or ce_weight > 0 or measure_cross_entropy
+    if with_ce and labels is None:
+        raise ValueError("the cross-entropy needs labels (the next-token targets)")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+    if with_kd and student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"student and teacher disagree on the token dims: {tuple(student_hidden.shape[:-1])} "
             f"vs {tuple(teacher_hidden.shape[:-1])}"
@@ -269,32 +341,80 @@ def fused_linear_divergence(
     for name, hidden, weight in pairs:
         if weight is not None and hidden.shape[-1] != weight.shape[-1]:
             raise ValueError(f"{name} hidden size {hidden.shape[-1]} != {name} weight columns {weight.shape[-1]}")
+    if not torch.is_grad_enabled():  # evaluation: the chunk loop then allocates no gradient buffers
+        student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
+        student_bias = None if student_bias is None else student_bias.detach()
     mask = _counted(student_hidden, labels, ignore_index)
-    s_rows, t_rows = student_hidden[mask], teacher_hidden[mask]
-    vocab = min(student_weight.shape[0], teacher_weight.shape[0] if teacher_weight is not None else t_rows.shape[-1])
+    s_rows = student_hidden[mask]
+    t_rows = teacher_hidden[mask] if with_kd else None
+    targets = labels[mask] if with_ce else None
+    vocab = student_weight.shape[0]
+    if with_kd:
+        vocab = min(vocab, teacher_weight.shape[0] if teacher_weight is not None else t_rows.shape[-1])
     triton_path = use_triton(backend, s_rows.device, student_weight.dtype)
     if chunk_size is None:
-        # Per logit entry: fp32 student and teacher logits, plus a half-precision gradient buffer
+        # Per logit entry: fp32 student (and teacher) logits, plus a half-precision gradient buffer
         # (Triton; an fp32 gradient overwrites the student logits in place), or the autograd
         # temporaries of the reference divergence (PyTorch path: about 15 fp32 buffers of a
         # chunk's size, benchmarks/results/fused_loss_cpu.md).
         half = student_weight.dtype in (torch.float16, torch.bfloat16)
-        per_entry = 4 + 4 + (student_weight.element_size() if half else 0) if triton_path else 15 * 4
+        per_entry = 4 + 4 * with_kd + (student_weight.element_size() if half else 0) if triton_path else 15 * 4
         budget = CHUNK_BUDGET_BYTES["cuda" if s_rows.is_cuda else "cpu"]
         chunk_size = auto_chunk_size(s_rows.shape[0], vocab, per_entry, budget)
-    from distill.chunked_loss import ChunkedLinearDivergence, torch_rows
+    from distill.chunked_loss import ChunkedLinearLoss, Objective, torch_ce_rows, torch_rows
 
     if triton_path:
-        from distill.kernels.divergence import divergence_rows as rows
+        from distill.kernels.cross_entropy import cross_entropy_rows as ce_rows
+        from distill.kernels.divergence import divergence_rows as div_rows
     else:
-        rows = torch_rows
-    total = ChunkedLinearDivergence.apply(
-        s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias,
-        chunk_size, rows, dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature),
+        ce_rows, div_rows = torch_ce_rows, torch_rows
+    hinton = temperature**2 if hinton_scale else 1.0
+    objective = Objective(
+        divergence_rows=div_rows, ce_rows=ce_rows,
+        loss_kwargs=dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature),
+        kd_weight=(1.0 - ce_weight) * hinton if with_kd else 0.0, ce_weight=ce_weight if with_kd else 1.0,
     )
-    if hinton_scale:
-        total = total * temperature**2
-    return _reduce(total, mask, reduction)
+    # Autocast would run the chunk matmuls in bf16 (1e-4 relative error instead of 1e-7 in fp32):
+    # the precision here is chosen by the inputs' dtypes.
+    with torch.autocast(s_rows.device.type, enabled=False):
+        total, terms = ChunkedLinearLoss.apply(
+            s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias, targets, chunk_size, objective,
+        )
+    return LossTerms(
+        loss=_reduce(total, mask, reduction),
+        divergence=_reduce(terms[0], mask, reduction) if with_kd else None,
+        cross_entropy=_reduce(terms[1], mask, reduction) if with_ce else None,
+    )
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """``divergence(student_hidden @ student_weight.T (+ student_bias), teacher logits, labels, ...)``
+    without holding the ``[tokens x vocab]`` logits; the teacher logits are
+    ``teacher_hidden @ teacher_weight.T (+ teacher_bias)``, or ``teacher_hidden`` itself when
+    ``teacher_weight`` is None. Keyword arguments as ``fused_linear_loss`` (``ce_weight`` mixes in
+    the cross-entropy against ``labels``)."""
+    return fused_linear_loss(student_hidden, student_weight, labels, teacher_hidden=teacher_hidden,
+                             teacher_weight=teacher_weight, **kwargs).loss
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T (+ bias), labels)`` without holding the ``[tokens x vocab]``
+    logits (SFT); keyword arguments as ``fused_linear_loss``."""
+    return fused_linear_loss(hidden, weight, labels, student_bias=bias, **kwargs).loss
 
 
 def cross_entropy(
@@ -304,7 +424,7 @@ def cross_entropy(
     ignore_index: int = -100,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
-    """Next-token cross-entropy in fp32 with labels aligned to the logits (the SFT loss)."""
+    """Next-token cross-entropy in (at least) fp32 with labels aligned to the logits (the SFT loss)."""
     mask = _counted(logits, labels, ignore_index)
     per_token = F.cross_entropy(_upcast(logits[mask]), labels[mask], reduction="none")
     return _reduce(per_token, mask, reduction)

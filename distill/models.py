@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import ArchConfig, LoraConfig, ModelConfig
 from distill.errors import DistillError
+from distill.sharding import full_numel, full_shape, gathered
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(path: str | Path, role: str = "model") -> Tokenizer:
-    """Load a tokenizer from a local directory and make sure it can pad."""
+def load_tokenizer(path: str | Path, role: str = "model", *, set_pad: bool = True) -> Tokenizer:
+    """Load a tokenizer from a local directory and (``set_pad``) make sure it can pad."""
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise DistillError(f"{role}: cannot load a tokenizer from {path}: {e}") from None
-    if tok.pad_token is None:
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad tokenizer.json
+        cause = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise DistillError(f"{role}: cannot load a tokenizer from {path}: {cause}") from None
+    if set_pad and tok.pad_token is None:
         # Padding positions are always masked, so reusing EOS as the pad token is safe.
         tok.pad_token = tok.eos_token
     return tok
@@ -63,7 +65,7 @@ def check_same_tokenizer(a: Tokenizer, b: Tokenizer, a_path: str, b_path: str) -
 
 def check_vocab_rows(model: PreTrainedModel, tokenizer: Tokenizer, where: str) -> None:
     """Every token of the tokenizer needs an embedding row (extra rows are padding)."""
-    rows = model.get_output_embeddings().weight.shape[0]
+    rows = full_shape(model.get_output_embeddings().weight)[0]
     if rows < len(tokenizer):
         raise DistillError(
             f"{where}: the model has {rows} vocabulary rows but the tokenizer has {len(tokenizer)} tokens"
@@ -139,7 +141,8 @@ class _FP32Head(torch.nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
+        # The wrapped head's own forward (where a sharded engine gathers it) is bypassed: gather here.
+        with torch.autocast(x.device.type, enabled=False), gathered(self.head.parameters()):
             bias = None if self.head.bias is None else self.head.bias.float()
             return F.linear(x.float(), self.head.weight.float(), bias)
 
@@ -175,13 +178,39 @@ def lm_logits(
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :vocab]
 
 
+# Config attributes that change the logits after the LM head (soft-capping, scaling), and the
+# value of each that leaves them unchanged; also looked for in a nested text or decoder config.
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,  # Gemma 2/3, tanh soft-capping
+    "logit_scale": 1.0,  # Cohere
+    "logits_scaling": 1.0,  # Granite (divides), HyperCLOVA X (multiplies)
+    "lm_head_multiplier": 1.0,  # Falcon-H1
+    "output_multiplier": 1.0,
+}
+
+
+def logit_transforms(config) -> list[str]:
+    """``name=value`` of every config attribute that transforms the logits after the LM head."""
+    found = []
+    for sub in (config, getattr(config, "text_config", None), getattr(config, "decoder_config", None)):
+        for name, neutral in LOGIT_TRANSFORMS.items():
+            value = getattr(sub, name, None) if sub is not None else None
+            if value is not None and value != neutral:
+                found.append(f"{name}={value}")
+    return found
+
+
 def fused_head_problem(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
     """Why the fused loss cannot stand in for ``model(...).logits`` (None when it can).
 
     The fused loss takes the decoder's final hidden state and the LM head's weight and bias, so
     the model's logits must be exactly ``head(decoder(x))``: a plain ``nn.Linear`` head (no LoRA on
-    it) and no soft-capping or scaling after it (Gemma 2, Cohere, Granite do some). Checked on a
-    probe batch rather than by listing architectures."""
+    it) and no soft-capping or scaling after it. Refused by the config attributes that do that
+    (``LOGIT_TRANSFORMS``: a freshly initialised Gemma 2's logits are too small for its tanh cap of
+    30 to show), then checked on a probe batch for anything no attribute announces."""
+    transforms = logit_transforms(model.config)
+    if transforms:
+        return f"its config transforms the logits after the LM head ({', '.join(transforms)})"
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"the LM head is a {type(head).__name__}, not a plain Linear"
@@ -190,8 +219,9 @@ def fused_head_problem(model: PreTrainedModel, input_ids: torch.Tensor, attentio
     try:
         with torch.no_grad():
             logits = lm_logits(model, input_ids, attention_mask).float()
-            hidden, weight, bias = head_inputs(model, input_ids, attention_mask)  # what the fused loss gets
-            fused = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+            hidden = final_hidden(model, input_ids, attention_mask)  # what the fused loss gets
+            with lm_head(model) as (weight, bias):
+                fused = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     finally:
         model.train(was_training)
     if not torch.allclose(logits, fused, rtol=1e-4, atol=1e-4 * float(fused.abs().max()) + 1e-6):
@@ -199,28 +229,43 @@ def fused_head_problem(model: PreTrainedModel, input_ids: torch.Tensor, attentio
     return None
 
 
-def head_inputs(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    bf16: bool = False,
-    vocab: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """What the fused loss needs in place of ``lm_logits``: the final hidden states of positions
-    ``[:, :-1]`` (from the decoder in bf16 autocast with ``bf16``) and the LM head's weight and bias
-    as they are (rows beyond ``vocab`` dropped). The head is not cast: the fused loss then applies
-    it at the weight's precision, like ``lm_logits``' fp32 head, and returns the weight gradient
-    from its fp32 accumulator without rounding."""
+def final_hidden(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, bf16: bool = False
+) -> torch.Tensor:
+    """The decoder's final hidden states at positions ``[:, :-1]`` (those that predict a next
+    token), in bf16 autocast with ``bf16``: what the fused loss takes in place of ``lm_logits``."""
     autocast = torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
     with autocast:
         hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden[:, :-1]
+
+
+@contextmanager
+def lm_head(
+    model: PreTrainedModel | None, vocab: int | None = None
+) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The LM head's weight and bias (rows beyond ``vocab`` dropped), whole inside the block also
+    when the model is sharded; (None, None) without a model. They are not cast: the fused loss
+    applies the head at the weight's precision, like ``lm_logits``' fp32 head, and returns the
+    weight gradient from its fp32 accumulator without rounding; it computes that gradient in the
+    forward pass, so the block need only span the loss's forward."""
+    if model is None:
+        yield None, None
+        return
     head = model.get_output_embeddings()
-    return hidden[:, :-1], head.weight[:vocab], None if head.bias is None else head.bias[:vocab]
+    with gathered(head.parameters()):
+        yield head.weight[:vocab], None if head.bias is None else head.bias[:vocab]
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters a checkpoint must hold: all of a full fine-tune, only the adapters of LoRA."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The parameters a checkpoint must hold (all of a full fine-tune, only the adapters of LoRA),
+    copied to the CPU one tensor at a time."""
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            with gathered([p]):
+                state[name] = p.detach().to("cpu", copy=True)
+    return state
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -231,17 +276,63 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
         raise DistillError(f"{where}: checkpoint does not match the model (missing {missing}, unexpected {extra})")
     with torch.no_grad():
         for n, t in state.items():
-            params[n].copy_(t)
+            if tuple(t.shape) != tuple(full_shape(params[n])):
+                raise DistillError(f"{where}: {n} has shape {tuple(t.shape)} in the checkpoint, "
+                                   f"{tuple(full_shape(params[n]))} in the model")
+            with gathered([params[n]], modify=True):
+                params[n].copy_(t)
 
 
-def unwrap(model: PreTrainedModel) -> PreTrainedModel:
-    """The plain transformers model: LoRA adapters merged into a copy when present."""
-    if hasattr(model, "merge_and_unload"):
-        import copy
+def plain_model(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model under a PEFT wrapper (its LoRA layers still inside), or the model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
-        return copy.deepcopy(model).merge_and_unload()
-    return model
+
+def export_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The state dict of the plain transformers model on the CPU, LoRA adapters merged into their
+    base weights, gathered and copied one module at a time: the model itself is neither copied nor
+    changed on its device. Tied parameters stay one tensor, so ``save_pretrained`` ties them."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}  # id(parameter) -> its CPU copy
+
+    def cpu(p: torch.Tensor) -> torch.Tensor:
+        if id(p) not in copies:
+            with gathered([p]):
+                copies[id(p)] = p.detach().to("cpu", copy=True)
+        return copies[id(p)]
+
+    merged_prefixes: list[str] = []
+    for name, module in plain_model(model).named_modules():
+        if any(name.startswith(prefix) for prefix in merged_prefixes):
+            continue  # inside a LoRA layer: its base layer and adapters were merged into one weight
+        key = f"{name}." if name else ""
+        if isinstance(module, LoraLayer):
+            merged_prefixes.append(key)
+            base = module.get_base_layer()
+            with torch.no_grad(), gathered(module.parameters()):
+                weight = base.weight.detach()
+                if not module.merged:
+                    for adapter in module.active_adapters:
+                        if adapter in module.lora_A or adapter in getattr(module, "lora_embedding_A", {}):
+                            weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+                out[key + "weight"] = weight.to("cpu", copy=True)
+                if getattr(base, "bias", None) is not None:
+                    out[key + "bias"] = base.bias.detach().to("cpu", copy=True)
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            out[key + pname] = cpu(p)
+        for bname, b in module.named_buffers(recurse=False):
+            if bname not in module._non_persistent_buffers_set:
+                out[key + bname] = b.detach().to("cpu", copy=True)
+    return out
+
+
+def save_model(model: PreTrainedModel, out_dir: str | Path) -> None:
+    """``save_pretrained`` of the plain transformers model (LoRA merged) from ``export_state_dict``."""
+    plain_model(model).save_pretrained(out_dir, state_dict=export_state_dict(model))
 
 
 def count_parameters(params: Iterable[torch.nn.Parameter]) -> int:
-    return sum(p.numel() for p in params)
+    return sum(full_numel(p) for p in params)

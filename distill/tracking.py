@@ -29,8 +29,9 @@ class MetricsLog:
             self._tb.add_scalar(f"{split}/{key}", value, step)
 
     def close(self) -> None:
-        self._file.close()
-        self._tb.close()
+        if not self._file.closed:
+            self._file.close()
+            self._tb.close()
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
@@ -49,7 +50,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     val = [r for r in records if r["split"] == "validation"]
     if not train:
         return None
-    val_keys = [k for k in ("accuracy", "divergence", "ce") if any(k in r for r in val)]
+    val_keys = [k for k in ("accuracy", "chrf", "bleu", "rouge_l", "divergence", "ce") if any(k in r for r in val)]
     panels = [("train", "loss")] + [("validation", k) for k in val_keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (split, key) in zip(axes[0], panels, strict=True):

@@ -7,45 +7,52 @@ every counted token however the batch is split.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import PreTrainedModel
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+from transformers import PreTrainedModel, set_seed
 from transformers import PreTrainedTokenizerBase as Tokenizer
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from distill.checkpoint import export_model, load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from distill.config import DistillConfig, LossConfig, validate
-from distill.data import Batch, TrainData, builtin_records, load_split
+from distill.data import TrainData, builtin_records, encode_all, load_split
 from distill.errors import DistillError
-from distill.evaluation import evaluate, reference_losses
-from distill.losses import count_tokens, cross_entropy, divergence, fused_linear_divergence
+from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses
+from distill.losses import count_tokens
 from distill.models import (
     check_same_tokenizer,
     check_vocab_rows,
     count_parameters,
-    fused_head_problem,
-    head_inputs,
-    lm_logits,
     load_model,
     load_tokenizer,
     load_trainable_state,
     resolve_device,
+    save_model,
     trainable_state,
-    unwrap,
 )
+from distill.objective import batch_loss, fused_loss_problem
+from distill.report import write_report
 from distill.tokenizer import train_tokenizer
 from distill.tracking import MetricsLog, plot_curves
 
@@ -58,14 +65,13 @@ class RunResult:
     run_dir: Path
     model_dir: Path
     steps: int
-    # Test-split metrics by row name: "teacher", "student before", "student after".
+    # What was minimised, in words (e.g. "fkl", or "0.7 * fkl + 0.3 * ce").
+    objective: str = ""
+    # Rows "teacher", "student before", "student after" of metrics on each split.
     test: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    validation: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Records data.overlong skipped or truncated, by split.
+    data: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _tokenizer_for(cfg: DistillConfig, run_dir: Path) -> tuple[Tokenizer, str]:
@@ -82,9 +88,9 @@ def _tokenizer_for(cfg: DistillConfig, run_dir: Path) -> tuple[Tokenizer, str]:
     return load_tokenizer(out, "student"), str(out)
 
 
-def _saved_config(run_dir: Path, current: DistillConfig) -> DistillConfig:
+def _saved_config(run_dir: Path, current: DistillConfig, steps: int | None) -> DistillConfig:
     """The config a run was started with: a resumed run continues exactly that recipe, on the
-    device and with the progress display asked for now."""
+    device and with the progress display asked for now, and up to ``steps`` when given."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise DistillError(f"resume: {run_dir} is not a distill run directory (no config.yaml)")
@@ -94,49 +100,49 @@ def _saved_config(run_dir: Path, current: DistillConfig) -> DistillConfig:
         raise DistillError(f"resume: cannot read {path}: {e}") from None
     cfg.resume = str(run_dir)
     cfg.trainer.device, cfg.trainer.progress = current.trainer.device, current.trainer.progress
+    if steps is not None:
+        if steps < cfg.trainer.steps:
+            raise DistillError(f"resume: trainer.steps={steps} is below the run's {cfg.trainer.steps}; "
+                               "a run can be extended, not shortened")
+        cfg.trainer.steps = steps
     return cfg
 
 
-def step_loss(
-    loss: LossConfig,
-    student: PreTrainedModel,
-    teacher: PreTrainedModel | None,
-    batch: Batch,
-    *,
-    bf16: bool,
-    vocab: int,
-    fused: bool,
-) -> torch.Tensor:
-    """Summed loss of one micro-batch over its counted (response) tokens. ``fused``: the LM head
-    and the divergence in one pass over token chunks (see ``fused_loss_problem``)."""
-    labels = batch.labels[:, 1:]  # next-token targets: position i predicts token i + 1
-    ids, mask = batch.input_ids, batch.attention_mask
-    if fused:
-        h_s, w_s, b_s = head_inputs(student, ids, mask, bf16, vocab)
-        with torch.no_grad():
-            h_t, w_t, b_t = head_inputs(teacher, ids, mask, bf16, vocab)
-        return fused_linear_divergence(
-            h_s, w_s, h_t, w_t, labels, student_bias=b_s, teacher_bias=b_t, reduction="sum",
-            chunk_size=loss.chunk_size, backend=loss.backend, **loss.divergence_kwargs(),
-        )
-    s = lm_logits(student, ids, mask, bf16, vocab)
-    if loss.kind == "ce":
-        return cross_entropy(s, labels, reduction="sum")
-    with torch.no_grad():
-        t = lm_logits(teacher, ids, mask, bf16, vocab)
-    return divergence(s, t, labels, reduction="sum", backend=loss.backend, **loss.divergence_kwargs())
+def objective_name(loss: LossConfig) -> str:
+    """The objective in words, for the report: ``fkl``, ``ce`` or ``0.7 * fkl + 0.3 * ce``."""
+    kd = loss.kind + (f"(beta={loss.beta})" if loss.kind == "gjsd" else "") + \
+        (f"(alpha={loss.alpha})" if loss.kind.startswith("skew") else "")
+    if loss.temperature != 1.0:
+        kd += f" at temperature {loss.temperature}" + (" (x T^2)" if loss.hinton_scale else "")
+    if loss.kind == "ce" or loss.ce_weight == 0:
+        return kd
+    return f"{1 - loss.ce_weight:g} * {kd} + {loss.ce_weight:g} * ce"
 
 
-def fused_loss_problem(
-    student: PreTrainedModel, teacher: PreTrainedModel, vocab: int, device: torch.device
-) -> str | None:
-    """Why the fused loss cannot stand in for full logits with these models (None when it can)."""
-    probe = torch.arange(min(vocab, 16), device=device)[None]  # any valid ids will do
-    for role, model in (("student", student), ("teacher", teacher)):
-        problem = fused_head_problem(model, probe, torch.ones_like(probe))
-        if problem:
-            return f"{role}: {problem}"
-    return None
+def _warnings(cfg: DistillConfig, student: PreTrainedModel, device: torch.device) -> list[str]:
+    """Settings that run but are probably not what was meant."""
+    tc, out = cfg.trainer, []
+    if tc.warmup_steps >= tc.steps:
+        out.append(f"trainer.warmup_steps={tc.warmup_steps} is not below trainer.steps={tc.steps}: the learning "
+                   "rate never reaches trainer.lr")
+    trained = [p for p in student.parameters() if p.requires_grad]
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in trained):
+        out.append(f"student.dtype={cfg.student.dtype}: AdamW updates the {cfg.student.dtype} weights themselves "
+                   "(no fp32 master copy), and steps below their precision are lost; use student.dtype=float32 "
+                   "with trainer.precision=bf16")
+    if tc.precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        out.append("trainer.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX) is emulated "
+                   "and several times slower than fp32")
+    return out
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (Linux's /proc/cpuinfo flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # cannot tell: no warning
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 class _StopAtStepBoundary:
@@ -161,13 +167,21 @@ class _StopAtStepBoundary:
             signal.signal(signal.SIGINT, self._previous)
 
 
+class _StatsColumn(ProgressColumn):
+    """Loss and tokens/s of the training row; nothing on an evaluation row."""
+
+    def render(self, task) -> Text:
+        if "loss" not in task.fields:
+            return Text("")
+        return Text(f"loss {task.fields['loss']:.4f}  {task.fields['tps']:,.0f} tok/s")
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("[bold]distill[/]"),
+        TextColumn("[bold]{task.description}[/]"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        _StatsColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
@@ -176,10 +190,25 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
-    """Run the recipe described by ``cfg``, writing everything under ``run_dir``."""
+@contextmanager
+def _showing(progress: Progress, description: str, total: int) -> Iterator[Callable[[], None]]:
+    """A row of ``progress`` for an evaluation pass of ``total`` batches; yields its step callback."""
+    task = progress.add_task(description, total=total)
+    try:
+        yield lambda: progress.advance(task)
+    finally:
+        progress.remove_task(task)
+
+
+def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> RunResult:
+    """Run the recipe described by ``cfg``, writing everything under ``run_dir``.
+
+    With ``cfg.resume`` the run's saved config continues from its latest checkpoint (on the device
+    and with the progress display asked for now); ``steps`` then raises its ``trainer.steps``, so a
+    finished run can be trained further (the cosine schedule is stretched to the new length from
+    the step it resumes at)."""
     if cfg.resume is not None:
-        cfg, run_dir = _saved_config(Path(cfg.resume), cfg), Path(cfg.resume)
+        cfg, run_dir = _saved_config(Path(cfg.resume), cfg, steps), Path(cfg.resume)
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -196,81 +225,149 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
         check_vocab_rows(teacher, tokenizer, f"teacher {cfg.teacher.path}")
     # Seed right before the student: loading a teacher may consume random numbers, and a student
     # built from scratch must get the same initial weights with or without one.
-    seed_everything(tc.seed)
+    set_seed(tc.seed)
     student = load_model(cfg.student, "student", device, tokenizer)
     check_vocab_rows(student, tokenizer, f"student {cfg.student.path or 'from arch'}")
-    if cfg.loss.kind == "ce" and teacher is not None:
-        log.info("loss.kind=ce: the teacher is only evaluated, not used for training")
+    for warning in _warnings(cfg, student, device):
+        console.print(f"[yellow]warning: {warning}[/yellow]")
 
+    result = RunResult(run_dir, run_dir / "model", tc.steps, objective=objective_name(cfg.loss))
     data = TrainData(cfg.data, tokenizer, tc.seed)
-    val_records = load_split(cfg.data, "validation", tokenizer)
-    test_records = load_split(cfg.data, "test", tokenizer) if cfg.final_eval else []
+    result.data["train"] = data.counts
+    splits: dict[str, list] = {}
+    for split in ("validation", "test") if cfg.final_eval else ("validation",):
+        records = load_split(cfg.data, split, tokenizer)
+        splits[split], _, result.data[split] = encode_all(records, tokenizer, cfg.data.max_length, cfg.data.overlong)
+    for split, counts in result.data.items():
+        if counts.get("skipped") or counts.get("truncated"):
+            console.print(f"[yellow]data.{split}: of {counts['records']} records, {counts['skipped']} skipped and "
+                          f"{counts['truncated']} truncated: prompts of at least data.max_length="
+                          f"{cfg.data.max_length} tokens (data.overlong={cfg.data.overlong})[/yellow]")
+    val_records, test_records = splits["validation"], splits.get("test", [])
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, tc.warmup_steps, tc.steps, min_lr_rate=tc.min_lr_ratio
     )
-    gen_args = dict(max_new_tokens=tc.max_new_tokens, batch_size=tc.eval_batch_size, max_length=cfg.data.max_length)
+    bf16, vocab = tc.precision == "bf16", len(tokenizer)
+    trains_kd = cfg.loss.kind != "ce"  # SFT trains without the teacher (it is only evaluated)
+    fused = cfg.loss.fused
+    not_fused = fused_loss_problem(student, teacher, vocab, device) if fused else None
+    if not_fused:
+        console.print(f"[yellow]full logits instead of the fused loss: {not_fused}[/yellow]")
+        fused = False
+    eval_args = dict(batch_size=tc.eval_batch_size, max_length=cfg.data.max_length)
+    gen_args = dict(metric=cfg.data.metric, max_new_tokens=tc.max_new_tokens, **eval_args)
+
+    def measure(progress: Progress, what: str, model: PreTrainedModel, records: list, with_teacher: bool,
+                generate: bool = True) -> dict[str, float]:
+        """Losses (and, with ``generate``, generation metrics) of ``model`` on ``records``, with a progress row."""
+        passes = 1 + (generate and needs_generation(records, cfg.data.metric))
+        with _showing(progress, what, passes * batch_count(records, tc.eval_batch_size)) as advance:
+            row = reference_losses(model, teacher if with_teacher else None, tokenizer, records, cfg.loss,
+                                   fused=fused, on_batch=advance, **eval_args)
+            if generate:
+                row.update(evaluate(model, tokenizer, records, on_batch=advance, **gen_args))
+        return row
 
     step, tokens_seen = 0, 0
-    result = RunResult(run_dir, run_dir / "model", tc.steps)
     resumed = load_latest_checkpoint(run_dir) if cfg.resume is not None else None
-    if resumed is not None:
-        weights, state = resumed
-        load_trainable_state(student, weights, f"resume {run_dir}")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        data.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        step, tokens_seen, result.test = state["step"], state["tokens_seen"], state["test"]
-        console.print(f"resuming {run_dir} from step {step}")
-    else:
-        if cfg.resume is not None:
-            console.print(f"no checkpoint in {run_dir}: starting from step 0")
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        if test_records:
-            console.print(f"evaluating on the test split ({len(test_records)} examples) before training")
-            if teacher is not None:
-                result.test["teacher"] = evaluate(teacher, tokenizer, test_records, **gen_args)
-            result.test["student before"] = evaluate(student, tokenizer, test_records, **gen_args)
-    console.print(
-        f"student: {count_parameters(params):,} trainable of {count_parameters(student.parameters()):,} parameters"
-        + (f"; teacher: {count_parameters(teacher.parameters()):,}" if teacher is not None else "")
-        + f"; {len(data.examples) or 'streamed'} training examples; device {device}"
-    )
+    metrics = None
+    try:
+        with _progress(tc.progress) as progress:
+            if resumed is not None:
+                weights, state = resumed
+                step = state["step"]
+                if step >= tc.steps and (run_dir / "report.json").exists():
+                    raise DistillError(f"resume: {run_dir} finished at step {step} (trainer.steps={tc.steps}); "
+                                       f"to train further, raise it: distill resume={run_dir} trainer.steps=N")
+                load_trainable_state(student, weights, f"resume {run_dir}")
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                data.load_state_dict(state["data"])
+                set_rng_state(state["rng"])
+                tokens_seen, result.test = state["tokens_seen"], state["test"]
+                result.validation = state.get("validation", {})
+                console.print(f"resuming {run_dir} from step {step} of {tc.steps}")
+            else:
+                if cfg.resume is not None:
+                    console.print(f"no checkpoint in {run_dir}: starting from step 0")
+                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+                # The "before" point: the teacher's own cross-entropy and the student before training.
+                if val_records:
+                    if teacher is not None:
+                        result.validation["teacher"] = measure(progress, "validation: teacher", teacher, val_records,
+                                                               with_teacher=False, generate=False)
+                    result.validation["student before"] = measure(progress, "validation: student", student,
+                                                                  val_records, with_teacher=True)
+                if test_records:
+                    if teacher is not None:
+                        result.test["teacher"] = measure(progress, "test: teacher", teacher, test_records,
+                                                         with_teacher=False)
+                    result.test["student before"] = measure(progress, "test: student", student, test_records,
+                                                            with_teacher=True)
+            console.print(
+                f"student: {count_parameters(params):,} trainable of {count_parameters(student.parameters()):,} "
+                "parameters" + (f"; teacher: {count_parameters(teacher.parameters()):,}" if teacher is not None else "")
+                + f"; {len(data.examples) or 'streamed'} training examples; objective {result.objective}; "
+                f"device {device}"
+            )
+            metrics = MetricsLog(run_dir, resume_step=step if cfg.resume is not None else None)
+            if resumed is None and result.validation:
+                before = dict(result.validation["student before"])
+                if "teacher" in result.validation:
+                    before["teacher_ce"] = result.validation["teacher"]["ce"]
+                metrics.log("validation", 0, before)
+            _loop(cfg, run_dir, progress, student, teacher if trains_kd else None, data, optimizer, scheduler,
+                  metrics, result, params, step, tokens_seen, bf16=bf16, vocab=vocab, fused=fused, device=device,
+                  validate_now=lambda: measure(progress, "validation", student, val_records, with_teacher=True)
+                  if val_records else None)
+            metrics.close()  # flushed for the plot
+            export_model(result.model_dir, lambda d: (save_model(student, d), tokenizer.save_pretrained(d)))
+            plot_curves(metrics.path, run_dir / "curves.png")
+            if test_records:
+                result.test["student after"] = measure(progress, "test: student", student, test_records,
+                                                       with_teacher=True)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    write_report(result)
+    return result
 
-    metrics = MetricsLog(run_dir, resume_step=step if cfg.resume is not None else None)
-    last_saved = step
+
+def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTrainedModel,
+          teacher: PreTrainedModel | None, data: TrainData, optimizer, scheduler, metrics: MetricsLog,
+          result: RunResult, params: list, step: int, tokens_seen: int, *, bf16: bool, vocab: int, fused: bool,
+          device: torch.device, validate_now: Callable[[], dict[str, float] | None]) -> None:
+    """The optimizer steps from ``step`` to ``trainer.steps``, with logging, validation and checkpoints."""
+    tc = cfg.trainer
+    last_saved = step if step > 0 else None  # a resumed run starts at its checkpoint
 
     def checkpoint() -> None:
         nonlocal last_saved
         state = {
             "step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "data": data.state_dict(), "rng": rng_state(), "test": result.test,
+            "validation": result.validation,
         }
         save_checkpoint(run_dir, step, trainable_state(student), state, tc.keep_checkpoints)
         last_saved = step
 
     student.train()
-    bf16, vocab = tc.precision == "bf16", len(tokenizer)
-    fused = cfg.loss.fused and cfg.loss.kind != "ce"  # cross-entropy (SFT) takes the full logits
-    not_fused = fused_loss_problem(student, teacher, vocab, device) if fused else None
-    if not_fused:
-        console.print(f"[yellow]full logits instead of the fused loss: {not_fused}[/yellow]")
-        fused = False
     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
+    task = progress.add_task("train", total=tc.steps, completed=step, loss=math.nan, tps=0.0)
     try:
-        with _progress(tc.progress) as progress, _StopAtStepBoundary() as stop:
-            task = progress.add_task("train", total=tc.steps, completed=step, loss=math.nan, tps=0.0)
+        with _StopAtStepBoundary() as stop:
             while step < tc.steps:
                 micro = [data.next_batch(tc.batch_size) for _ in range(tc.grad_accum)]
                 # The step's denominator: counted tokens of all its micro-batches, known before any backward.
                 n_counted = sum(count_tokens(b.labels[:, 1:]) for b in micro)
-                loss_sum = 0.0
+                loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
                 for b in micro:
-                    loss = step_loss(cfg.loss, student, teacher, b.to(device), bf16=bf16, vocab=vocab, fused=fused)
+                    loss = batch_loss(cfg.loss, student, teacher, b.to(device), bf16=bf16, vocab=vocab,
+                                      fused=fused).loss
                     (loss / max(n_counted, 1)).backward()
-                    loss_sum += float(loss.detach())
+                    loss_sum += loss.detach()
                     tokens_window += b.num_tokens
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
                 optimizer.step()
@@ -283,7 +380,7 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
                 if step % tc.log_every == 0 or step == tc.steps:
                     elapsed = time.perf_counter() - t_start
                     tps = tokens_window / max(elapsed, 1e-9)
-                    mean_loss = sum(loss_window) / len(loss_window)
+                    mean_loss = float(torch.stack(loss_window).mean())
                     metrics.log("train", step, {
                         "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                         "response_tokens": tokens_seen, "tokens_per_s": tps,
@@ -292,12 +389,14 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
                     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
                 progress.update(task, completed=step)
 
-                if val_records and (step % tc.eval_every == 0 or step == tc.steps):
-                    val = reference_losses(student, teacher, tokenizer, val_records, cfg.loss,
-                                           batch_size=tc.eval_batch_size, max_length=cfg.data.max_length)
-                    val.update(evaluate(student, tokenizer, val_records, **gen_args))
-                    metrics.log("validation", step, val)
-                    progress.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    paused = time.perf_counter()
+                    val = validate_now()
+                    if val is not None:
+                        metrics.log("validation", step, val)
+                        result.validation["student after"] = val
+                        progress.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+                    t_start += time.perf_counter() - paused  # tokens/s counts training time only
                 if step % tc.save_every == 0 or step == tc.steps or stop.requested:
                     checkpoint()
                 if stop.requested and step < tc.steps:
@@ -305,30 +404,9 @@ def train(cfg: DistillConfig, run_dir: Path) -> RunResult:
                         f"interrupted at step {step}; checkpoint saved. Continue with: distill resume={run_dir}"
                     )
     except KeyboardInterrupt:
+        if last_saved is None:
+            raise DistillError(f"stopped at once during step {step + 1}, before the first checkpoint") from None
         raise DistillError(
             f"stopped at once during step {step + 1}; the last checkpoint is step {last_saved}. "
             f"Continue from it with: distill resume={run_dir}"
         ) from None
-    finally:
-        metrics.close()
-
-    final = unwrap(student)
-    export_model(result.model_dir, lambda d: (final.save_pretrained(d), tokenizer.save_pretrained(d)))
-    plot_curves(metrics.path, run_dir / "curves.png")
-    if test_records:
-        result.test["student after"] = evaluate(student, tokenizer, test_records, **gen_args)
-    _write_report(result)
-    return result
-
-
-def _write_report(result: RunResult) -> None:
-    report = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir), "steps": result.steps,
-              "test": result.test}
-    (result.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if result.test:
-        keys = sorted({k for row in result.test.values() for k in row})
-        lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for name, row in result.test.items():
-            lines.append(f"| {name} | " + " | ".join(f"{row.get(k, float('nan')):.4g}" for k in keys) + " |")
-        (result.run_dir / "report.md").write_text("\n".join(lines) + "\n")
-

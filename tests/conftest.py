@@ -13,7 +13,10 @@ import shutil
 # The Triton kernels run in the interpreter on CPU tensors. This must be set before triton is
 # first imported (transformers imports it), because @triton.jit decides at decoration time. The
 # "auto" loss backend still takes plain PyTorch on the CPU; kernel tests ask for backend="triton".
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# DISTILL_TEST_DEVICE=cuda (make gpu-check) runs the kernel and fused-loss tests on the GPU instead:
+# compiled kernels and the CUDA branches of the chunk loop.
+if os.environ.get("DISTILL_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 

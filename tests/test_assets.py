@@ -33,6 +33,6 @@ def test_teacher_accuracy_as_recorded(recorded):
     teacher = AutoModelForCausalLM.from_pretrained(ASSETS / "teacher", dtype=torch.float32)
     tok = load_tokenizer(ASSETS / "teacher")
     records = builtin_records(DataConfig(), "test", 200)
-    metrics = evaluate(teacher, tok, records, max_new_tokens=64, batch_size=100, max_length=128)
+    metrics = evaluate(teacher, tok, records, metric="auto", max_new_tokens=64, batch_size=100, max_length=128)
     assert metrics["accuracy"] >= 0.9
     assert metrics["accuracy"] == pytest.approx(recorded["teacher"]["accuracy"], abs=0.02)

@@ -6,10 +6,20 @@ import json
 
 import pytest
 import torch
+from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
 from distill.config import DataConfig
-from distill.data import IGNORE_INDEX, EpochSampler, Record, collate, encode, prompt_ids, read_records
+from distill.data import (
+    IGNORE_INDEX,
+    EpochSampler,
+    Record,
+    collate,
+    encode,
+    encode_all,
+    prompt_ids,
+    read_records,
+)
 from distill.errors import DistillError
 
 
@@ -88,10 +98,48 @@ def test_chat_messages_use_the_template(tmp_path, tokenizer_dir):
         read_records(f, DataConfig(), plain)
 
 
-def test_overlong_prompt_is_an_error(tokenizer_dir):
+def test_overlong_prompts_skip_truncate_or_error(tokenizer_dir):
+    """A prompt that leaves no room for its completion: named in an error, skipped, or cut from the
+    left so that the completion keeps up to half of max_length; each counted."""
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    with pytest.raises(DistillError, match="f.jsonl:1: prompt is"):
-        encode(Record("Write 1 in words. " * 20, "one", "f.jsonl:1"), tok, 16)
+    long, short = Record("Write 1 in words. " * 20, "one", "f.jsonl:1"), Record("Write 2 in words.", "two", "f.jsonl:2")
+    with pytest.raises(DistillError, match=r"f.jsonl:1: prompt is \d+ tokens, at least data.max_length=16 "
+                                           r"\(data.overlong=skip or truncate"):
+        encode(long, tok, 16)
+    assert encode(long, tok, 16, "skip") is None
+    p, c = encode(long, tok, 16, "truncate")
+    full = prompt_ids(long, tok)
+    assert p == full[len(full) - len(p):] and len(p) + len(c) <= 16  # the prompt's end is kept
+    assert c == encode(short, tok, 64)[1][: len(c)] or c[-1] == tok.eos_token_id
+    kept, pairs, counts = encode_all([long, short, long], tok, 16, "skip")
+    assert kept == [short] and len(pairs) == 1 and counts == {"records": 3, "skipped": 2, "truncated": 0, "cut": 0}
+    kept, pairs, counts = encode_all([long, short], tok, 16, "truncate")
+    assert len(pairs) == 2 and counts["truncated"] == 1
+    _, pairs, counts = encode_all([Record("Write 2 in words.", "two hundred and " * 10, "f:3")], tok, 16, "skip")
+    assert counts["cut"] == 1 and len(pairs[0][0]) + len(pairs[0][1]) == 16
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_chatml_reply_ends_at_its_end_token(tmp_path, tokenizer_dir):
+    """ChatML renders each turn as "<|im_start|>role\\n...<|im_end|>\\n" and its models stop at
+    <|im_end|>: the completion is the reply through that token, without the newline after it and
+    without a second end token (which the student would learn to emit)."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>"})
+    tok.add_tokens([AddedToken("\n", normalized=False)])  # a newline token, as byte-level BPEs have
+    tok.chat_template = CHATML
+    msgs = [{"role": "user", "content": "Write 5 in words."}, {"role": "assistant", "content": "five"}]
+    f = write(tmp_path / "chat.jsonl", [json.dumps({"messages": msgs})])
+    (r,) = read_records(f, DataConfig(), tok)
+    assert r.completion == "five<|im_end|>\n"  # the template's rendering, newline included
+    p, c = encode(r, tok, 64)
+    assert c[-1] == tok.eos_token_id and c.count(tok.eos_token_id) == 1
+    assert tok.decode(c) == "five<|im_end|>"
+    assert p[-len(tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids):] == \
+        tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
 
 
 def test_sampler_resumes_exactly():
@@ -105,6 +153,17 @@ def test_sampler_resumes_exactly():
     assert first + c.take(11) == full
     with pytest.raises(DistillError, match="training data changed"):
         EpochSampler(8, seed=5).load_state_dict(b.state_dict())
+
+
+def test_sampler_draws_each_epoch_once(monkeypatch):
+    """One permutation per epoch, not one per call: 50 batches of 2 over 10 items are 10 epochs."""
+    calls = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    s = EpochSampler(10, seed=1)
+    for _ in range(50):
+        s.take(2)
+    assert len(calls) == 10
 
 
 def test_bom_and_null_messages(tmp_path):

@@ -1,15 +1,21 @@
-"""fused_linear_divergence (chunked LM head + divergence) against the reference on full logits."""
+"""The fused losses (chunked LM head + divergence, cross-entropy or their mix) against the
+reference on full logits."""
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill import chunked_loss
-from distill.losses import KINDS, fused_linear_divergence
+from distill.losses import KINDS, fused_linear_cross_entropy, fused_linear_divergence, fused_linear_loss
 
+# DISTILL_TEST_DEVICE=cuda (make gpu-check): the same tests on the GPU, where the chunk loop takes
+# its CUDA branches (fp32-output matmuls) and backend "auto" the compiled kernels.
+DEVICE = torch.device(os.environ.get("DISTILL_TEST_DEVICE", "cpu"))
 CASES = [(k, b) for k in KINDS for b in ([0.0, 0.1, 0.5, 0.9, 1.0] if k == "gjsd" else [0.5])]
 
 
@@ -28,7 +34,7 @@ def make(seed: int, dtype=torch.float64, bias: bool = True):
     labels = torch.randint(0, V_s, (B, T), generator=g)
     labels[0, :3] = -100
     labels[2, 5:] = -100
-    return t, labels
+    return {k: None if v is None else v.to(DEVICE) for k, v in t.items()}, labels.to(DEVICE)
 
 
 def reference(t, labels, **kw):
@@ -126,3 +132,85 @@ def test_bad_arguments():
         fused_linear_divergence(t["s_h"], t["s_w"], t["t_h"][:, :-1], t["t_w"], labels)
     with pytest.raises(ValueError, match="reduction"):
         fused_linear_divergence(t["s_h"], t["s_w"], t["t_h"], t["t_w"], labels, reduction="none")
+
+
+def reference_ce(t, labels):
+    return chunked_loss.reference_cross_entropy(t["s_h"], t["s_w"], labels, bias=t["s_b"])
+
+
+def test_cross_entropy_matches_reference_float64():
+    """SFT through the chunk loop: value and every student gradient equal full logits + CE."""
+    t, labels = make(21)
+    a, b = leaf(t), leaf(t)
+    fused = fused_linear_cross_entropy(a["s_h"], a["s_w"], labels, bias=a["s_b"], chunk_size=4)
+    ref = reference_ce(b, labels)
+    assert torch.allclose(fused, ref, rtol=1e-10, atol=1e-12)
+    gf, gr = grads(fused, a), grads(ref, b)
+    for k in gr:
+        assert torch.allclose(gf[k], gr[k], rtol=1e-8, atol=1e-12), k
+
+
+@pytest.mark.parametrize("ce_weight", [0.3, 1.0])
+@pytest.mark.parametrize("hinton", [False, True])
+def test_mixed_objective_and_its_terms(ce_weight, hinton):
+    """(1 - w) D + w CE with both gradients in one pass (the gradient buffer must not overwrite the
+    logits the second term still reads), and the unweighted terms reported beside it."""
+    t, labels = make(22)
+    kw = dict(kind="gjsd", beta=0.3, temperature=2.0, hinton_scale=hinton)
+    a, b = leaf(t), leaf(t)
+    out = fused_linear_loss(a["s_h"], a["s_w"], labels, teacher_hidden=a["t_h"], teacher_weight=a["t_w"],
+                            student_bias=a["s_b"], teacher_bias=a["t_b"], ce_weight=ce_weight, chunk_size=5, **kw)
+    div, ce = reference(b, labels, **kw), reference_ce(b, labels)
+    ref = (1 - ce_weight) * div + ce_weight * ce
+    assert torch.allclose(out.loss, ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(out.divergence, div.detach() / (4.0 if hinton else 1.0), rtol=1e-10)
+    assert torch.allclose(out.cross_entropy, ce.detach(), rtol=1e-10)
+    gf, gr = grads(out.loss, a), grads(ref, b)
+    for k in gr:
+        assert torch.allclose(gf[k], gr[k], rtol=1e-8, atol=1e-12), k
+
+
+def test_evaluation_terms_without_gradient_buffers():
+    """Under no_grad: the divergence and the cross-entropy from one pass, equal to the references,
+    and no buffer of a gradient's shape is created."""
+    t, labels = make(23)
+    shapes = []
+
+    class Shapes(TorchDispatchMode):  # the shapes of new buffers (factory functions)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in ("empty", "zeros", "empty_like", "zeros_like", "new_zeros", "new_empty"):
+                shapes.append(tuple(out.shape))
+            return out
+
+    s_h, s_w, s_b = (t[k].clone().requires_grad_() for k in ("s_h", "s_w", "s_b"))
+    with torch.no_grad(), Shapes():
+        out = fused_linear_loss(s_h, s_w, labels, teacher_hidden=t["t_h"], teacher_weight=t["t_w"], student_bias=s_b,
+                                teacher_bias=t["t_b"], kind="fkl", measure_cross_entropy=True, chunk_size=4)
+    assert torch.allclose(out.loss, reference(t, labels, kind="fkl"), rtol=1e-10)
+    assert torch.allclose(out.divergence, out.loss) and torch.allclose(out.cross_entropy, reference_ce(t, labels))
+    counted = int((labels != -100).sum())
+    grad_shapes = {tuple(s_w.shape), tuple(s_b.shape), (counted, s_h.shape[-1])}
+    assert not grad_shapes & set(shapes), grad_shapes & set(shapes)
+
+
+def test_autocast_does_not_lower_the_precision():
+    """Inside bf16 autocast the chunk matmuls stay fp32 for fp32 inputs (autocast would run them in
+    bf16: about 1e-4 relative error instead of 1e-7)."""
+    t, labels = make(24, dtype=torch.float32)
+    wide = {k: v.double() for k, v in t.items()}
+    for kw in (dict(kind="fkl"), dict(kind="gjsd", ce_weight=0.5)):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            got = fused_linear_loss(t["s_h"], t["s_w"], labels, teacher_hidden=t["t_h"], teacher_weight=t["t_w"],
+                                    student_bias=t["s_b"], teacher_bias=t["t_b"], **kw).loss
+        w = kw.get("ce_weight", 0.0)
+        want = (1 - w) * reference(wide, labels, kind=kw["kind"]) + w * reference_ce(wide, labels)
+        assert abs(float(got) - float(want)) < 1e-6 * abs(float(want)), kw
+
+
+def test_cross_entropy_arguments():
+    t, labels = make(25)
+    with pytest.raises(ValueError, match="ce_weight"):
+        fused_linear_loss(t["s_h"], t["s_w"], labels, teacher_hidden=t["t_h"], teacher_weight=t["t_w"], ce_weight=1.5)
+    with pytest.raises(ValueError, match="needs labels"):
+        fused_linear_loss(t["s_h"], t["s_w"])

@@ -1,4 +1,5 @@
-"""The Triton kernels (run by the interpreter on the CPU) against the float64 reference.
+"""The Triton kernels against the float64 reference: in the interpreter on the CPU, or compiled on
+a GPU with DISTILL_TEST_DEVICE=cuda (``make gpu-check``).
 
 Shapes are small and randomized: vocabularies that are not a multiple of the block, token counts
 that are not a multiple of the chunk, ignored tokens, non-contiguous inputs, unequal hidden and
@@ -20,10 +21,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill import chunked_loss, losses
+from distill.kernels import cross_entropy as kce
 from distill.kernels import divergence as kdiv
-from distill.losses import KINDS, divergence, fused_linear_divergence
+from distill.losses import KINDS, divergence, fused_linear_divergence, fused_linear_loss
 
-pytestmark = pytest.mark.skipif(not kdiv.INTERPRETED, reason="needs TRITON_INTERPRET=1 before import (conftest)")
+DEVICE = torch.device(os.environ.get("DISTILL_TEST_DEVICE", "cpu"))
+pytestmark = pytest.mark.skipif(
+    not (kdiv.INTERPRETED if DEVICE.type == "cpu" else torch.cuda.is_available()),
+    reason="the kernels need TRITON_INTERPRET=1 before import (conftest) on the CPU, or a CUDA device",
+)
 
 CASES = [(k, b) for k in KINDS for b in ([0.0, 0.1, 0.5, 0.9, 1.0] if k == "gjsd" else [0.5])]
 DTYPES = [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]
@@ -47,7 +53,7 @@ def fused_inputs(seed: int, dtype: torch.dtype, bias: bool = True):
     labels = torch.randint(0, 300, (2, 27), generator=g)
     labels[0, :6] = -100
     labels[1, -3:] = -100
-    return t, labels
+    return {k: None if v is None else v.to(DEVICE) for k, v in t.items()}, labels.to(DEVICE)
 
 
 def run_fused(t, labels, wide: bool = False, **kw):
@@ -88,9 +94,9 @@ def test_fused_linear_divergence_matches_reference(kind, beta, dtype, tol):
 def test_divergence_kernel_on_given_logits(kind, beta, dtype, tol):
     """The non-fused entry point: logits given, vocabulary padding, all three reductions."""
     g = torch.Generator().manual_seed(7)
-    s = (torch.randn(3, 11, 300, generator=g) * 3).to(dtype)
-    t = (torch.randn(3, 11, 305, generator=g) * 3).to(dtype)
-    labels = torch.randint(0, 300, (3, 11), generator=g)
+    s = (torch.randn(3, 11, 300, generator=g) * 3).to(DEVICE, dtype)
+    t = (torch.randn(3, 11, 305, generator=g) * 3).to(DEVICE, dtype)
+    labels = torch.randint(0, 300, (3, 11), generator=g).to(DEVICE)
     labels[1] = -100
     kw = dict(kind=kind, beta=beta, alpha=0.25, temperature=0.7)
     for reduction in ("mean", "sum", "none"):
@@ -98,7 +104,7 @@ def test_divergence_kernel_on_given_logits(kind, beta, dtype, tol):
         out = divergence(a, t, labels, backend="triton", reduction=reduction, **kw)
         ref = divergence(b, t.double(), labels, backend="torch", reduction=reduction, **kw)
         assert rel(out, ref) < 1e-5  # fp32 inside the kernel whatever the input dtype
-        weights = torch.rand(ref.shape, generator=g, dtype=torch.float64)  # any upstream gradient
+        weights = torch.rand(ref.shape, generator=g, dtype=torch.float64).to(DEVICE)  # any upstream gradient
         (ga,) = torch.autograd.grad((out * weights.to(out.dtype)).sum(), a)
         (gb,) = torch.autograd.grad((ref * weights).sum(), b)
         assert ga.dtype == dtype and rel(ga, gb) < tol, (reduction, rel(ga, gb))
@@ -108,7 +114,7 @@ def test_divergence_kernel_on_given_logits(kind, beta, dtype, tol):
 def test_several_vocabulary_blocks_and_row_tiles(kind, beta):
     """Blocks of 64 over V = 300 (4 full blocks and a partial one); 13 rows in tiles of 8."""
     g = torch.Generator().manual_seed(3)
-    s, t = torch.randn(13, 300, generator=g) * 4, torch.randn(13, 300, generator=g) * 4
+    s, t = (torch.randn(13, 300, generator=g).to(DEVICE) * 4 for _ in range(2))
     a, b = s.clone().requires_grad_(), s.double().requires_grad_()
     out = kdiv.TritonDivergence.apply(a, t, kind, beta, 0.4, 1.3, 64)
     ref = kdiv.reference(b, t.double(), kind=kind, beta=beta, alpha=0.4, temperature=1.3)
@@ -123,10 +129,10 @@ def test_tokens_masked_in_both_models_stay_finite(kind, beta):
     """-inf on the same tokens in both models (student through its bias, teacher logits given):
     finite loss, finite gradients, zero gradient on the masked tokens, and the reference's value."""
     g = torch.Generator().manual_seed(5)
-    s_h, s_w = torch.randn(9, 16, generator=g), torch.randn(200, 16, generator=g) * 0.5
-    s_b = torch.zeros(200)
+    s_h, s_w = torch.randn(9, 16, generator=g).to(DEVICE), torch.randn(200, 16, generator=g).to(DEVICE) * 0.5
+    s_b = torch.zeros(200, device=DEVICE)
     s_b[[3, 50, 199]] = -float("inf")
-    z_t = torch.randn(9, 200, generator=g) * 2
+    z_t = torch.randn(9, 200, generator=g).to(DEVICE) * 2
     z_t[:, [3, 50, 199]] = -float("inf")
     leaves = [x.clone().requires_grad_() for x in (s_h, s_w)]
     kw = dict(kind=kind, beta=beta, alpha=0.3)
@@ -171,14 +177,19 @@ def test_chunking_reductions_and_hinton_scale():
 
 
 @pytest.mark.parametrize("addmm", [True, False])
-def test_tensor_core_path_emulated(monkeypatch, addmm):
-    """The CUDA code path (half-precision weights used as they are, fp32 results from the matmuls,
-    a half-precision gradient, dW accumulated in fp32 by addmm or in slices) with the fp32-output
-    matmuls emulated on the CPU."""
-    monkeypatch.setattr(chunked_loss, "_mm_out_fp32", lambda device: True)
-    monkeypatch.setattr(chunked_loss, "_addmm_into_fp32", lambda device: addmm)
-    monkeypatch.setattr(chunked_loss, "_half_mm", lambda a, b: a.float() @ b.float())
-    monkeypatch.setattr(chunked_loss, "_half_addmm_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+def test_tensor_core_path(monkeypatch, addmm):
+    """The CUDA code path: half-precision weights used as they are, fp32 results from the matmuls, a
+    half-precision gradient, dW accumulated in fp32 by addmm or in slices. On a GPU the real cuBLAS
+    calls; on the CPU the fp32-output matmuls are emulated."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(chunked_loss, "_mm_out_fp32", lambda device: True)
+        monkeypatch.setattr(chunked_loss, "_half_mm", lambda a, b: a.float() @ b.float())
+        monkeypatch.setattr(chunked_loss, "_half_addmm_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+        monkeypatch.setattr(chunked_loss, "_addmm_into_fp32", lambda device: addmm)
+    elif not addmm:
+        monkeypatch.setattr(chunked_loss, "_addmm_into_fp32", lambda device: False)
+    else:
+        assert chunked_loss._mm_out_fp32(DEVICE) and chunked_loss._addmm_into_fp32(DEVICE)
     monkeypatch.setattr(chunked_loss, "DW_SLICE", 64)  # several slices over V = 300
     t, labels = fused_inputs(4, torch.bfloat16)
     for kind in ("fkl", "gjsd"):
@@ -204,21 +215,65 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("mode", ["kd", "sft", "mixed", "validation"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_never_holds_tokens_by_vocab_logits(backend):
-    """Forward and backward over N = 600 tokens with chunks of 32: no tensor anywhere is larger
-    than a chunk's fp32 logits (the [N x V] logits would be 19x larger)."""
+def test_never_holds_tokens_by_vocab_logits(backend, mode):
+    """Forward and backward over N = 600 tokens with chunks of 32, for distillation, SFT, the mixed
+    objective and validation (no_grad, both terms): no tensor anywhere is larger than a chunk's
+    fp32 logits (the [N x V] logits would be 19x larger)."""
     g = torch.Generator().manual_seed(0)
     n, h, v, chunk = 600, 8, 257, 32  # the hidden states (N x H) are smaller than a chunk's logits
-    s_h = torch.randn(n, h, generator=g).requires_grad_()
-    s_w = (torch.randn(v, h, generator=g) * 0.3).requires_grad_()
-    t_h, t_w = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.3
+    s_h = torch.randn(n, h, generator=g).to(DEVICE).requires_grad_()
+    s_w = (torch.randn(v, h, generator=g) * 0.3).to(DEVICE).requires_grad_()
+    t_h, t_w = torch.randn(n, h, generator=g).to(DEVICE), torch.randn(v, h, generator=g).to(DEVICE) * 0.3
+    labels = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    teacher = {} if mode == "sft" else dict(teacher_hidden=t_h, teacher_weight=t_w)
+    kw = dict(kind="gjsd", chunk_size=chunk, backend=backend, ce_weight=0.3 if mode == "mixed" else 0.0,
+              measure_cross_entropy=mode == "validation", **teacher)
     with LargestTensor() as probe:
-        loss = fused_linear_divergence(s_h, s_w, t_h, t_w, kind="gjsd", chunk_size=chunk, backend=backend)
-        loss.backward()
+        if mode == "validation":
+            with torch.no_grad():
+                out = fused_linear_loss(s_h, s_w, labels, **kw)
+            assert out.divergence is not None and out.cross_entropy is not None
+        else:
+            fused_linear_loss(s_h, s_w, labels, **kw).loss.backward()
     assert probe.bytes <= chunk * v * 4 < n * v * 4
 
 
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("ce_weight", [None, 0.4])
+def test_fused_cross_entropy_and_mixed_objective(dtype, tol, ce_weight):
+    """SFT (no teacher) and (1 - w) gjsd + w CE through the Triton kernels, against float64 full logits."""
+    t, labels = fused_inputs(17, dtype)
+    targets = torch.where(labels == -100, labels, labels % 300)
+
+    def run(wide: bool):
+        leaves = {k: None if v is None else (v.detach().double() if wide else v.detach()) for k, v in t.items()}
+        for k in ("s_h", "s_w", "s_b"):
+            leaves[k].requires_grad_()
+        if wide:
+            ce = chunked_loss.reference_cross_entropy(leaves["s_h"], leaves["s_w"], targets, bias=leaves["s_b"])
+            if ce_weight is None:
+                loss = ce
+            else:
+                div = chunked_loss.reference(leaves["s_h"], leaves["s_w"], leaves["t_h"], leaves["t_w"], targets,
+                                             student_bias=leaves["s_b"], teacher_bias=leaves["t_b"], kind="gjsd")
+                loss = (1 - ce_weight) * div + ce_weight * ce
+        else:
+            teacher = {} if ce_weight is None else dict(teacher_hidden=leaves["t_h"], teacher_weight=leaves["t_w"],
+                                                         teacher_bias=leaves["t_b"], ce_weight=ce_weight)
+            loss = fused_linear_loss(leaves["s_h"], leaves["s_w"], targets, student_bias=leaves["s_b"], kind="gjsd",
+                                     backend="triton", chunk_size=20, **teacher).loss
+        keys = ("s_h", "s_w", "s_b")
+        return loss, dict(zip(keys, torch.autograd.grad(loss, [leaves[k] for k in keys]), strict=True))
+
+    (loss, grads), (ref, ref_grads) = run(False), run(True)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    for k, want in ref_grads.items():
+        assert grads[k].dtype == dtype and rel(grads[k], want) < tol, (k, rel(grads[k], want))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU's dispatch")
 def test_dispatch_rules():
     cpu = torch.device("cpu")
     assert losses.use_triton("auto", cpu, torch.float32) is False  # the interpreter is for tests only
@@ -229,13 +284,40 @@ def test_dispatch_rules():
     assert "TRITON_INTERPRET" in losses._triton_unusable(torch.device("meta"))
 
 
+def test_kernel_self_check_finds_a_wrong_kernel(monkeypatch):
+    """The check run before the kernels' first use on a CUDA device: it passes the real kernels
+    and names a kernel that is 1% off, or one that raises."""
+    check = losses.triton_problem_on.__wrapped__  # uncached
+    assert check(DEVICE) is None
+    real = kdiv.divergence_rows
+    monkeypatch.setattr(kdiv, "divergence_rows", lambda *a, **k: real(*a, **k) * 1.01)
+    assert "fkl divergence: the kernel differs from PyTorch" in check(DEVICE)
+    monkeypatch.setattr(kdiv, "divergence_rows", lambda *a, **k: 1 / 0)
+    assert check(DEVICE) == "ZeroDivisionError: division by zero"
+
+
+def test_auto_falls_back_to_pytorch_when_the_check_fails(monkeypatch):
+    monkeypatch.setattr(losses, "_triton_unusable", lambda device: None)
+    monkeypatch.setattr(losses, "triton_problem_on", lambda device: "tvd divergence: the kernel differs (planted)")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU")
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match=r"check on cuda \(Fake GPU\), using PyTorch: tvd divergence"):
+        assert losses.use_triton("auto", cuda, torch.bfloat16) is False
+    with pytest.raises(RuntimeError, match=r"backend='triton': the Triton kernels fail their check on cuda"):
+        losses.use_triton("triton", cuda, torch.bfloat16)
+    monkeypatch.setattr(losses, "triton_problem_on", lambda device: None)
+    assert losses.use_triton("auto", cuda, torch.bfloat16) is True
+
+
 def test_kernels_compile_for_hopper(tmp_path):
     """The interpreter accepts code that the compiler rejects: compile every variant to an sm_90
-    cubin with Triton's own toolchain (no GPU needed) in a process without the interpreter."""
+    cubin with Triton's own toolchain (no GPU needed) in a process without the interpreter; the
+    cross-entropy kernel with and without the gradient, overwriting and accumulating into bf16."""
     script = textwrap.dedent("""
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
+        from distill.kernels.cross_entropy import cross_entropy_rows_kernel
         from distill.kernels.divergence import divergence_rows_kernel
         sig = {"s_ptr": "*bf16", "s_stride": "i64", "t_ptr": "*fp32", "t_stride": "i64", "g_ptr": "*bf16",
                "g_stride": "i64", "loss_ptr": "*fp32", "n_rows": "i32", "V": "i32", "inv_temp": "fp32",
@@ -247,9 +329,107 @@ def test_kernels_compile_for_hopper(tmp_path):
                     "KIND": kind, "WRITE_GRAD": write_grad, "BLOCK_R": block_r, "BLOCK_V": block_v})
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
                 assert len(compiled.asm["cubin"]) > 0
+        ce_sig = {"z_ptr": "*bf16", "z_stride": "i64", "y_ptr": "*i64", "y_stride": "i64", "g_ptr": "*bf16",
+                  "g_stride": "i64", "loss_ptr": "*fp32", "n_rows": "i32", "V": "i32", "scale": "fp32",
+                  "WRITE_GRAD": "constexpr", "ACCUMULATE": "constexpr", "BLOCK_R": "constexpr",
+                  "BLOCK_V": "constexpr"}
+        for write_grad, accumulate, block_r, block_v in (
+            (True, False, 1, 4096), (True, True, 1, 4096), (True, True, 8, 512), (False, False, 8, 512)
+        ):
+            src = ASTSource(fn=cross_entropy_rows_kernel, signature=ce_sig, constexprs={
+                "WRITE_GRAD": write_grad, "ACCUMULATE": accumulate, "BLOCK_R": block_r, "BLOCK_V": block_v})
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+            assert len(compiled.asm["cubin"]) > 0
         print("compiled")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def ce_inputs(seed: int, rows: int, vocab: int, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(rows, vocab, generator=g) * 3).to(DEVICE, dtype)
+    return z, torch.randint(0, vocab, (rows,), generator=g).to(DEVICE), g
+
+
+def ce_reference_grad(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 per-row CE and its gradient for a unit upstream gradient per row."""
+    w = z.detach().double().requires_grad_()
+    ref = kce.reference(w, y)
+    (grad,) = torch.autograd.grad(ref.sum(), w)
+    return ref.detach(), grad
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_cross_entropy_kernel_matches_reference(dtype, tol):
+    """V = 300 (block 512 covers it with a masked tail), 7 rows, a non-contiguous row stride; and
+    through the autograd Function with a random upstream per-row gradient."""
+    z, y, g = ce_inputs(11, 7, 300, dtype)
+    z = torch.cat([z, z[:, :20]], dim=1)[:, :300]  # row stride 320
+    ref, ref_grad = ce_reference_grad(z, y)
+    grad = torch.full_like(z, float("nan"))
+    out = kce.cross_entropy_rows(z, y, grad)
+    assert out.dtype == torch.float32 and rel(out, ref) < 1e-5  # fp32 inside the kernel
+    assert grad.dtype == dtype and rel(grad, ref_grad) < tol, rel(grad, ref_grad)
+    assert torch.equal(kce.cross_entropy_rows(z, y, None), out)
+    a, b = z.clone().requires_grad_(), z.double().requires_grad_()
+    out = kce.TritonCrossEntropy.apply(a, y)
+    ref = kce.reference(b, y)
+    weights = torch.rand(7, generator=g, dtype=torch.float64).to(DEVICE)
+    (ga,) = torch.autograd.grad((out * weights.float()).sum(), a)
+    (gb,) = torch.autograd.grad((ref * weights).sum(), b)
+    assert rel(out.detach(), ref.detach()) < 1e-5 and ga.dtype == dtype and rel(ga, gb) < tol, rel(ga, gb)
+    assert kce.cross_entropy_rows(z[:0], y[:0], z[:0]).shape == (0,)
+
+
+def test_cross_entropy_several_vocabulary_blocks_and_row_tiles():
+    """Blocks of 64 over V = 300 (4 full blocks and a partial one); 13 rows in tiles of 8."""
+    z, y, _ = ce_inputs(12, 13, 300)
+    y[0], y[1] = 0, 299  # first and last column
+    ref, ref_grad = ce_reference_grad(z, y)
+    grad = torch.empty_like(z)
+    out = kce.cross_entropy_rows(z, y, grad, block_v=64)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-6)
+    assert rel(grad, ref_grad) < 1e-5
+
+
+def test_cross_entropy_masked_vocabulary():
+    """-inf on some columns (targets elsewhere): finite loss, gradient exactly 0 on the masked columns,
+    the reference's values on the unmasked sub-vocabulary; a -inf target gives +inf without NaN."""
+    z, _, g = ce_inputs(13, 9, 200)
+    masked = torch.tensor([0, 3, 50, 130, 199], device=DEVICE)
+    keep = torch.ones(200, dtype=torch.bool, device=DEVICE)
+    keep[masked] = False
+    z[:, masked] = -float("inf")
+    y = keep.nonzero().squeeze(1)[torch.randint(0, int(keep.sum()), (9,), generator=g).to(DEVICE)]
+    grad = torch.empty_like(z)
+    out = kce.cross_entropy_rows(z, y, grad, block_v=64)
+    sub_y = keep.cumsum(0)[y] - 1  # target index within the unmasked columns
+    ref, ref_grad = ce_reference_grad(z[:, keep], sub_y)
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-5
+    assert (grad[:, masked] == 0).all() and rel(grad[:, keep], ref_grad) < 1e-5
+    z[0, y[0]] = -float("inf")  # a masked target
+    z[1] = -float("inf")  # a row masked everywhere
+    out = kce.cross_entropy_rows(z, y, grad, block_v=64)
+    assert out[0] == float("inf") and out[1] == float("inf") and torch.isfinite(out[2:]).all()
+    assert not grad.isnan().any() and (grad[:, masked] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_cross_entropy_accumulates_and_aliases(dtype, tol):
+    """accumulate=True adds scale * dL/dz to what the buffer holds (bf16/fp16 buffers rounded once at
+    the store); an fp32 buffer that is the logits themselves receives the plain gradient."""
+    z, y, g = ce_inputs(14, 5, 300)
+    ref, ref_grad = ce_reference_grad(z, y)
+    preload = (torch.randn(z.shape, generator=g) * 0.05).to(DEVICE, dtype)  # about as large as the CE gradient
+    buf = preload.clone()
+    out = kce.cross_entropy_rows(z, y, buf, scale=0.3, accumulate=True, block_v=128)
+    assert rel(out, ref) < 1e-5
+    assert rel(buf, preload.double() + 0.3 * ref_grad) < tol
+    buf = preload.clone()
+    kce.cross_entropy_rows(z, y, buf, scale=0.3, block_v=128)  # overwrite
+    assert rel(buf, 0.3 * ref_grad) < tol
+    out = kce.cross_entropy_rows(z, y, z, block_v=128)  # in place: every tile is read before it is written
+    assert rel(out, ref) < 1e-5 and rel(z, ref_grad) < 1e-5

@@ -1,0 +1,78 @@
+"""The objective of a batch: the models' forwards and the loss over its counted (response) tokens,
+fused with the LM heads or on full logits. Training and validation both compute it here.
+
+With a teacher (``loss.kind`` a divergence) the objective is ``(1 - ce_weight) * D +
+ce_weight * CE`` per counted token (``loss.ce_weight`` 0 by default: distillation only); for
+``loss.kind=ce`` it is the cross-entropy alone (SFT).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from distill.config import LossConfig
+from distill.data import Batch
+from distill.losses import LossTerms, cross_entropy, divergence, fused_linear_loss
+from distill.models import final_hidden, fused_head_problem, lm_head, lm_logits
+
+
+def batch_loss(
+    loss: LossConfig,
+    student: PreTrainedModel,
+    teacher: PreTrainedModel | None,
+    batch: Batch,
+    *,
+    bf16: bool,
+    vocab: int,
+    fused: bool,
+    measure_cross_entropy: bool = False,
+) -> LossTerms:
+    """The summed objective of ``batch`` and its terms. ``teacher`` is used where ``loss.kind`` is a
+    divergence, or for the divergence alone (forward KL) where it is ``ce`` and ``teacher`` is given
+    for reporting. ``fused``: the LM heads and the loss in one pass over token chunks, never the
+    ``[tokens x vocab]`` logits (see ``fused_loss_problem``). Under ``torch.no_grad`` nothing
+    is kept for a backward pass."""
+    labels = batch.labels[:, 1:]  # next-token targets: position i predicts token i + 1
+    ids, mask = batch.input_ids, batch.attention_mask
+    trains_kd = loss.kind != "ce"
+    kd = loss.divergence_kwargs() if trains_kd else dict(kind="fkl")
+    ce_weight = loss.ce_weight if trains_kd else 1.0
+    if fused:
+        h_s = final_hidden(student, ids, mask, bf16)
+        h_t = None
+        if teacher is not None:
+            with torch.no_grad():
+                h_t = final_hidden(teacher, ids, mask, bf16)
+        with lm_head(student, vocab) as (w_s, b_s), lm_head(teacher, vocab) as (w_t, b_t):
+            return fused_linear_loss(
+                h_s, w_s, labels, teacher_hidden=h_t, teacher_weight=w_t, student_bias=b_s, teacher_bias=b_t,
+                ce_weight=ce_weight, measure_cross_entropy=measure_cross_entropy, reduction="sum",
+                chunk_size=loss.chunk_size, backend=loss.backend, **kd,
+            )
+    s = lm_logits(student, ids, mask, bf16, vocab)
+    ce = cross_entropy(s, labels, reduction="sum") if (ce_weight > 0 or measure_cross_entropy) else None
+    div = None
+    if teacher is not None:
+        with torch.no_grad():
+            t = lm_logits(teacher, ids, mask, bf16, vocab)
+        div = divergence(s, t, labels, reduction="sum", backend=loss.backend, **kd)
+    if div is None or not trains_kd:
+        objective = ce
+    else:
+        objective = div if ce_weight == 0 else (1 - ce_weight) * div + ce_weight * ce
+    if div is not None and kd.get("hinton_scale"):
+        div = div / loss.temperature**2  # the term is reported unscaled, as the fused path does
+    return LossTerms(objective, None if div is None else div.detach(), None if ce is None else ce.detach())
+
+
+def fused_loss_problem(
+    student: PreTrainedModel, teacher: PreTrainedModel | None, vocab: int, device: torch.device
+) -> str | None:
+    """Why the fused loss cannot stand in for full logits with these models (None when it can)."""
+    probe = torch.arange(min(vocab, 16), device=device)[None]  # any valid ids will do
+    for role, model in (("student", student), ("teacher", teacher)):
+        problem = fused_head_problem(model, probe, torch.ones_like(probe)) if model is not None else None
+        if problem:
+            return f"{role}: {problem}"
+    return None

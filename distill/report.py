@@ -1,0 +1,56 @@
+"""A run's report: ``report.json`` (the record) and ``report.md`` (to read).
+
+It states what was minimised (``objective``, with any cross-entropy share), the validation and
+test metrics of the teacher and of the student before and after training, and what
+``data.overlong`` did to the data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+
+class Run(Protocol):
+    run_dir: Path
+    model_dir: Path
+    steps: int
+    objective: str
+    test: dict[str, dict[str, float]]
+    validation: dict[str, dict[str, float]]
+    data: dict[str, dict[str, int]]
+
+
+def columns(rows: dict[str, dict[str, float]]) -> list[str]:
+    """The metric names of a table, headline scores first, losses last."""
+    keys = {k for row in rows.values() for k in row}
+    losses = [k for k in ("ce", "divergence", "objective") if k in keys]
+    return sorted(keys - set(losses), key=lambda k: ("/" in k, k != "accuracy", k)) + losses
+
+
+def markdown_table(rows: dict[str, dict[str, float]]) -> str:
+    keys = columns(rows)
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.4g}" if k in row else "-" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run: Run) -> None:
+    report = {
+        "run_dir": str(run.run_dir), "model_dir": str(run.model_dir), "steps": run.steps,
+        "objective": run.objective, "validation": run.validation, "test": run.test, "data": run.data,
+    }
+    (run.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    parts = [f"Objective: {run.objective}; {run.steps} steps; model: `{run.model_dir}`."]
+    for split in ("validation", "test"):
+        rows = getattr(run, split)
+        if rows:
+            parts.append(f"## {split}\n\n" + markdown_table(rows))
+    notes = [f"- data.{split}: {c['skipped']} of {c['records']} records skipped, {c['truncated']} prompts truncated, "
+             f"{c['cut']} completions cut at data.max_length" for split, c in run.data.items()
+             if c.get("skipped") or c.get("truncated") or c.get("cut")]
+    if notes:
+        parts.append("## data\n\n" + "\n".join(notes))
+    (run.run_dir / "report.md").write_text("\n\n".join(parts) + "\n")

@@ -1,0 +1,44 @@
+"""Whole parameters where a model is sharded: the one seam between the model layer and the
+distributed engine.
+
+Under DeepSpeed ZeRO-3 every parameter is partitioned across ranks: outside its module's forward
+its ``.data`` is an empty placeholder, and its full shape is ``ds_shape``. Code that reads a
+parameter outside that forward (the fused loss reads the LM head; checkpoints, exports and the
+fp32 head wrapper read weights directly) does so inside ``gathered(...)``, and sizes come from
+``full_shape`` / ``full_numel``. Without sharding all of this costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a ZeRO-3 partitioned parameter."""
+    return hasattr(param, "ds_id")
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The parameter's shape as the model defines it, also while it is partitioned."""
+    return param.ds_shape if is_sharded(param) else param.shape
+
+
+def full_numel(param: torch.Tensor) -> int:
+    return param.ds_numel if is_sharded(param) else param.numel()
+
+
+@contextmanager
+def gathered(params: Iterable[torch.Tensor], *, modify: bool = False) -> Iterator[None]:
+    """Inside the block the given parameters are whole on every rank. With ``modify``, what rank 0
+    writes into them is partitioned back to every rank on exit (every rank should write the same)."""
+    sharded = [p for p in params if is_sharded(p)]
+    if not sharded:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=0 if modify else None):
+        yield
