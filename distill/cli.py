@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import sys
-import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +47,6 @@ register()
 # What may change when a run is resumed: where it runs, how it reports, and how long it trains
 # (trainer.steps may be raised: a finished run is extended), not what it computes.
 RESUME_OVERRIDABLE = ("resume", "trainer.device", "trainer.progress", "trainer.steps")
-
-# When main() began: Hydra's output directories modified since then are this invocation's.
-_STARTED: float | None = None
-
 
 def _fail(message: object) -> typing.NoReturn:
     """The CLI's report of bad input: one line on stderr, exit code 2."""
@@ -215,37 +210,41 @@ def _check_overrides(argv: list[str]) -> None:
         raise DistillError(_composition_error(e, overrides, keys, groups)) from None
 
 
-def _made_since(path: Path, since: float | None) -> list[Path]:
-    """``path`` and those of its parents made after ``since``, deepest first: each modified since, and so
-    its parent (where it appeared); up to the first that was not, never the working directory or its parents."""
-    made: list[Path] = []
-    spared = {Path.cwd(), *Path.cwd().parents}
-    for p in (path, *path.parents) if since is not None else ():
-        try:
-            if p in spared or p.stat().st_mtime < since or p.parent.stat().st_mtime < since:
-                break
-        except OSError:
-            break
-        made.append(p)
-    return made
+HYDRA_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
 
 
-def _remove_failed_outputs(made: list[Path], run_dir: Path | None, hydra_dir: Path) -> None:
-    """After a failed run, remove what this invocation made (``made``), deepest first, where it holds
-    nothing of value: the run directory unless it holds a checkpoint, Hydra's output directory if it
-    holds only Hydra's files (``.hydra/``, ``*.log``), any other directory only when empty."""
+def _holds_only_hydra_files(d: Path) -> bool:
+    """Whether the directory ``d`` holds nothing but Hydra's files (``.hydra/``, ``*.log``), or nothing."""
+    return all((e.name == ".hydra" and e.is_dir()) or (e.suffix == ".log" and e.is_file()) for e in d.iterdir())
+
+
+def _new_outputs(hydra_dir: Path, run_dir: Path | None = None) -> list[Path]:
+    """The directories a failed run may remove, judged before it writes anything: Hydra's (default,
+    time-stamped) output directory if it holds only Hydra's files (Hydra made it before distill began)
+    with its parents below the working directory, and the run directory and its parents where they do
+    not exist yet."""
+    if run_dir is not None:
+        return [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    if not _holds_only_hydra_files(hydra_dir):
+        return []
+    return [hydra_dir, *(p for p in hydra_dir.parents if Path.cwd() in p.parents)]
+
+
+def _remove_failed_outputs(new: list[Path], run_dir: Path | None, hydra_dir: Path) -> None:
+    """After a failed run, remove the directories of ``new`` (see ``_new_outputs``), deepest first, where
+    they hold nothing of value: the run directory unless it holds a checkpoint, Hydra's directory if it
+    holds only Hydra's files, any other directory only when empty."""
     from distill.checkpoint import CHECKPOINT_PREFIX
 
-    for d in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
+    for d in sorted(set(new), key=lambda p: len(p.parts), reverse=True):
         if not d.is_dir():
             continue
-        entries = list(d.iterdir())
-        if (d == run_dir and not any(d.glob(f"checkpoints/{CHECKPOINT_PREFIX}*/"))) or (d == hydra_dir and all(
-                e.name == ".hydra" and e.is_dir() or e.suffix == ".log" and e.is_file() for e in entries)):
+        if (d == run_dir and not any(d.glob(f"checkpoints/{CHECKPOINT_PREFIX}*/"))) or (
+                d == hydra_dir and _holds_only_hydra_files(d)):
             shutil.rmtree(d, ignore_errors=True)
-        elif not entries:
+        else:
             with contextlib.suppress(OSError):
-                d.rmdir()
+                d.rmdir()  # only if empty
 
 
 def _override_keys(hydra_cfg) -> list[str]:
@@ -260,8 +259,9 @@ def _hydra_main(raw: DictConfig) -> None:
     console = Console()
     hydra_cfg = HydraConfig.get()
     hydra_dir = Path(hydra_cfg.runtime.output_dir)
-    made = _made_since(hydra_dir, _STARTED)  # before anything but Hydra wrote: did Hydra make its directory?
-    cfg, run_dir = None, None
+    # Hydra's directory may go with a failed run unless the user named it (it may have existed).
+    named = any(o.split("=")[0].lstrip("+") in HYDRA_DIR_KEYS for o in hydra_cfg.overrides.hydra)
+    cfg, run_dir, new = None, None, [] if named else _new_outputs(hydra_dir)
     try:
         cfg = OmegaConf.to_object(raw)
         if cfg.resume is not None:
@@ -273,12 +273,12 @@ def _hydra_main(raw: DictConfig) -> None:
                     f"(only {', '.join(RESUME_OVERRIDABLE[1:])} may change)"
                 )
         run_dir = Path(os.path.abspath(cfg.output_dir or hydra_dir))
-        made += [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        new += _new_outputs(hydra_dir, run_dir)
         steps = cfg.trainer.steps if cfg.resume is not None and "trainer.steps" in _override_keys(hydra_cfg) else None
         result = train(cfg, run_dir, steps=steps)
     except (DistillError, OmegaConfBaseException) as e:
         resumed = cfg is not None and cfg.resume is not None  # the run directory is the resumed run's: kept
-        _remove_failed_outputs(made, None if resumed else run_dir, hydra_dir)
+        _remove_failed_outputs(new, None if resumed else run_dir, hydra_dir)
         _fail(e)
     split = "test" if result.test else "validation"  # user data without a test split: the validation's
     if getattr(result, split):
@@ -329,16 +329,17 @@ def _subcommand(name: str, args: list[str]) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    global _STARTED
-    _STARTED = time.time()
     subcommand = len(sys.argv) > 1 and sys.argv[1] in ("eval-draft", "export-draft")
     if not subcommand:
         try:
             _check_overrides(sys.argv[1:])
         except DistillError as e:
             _fail(e)
+    import torch
     import transformers
 
+    if not torch.cuda.is_available():  # DeepSpeed (imported by save_pretrained) would warn that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # distill draws its own progress; transformers' per-file loading bars would only clutter it.
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

@@ -423,10 +423,18 @@ def cross_entropy(
     *,
     ignore_index: int = -100,
     reduction: Reduction = "mean",
+    backend: Backend = "auto",
 ) -> torch.Tensor:
-    """Next-token cross-entropy in (at least) fp32 with labels aligned to the logits (the SFT loss)."""
+    """Next-token cross-entropy in (at least) fp32 with labels aligned to the logits (the SFT loss).
+    ``backend`` as for ``divergence``: the Triton kernel computes the gradient in the forward pass."""
     mask = _counted(logits, labels, ignore_index)
-    per_token = F.cross_entropy(_upcast(logits[mask]), labels[mask], reduction="none")
+    z, y = logits[mask], labels[mask]
+    if use_triton(backend, z.device, z.dtype):
+        from distill.kernels.cross_entropy import TritonCrossEntropy
+
+        per_token = TritonCrossEntropy.apply(z, y)
+    else:
+        per_token = F.cross_entropy(_upcast(z), y, reduction="none")
     return _reduce(per_token, mask, reduction)
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+import types
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,33 +134,36 @@ def load_model(
     return model
 
 
-class _FP32Head(torch.nn.Module):
-    """An LM head evaluated in fp32 (fp32 inputs, weights and accumulation) whatever the
-    autocast or weight dtype: rounding logits to bf16 before the softmax skews the gradient."""
+@contextmanager
+def head_forward(model: PreTrainedModel, forward: Callable[..., Any]) -> Iterator[torch.nn.Module]:
+    """Within the block, calling the model's LM head (the module yielded) runs ``forward(head, *args)``
+    in place of the head's own forward. It is still a call of the module, so its hooks run: a sharded
+    engine (ZeRO-3) gathers the head for this forward and again for its backward, where code reading
+    ``head.weight`` outside the module's forward would find an empty partition."""
+    head = model.get_output_embeddings()
+    head.forward = types.MethodType(forward, head)  # an instance attribute shadows the class's forward
+    try:
+        yield head
+    finally:
+        del head.forward
 
-    def __init__(self, head: torch.nn.Linear) -> None:
-        super().__init__()
-        self.head = head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The wrapped head's own forward (where a sharded engine gathers it) is bypassed: gather here.
-        with torch.autocast(x.device.type, enabled=False), gathered(self.head.parameters()):
-            bias = None if self.head.bias is None else self.head.bias.float()
-            return F.linear(x.float(), self.head.weight.float(), bias)
+def _fp32_linear(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        bias = None if head.bias is None else head.bias.float()
+        return F.linear(x.float(), head.weight.float(), bias)
 
 
 @contextmanager
 def fp32_logits(model: PreTrainedModel, needed: bool = True) -> Iterator[None]:
-    """Within the block ``model(...).logits`` are fp32, computed from the fp32 hidden state."""
-    head = model.get_output_embeddings()
-    if not needed or not isinstance(head, torch.nn.Linear):
+    """Within the block ``model(...).logits`` are fp32 (fp32 inputs, weights and accumulation)
+    whatever the autocast or weight dtype: rounding logits to bf16 before the softmax skews the
+    gradient."""
+    if not needed or not isinstance(model.get_output_embeddings(), torch.nn.Linear):
         yield
         return
-    model.set_output_embeddings(_FP32Head(head))
-    try:
+    with head_forward(model, _fp32_linear):
         yield
-    finally:
-        model.set_output_embeddings(head)
 
 
 def lm_logits(
@@ -247,8 +252,8 @@ def lm_head(
     """The LM head's weight and bias (rows beyond ``vocab`` dropped), whole inside the block also
     when the model is sharded; (None, None) without a model. They are not cast: the fused loss
     applies the head at the weight's precision, like ``lm_logits``' fp32 head, and returns the
-    weight gradient from its fp32 accumulator without rounding; it computes that gradient in the
-    forward pass, so the block need only span the loss's forward."""
+    weight gradient from its fp32 accumulator without rounding. For reading the head without a
+    gradient (a teacher, a probe): a loss that trains the head runs inside ``head_forward``."""
     if model is None:
         yield None, None
         return

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from distill.config import LossConfig
 from distill.data import Batch
 from distill.losses import LossTerms, cross_entropy, divergence, fused_linear_loss
-from distill.models import final_hidden, fused_head_problem, lm_head, lm_logits
+from distill.models import final_hidden, fused_head_problem, head_forward, lm_head, lm_logits
 
 
 def batch_loss(
@@ -44,14 +44,24 @@ def batch_loss(
         if teacher is not None:
             with torch.no_grad():
                 h_t = final_hidden(teacher, ids, mask, bf16)
-        with lm_head(student, vocab) as (w_s, b_s), lm_head(teacher, vocab) as (w_t, b_t):
-            return fused_linear_loss(
-                h_s, w_s, labels, teacher_hidden=h_t, teacher_weight=w_t, student_bias=b_s, teacher_bias=b_t,
-                ce_weight=ce_weight, measure_cross_entropy=measure_cross_entropy, reduction="sum",
-                chunk_size=loss.chunk_size, backend=loss.backend, **kd,
-            )
+
+        def head_loss(head: torch.nn.Module, h_s: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            b_s = None if head.bias is None else head.bias[:vocab]
+            with lm_head(teacher, vocab) as (w_t, b_t):
+                terms = fused_linear_loss(
+                    h_s, head.weight[:vocab], labels, teacher_hidden=h_t, teacher_weight=w_t, student_bias=b_s,
+                    teacher_bias=b_t, ce_weight=ce_weight, measure_cross_entropy=measure_cross_entropy,
+                    reduction="sum", chunk_size=loss.chunk_size, backend=loss.backend, **kd,
+                )
+            return terms.loss, terms.divergence, terms.cross_entropy
+
+        # As the student head's forward: its gradient reaches a sharded head in the backward pass.
+        with head_forward(student, head_loss) as head:
+            return LossTerms(*head(h_s))
     s = lm_logits(student, ids, mask, bf16, vocab)
-    ce = cross_entropy(s, labels, reduction="sum") if (ce_weight > 0 or measure_cross_entropy) else None
+    ce = None
+    if ce_weight > 0 or measure_cross_entropy:
+        ce = cross_entropy(s, labels, reduction="sum", backend=loss.backend)
     div = None
     if teacher is not None:
         with torch.no_grad():

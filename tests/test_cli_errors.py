@@ -191,16 +191,35 @@ def test_failed_run_keeps_directories_that_existed(tmp_path, broken_teacher, stu
 
 def test_cleanup_keeps_checkpoints_and_foreign_files(tmp_path):
     run, hydra_dir, parent = tmp_path / "p" / "run", tmp_path / "h", tmp_path / "p"
-    (run / "checkpoints" / "step-0000002").mkdir(parents=True)
     (hydra_dir / ".hydra").mkdir(parents=True)
     (hydra_dir / "cli.log").write_text("")
-    (hydra_dir / "notes.txt").write_text("mine")
-    cli._remove_failed_outputs([run, parent, hydra_dir], run, hydra_dir)
+    new = [*cli._new_outputs(hydra_dir), *cli._new_outputs(hydra_dir, run)]
+    assert run in new and parent in new and hydra_dir in new
+    (run / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (hydra_dir / "notes.txt").write_text("mine")  # written during the run: kept
+    cli._remove_failed_outputs(new, run, hydra_dir)
     assert (run / "checkpoints" / "step-0000002").is_dir() and (hydra_dir / "notes.txt").exists()
     shutil.rmtree(run / "checkpoints")
     (hydra_dir / "notes.txt").unlink()
-    cli._remove_failed_outputs([run, parent, hydra_dir], run, hydra_dir)
+    cli._remove_failed_outputs(new, run, hydra_dir)
     assert not parent.exists() and not hydra_dir.exists()
+
+
+def test_cleanup_never_removes_what_existed(tmp_path, monkeypatch):
+    """Directories that existed before the run are kept, however recently they or their parents changed
+    (an earlier check by modification times removed a fresh, existing run directory and its busy parent)."""
+    monkeypatch.chdir(tmp_path)
+    busy = tmp_path / "busy"
+    run, hydra_dir = busy / "run", busy / "outputs" / "now"
+    run.mkdir(parents=True)
+    (busy / "other").write_text("")  # touched just now
+    (hydra_dir / ".hydra").mkdir(parents=True)
+    (hydra_dir / "mine.txt").write_text("")  # hydra.run.dir pointed at a directory of the user's
+    new = [*cli._new_outputs(hydra_dir), *cli._new_outputs(hydra_dir, run)]
+    assert new == []
+    (run / "config.yaml").write_text("")  # what the failed run wrote into the existing directory
+    cli._remove_failed_outputs(new, run, hydra_dir)
+    assert run.is_dir() and (hydra_dir / "mine.txt").exists() and (busy / "other").exists()
 
 
 # 9. eval-draft prompts without completions.

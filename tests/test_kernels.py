@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from distill import chunked_loss, losses
 from distill.kernels import cross_entropy as kce
 from distill.kernels import divergence as kdiv
-from distill.losses import KINDS, divergence, fused_linear_divergence, fused_linear_loss
+from distill.losses import KINDS, cross_entropy, divergence, fused_linear_divergence, fused_linear_loss
 
 DEVICE = torch.device(os.environ.get("DISTILL_TEST_DEVICE", "cpu"))
 pytestmark = pytest.mark.skipif(
@@ -107,6 +107,23 @@ def test_divergence_kernel_on_given_logits(kind, beta, dtype, tol):
         weights = torch.rand(ref.shape, generator=g, dtype=torch.float64).to(DEVICE)  # any upstream gradient
         (ga,) = torch.autograd.grad((out * weights.to(out.dtype)).sum(), a)
         (gb,) = torch.autograd.grad((ref * weights).sum(), b)
+        assert ga.dtype == dtype and rel(ga, gb) < tol, (reduction, rel(ga, gb))
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_cross_entropy_on_given_logits(dtype, tol):
+    """The non-fused entry point with backend="triton": labels with ignored positions, reductions."""
+    g = torch.Generator().manual_seed(8)
+    z = (torch.randn(3, 11, 300, generator=g) * 3).to(DEVICE, dtype)
+    labels = torch.randint(0, 300, (3, 11), generator=g).to(DEVICE)
+    labels[1, 4:] = -100
+    for reduction in ("mean", "sum", "none"):
+        a, b = z.clone().requires_grad_(), z.double().requires_grad_()
+        out = cross_entropy(a, labels, backend="triton", reduction=reduction)
+        ref = cross_entropy(b, labels, backend="torch", reduction=reduction)
+        assert rel(out, ref) < 1e-5
+        (ga,) = torch.autograd.grad(out.sum(), a)
+        (gb,) = torch.autograd.grad(ref.sum(), b)
         assert ga.dtype == dtype and rel(ga, gb) < tol, (reduction, rel(ga, gb))
 
 

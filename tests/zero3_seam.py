@@ -1,6 +1,6 @@
 """The model layer on ZeRO-3 partitioned models, in a process of its own (one gloo rank):
-``python tests/zero3_seam.py PORT OUT_DIR MODEL_DIR...``; prints "zero3 ok" when every check holds.
-Run by tests/test_sharding.py."""
+``python tests/zero3_seam.py PORT OUT_DIR TEACHER_DIR STUDENT_DIR``; prints "zero3 ok" when every
+check holds. Run by tests/test_sharding.py."""
 import os
 import sys
 
@@ -11,6 +11,8 @@ import deepspeed  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
+from distill.config import LossConfig  # noqa: E402
+from distill.data import Batch  # noqa: E402
 from distill.models import (  # noqa: E402
     count_parameters,
     export_state_dict,
@@ -70,6 +72,53 @@ def check(model_dir: str, out: str) -> None:
         assert torch.equal(again.state_dict()[k], v), k
 
 
-for i, model_dir in enumerate(sys.argv[3:]):
+def check_training(teacher_dir: str, student_dir: str) -> None:
+    """Two SGD steps of the training objective on a partitioned student (DeepSpeed's engine) and on a
+    plain copy give the same weights: the head's gradient reaches its partition in the backward pass,
+    on the fused path and on full logits (fp32 and through the fp32 head under bf16 autocast). Both a
+    tied head (whose embedding's hooks would gather it anyway) and a separate one, whose padding
+    rows beyond the vocabulary are dropped."""
+    from distill.objective import batch_loss
+
+    ids = torch.randint(0, 150, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = Batch(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    teachers = {}  # each model in turn is the other's teacher
+    for d in (teacher_dir, student_dir):
+        teachers[d] = (partitioned(d), AutoModelForCausalLM.from_pretrained(d).eval())
+        deepspeed.initialize(model=teachers[d][0], config=ds_config)
+        teachers[d][0].eval()
+    sgd = {**ds_config, "optimizer": {"type": "SGD", "params": {"lr": 0.5}}, "zero_allow_untested_optimizer": True,
+           "gradient_clipping": 0.0}  # DeepSpeed clips at 1.0 unless told
+    vocab = AutoModelForCausalLM.from_pretrained(student_dir).config.vocab_size
+    cases = [("gjsd", True, False), ("ce", True, False), ("gjsd", False, False), ("fkl", False, True)]
+    for model_dir, (kind, fused, bf16) in ((d, c) for d in (teacher_dir, student_dir) for c in cases):
+        reference = AutoModelForCausalLM.from_pretrained(model_dir)
+        engine, *_ = deepspeed.initialize(model=partitioned(model_dir), config=sgd)
+        optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+        teacher, teacher_ref = teachers[student_dir if model_dir == teacher_dir else teacher_dir]
+        for _ in range(2):
+            for model, t in ((reference, teacher_ref), (engine.module, teacher)):
+                loss = batch_loss(LossConfig(kind=kind), model, t if kind != "ce" else None, batch, bf16=bf16,
+                                  vocab=vocab, fused=fused).loss
+                if model is reference:
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    engine.backward(loss)
+                    engine.step()
+        state, what = trainable_state(engine.module), f"{model_dir} {kind} fused={fused} bf16={bf16}"
+        moved = max((state[n] - p0).abs().max().item() for n, p0 in AutoModelForCausalLM.from_pretrained(
+            model_dir).named_parameters())
+        assert moved > 1e-3, f"{what}: the weights did not move"
+        for n, p in reference.named_parameters():
+            assert torch.allclose(state[n], p.detach(), atol=1e-5), f"{what}: {n} {(state[n] - p).abs().max()}"
+
+
+teacher_dir, student_dir = sys.argv[3:5]
+for i, model_dir in enumerate((teacher_dir, student_dir)):
     check(model_dir, os.path.join(sys.argv[2], str(i)))
+check_training(teacher_dir, student_dir)
 print("zero3 ok")
