@@ -178,10 +178,34 @@ def encode(
     return _encode(record, tokenizer, max_length, overlong)[0]
 
 
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """The tokens that end a reply: EOS and, with a chat template, the special token that closes an
+    assistant turn where it is another (ChatML's ``<|im_end|>`` beside an EOS of ``</s>``)."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+        try:
+            prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that cannot render this: EOS alone
+            return stops
+        if full.startswith(prompt):
+            end = _turn_end(tokenizer(full[len(prompt):], add_special_tokens=False).input_ids, tokenizer)
+            if end is not None:
+                stops = list(dict.fromkeys([*stops, end]))
+    return stops
+
+
+def _turn_end(reply_ids: list[int], tokenizer: Tokenizer) -> int | None:
+    """The first special token of a rendered reply (its template's end of turn), None without one."""
+    special = set(tokenizer.all_special_ids)
+    return next((t for t in reply_ids if t in special), None)
+
+
 def _encode(
     record: Record, tokenizer: Tokenizer, max_length: int, overlong: str
-) -> tuple[tuple[list[int], list[int]] | None, int]:
-    """``encode``'s result and the prompt's length before any truncation."""
+) -> tuple[tuple[list[int], list[int]] | None, int, int]:
+    """``encode``'s result, the prompt's length before any truncation and the completion's before any cut."""
     prompt = prompt_ids(record, tokenizer)
     prompt_length = len(prompt)
     eos = tokenizer.eos_token_id
@@ -192,24 +216,27 @@ def _encode(
         if full_ids[: len(prompt)] != prompt:
             raise DistillError(f"{record.source}: the chat template's prompt does not tokenize as a prefix of the chat")
         completion_ids = full_ids[len(prompt):]
-        # The reply ends at the template's end-of-turn token (ChatML renders "<|im_end|>\n"): what
-        # follows it is layout between turns, not something the model says before stopping.
-        if eos in completion_ids:
-            completion_ids = completion_ids[: len(completion_ids) - completion_ids[::-1].index(eos)]
+        # The reply ends at the template's end-of-turn token (ChatML renders "<|im_end|>\n"), which
+        # the model learns to stop at (generation stops at ``stop_ids``): what follows is layout
+        # between turns, and an EOS after it would teach the model to say a second end token.
+        end = _turn_end(completion_ids, tokenizer)
+        if end is not None:
+            completion_ids = completion_ids[: completion_ids.index(end) + 1]
     else:
         completion_ids = tokenizer(record.completion, add_special_tokens=False).input_ids
-    if not completion_ids or completion_ids[-1] != eos:
+        end = None
+    if end is None and (not completion_ids or completion_ids[-1] != eos):
         completion_ids = completion_ids + [eos]
     if len(prompt) >= max_length:
         if overlong == "skip":
-            return None, prompt_length
+            return None, prompt_length, len(completion_ids)
         if overlong != "truncate":
             raise DistillError(
                 f"{record.source}: prompt is {len(prompt)} tokens, at least data.max_length={max_length} "
                 "(data.overlong=skip or truncate goes on without it)"
             )
         prompt = prompt[len(prompt) - (max_length - min(len(completion_ids), max_length // 2)):]
-    return (prompt, completion_ids[: max_length - len(prompt)]), prompt_length
+    return (prompt, completion_ids[: max_length - len(prompt)]), prompt_length, len(completion_ids)
 
 
 def encode_all(
@@ -220,12 +247,12 @@ def encode_all(
     kept, pairs = [], []
     counts = {"records": len(records), "skipped": 0, "truncated": 0, "cut": 0}
     for r in records:
-        pair, prompt_length = _encode(r, tokenizer, max_length, overlong)
+        pair, prompt_length, completion_length = _encode(r, tokenizer, max_length, overlong)
         if pair is None:
             counts["skipped"] += 1
             continue
         counts["truncated"] += len(pair[0]) < prompt_length
-        counts["cut"] += len(pair[0]) + len(pair[1]) == max_length and pair[1][-1] != tokenizer.eos_token_id
+        counts["cut"] += len(pair[1]) < completion_length
         kept.append(r)
         pairs.append(pair)
     return kept, pairs, counts

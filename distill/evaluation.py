@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import LossConfig
-from distill.data import Record, collate, encode, left_pad
+from distill.data import Record, collate, encode, left_pad, stop_ids
 from distill.losses import count_tokens
 from distill.metrics import resolve, text_scores
 from distill.objective import batch_loss
@@ -65,7 +65,7 @@ def generate(
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_ids(tokenizer),
                 pad_token_id=tokenizer.pad_token_id,
             )
             out += tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)

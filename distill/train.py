@@ -32,7 +32,6 @@ from rich.progress import (
 from rich.text import Text
 from transformers import PreTrainedModel, set_seed
 from transformers import PreTrainedTokenizerBase as Tokenizer
-from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from distill.checkpoint import export_model, load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from distill.config import DistillConfig, LossConfig, validate
@@ -53,6 +52,7 @@ from distill.models import (
 )
 from distill.objective import batch_loss, fused_loss_problem
 from distill.report import write_report
+from distill.schedule import cosine_scheduler
 from distill.tokenizer import train_tokenizer
 from distill.tracking import MetricsLog, plot_curves
 
@@ -205,8 +205,8 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
 
     With ``cfg.resume`` the run's saved config continues from its latest checkpoint (on the device
     and with the progress display asked for now); ``steps`` then raises its ``trainer.steps``, so a
-    finished run can be trained further (the cosine schedule is stretched to the new length from
-    the step it resumes at)."""
+    finished run can be trained further (the learning rate goes on from where it stands, decaying
+    to its floor at the new end: ``CosineSchedule.extend``)."""
     if cfg.resume is not None:
         cfg, run_dir = _saved_config(Path(cfg.resume), cfg, steps), Path(cfg.resume)
     validate(cfg)
@@ -246,9 +246,7 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     val_records, test_records = splits["validation"], splits.get("test", [])
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, tc.warmup_steps, tc.steps, min_lr_rate=tc.min_lr_ratio
-    )
+    scheduler = cosine_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     bf16, vocab = tc.precision == "bf16", len(tokenizer)
     trains_kd = cfg.loss.kind != "ce"  # SFT trains without the teacher (it is only evaluated)
     fused = cfg.loss.fused
@@ -284,6 +282,8 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
                 load_trainable_state(student, weights, f"resume {run_dir}")
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
+                if tc.steps > scheduler.lr_lambdas[0].total:  # extended: the rate goes on from where it stands
+                    scheduler.lr_lambdas[0].extend(tc.steps, step)
                 data.load_state_dict(state["data"])
                 set_rng_state(state["rng"])
                 tokens_seen, result.test = state["tokens_seen"], state["test"]

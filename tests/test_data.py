@@ -19,6 +19,7 @@ from distill.data import (
     encode_all,
     prompt_ids,
     read_records,
+    stop_ids,
 )
 from distill.errors import DistillError
 
@@ -109,8 +110,11 @@ def test_overlong_prompts_skip_truncate_or_error(tokenizer_dir):
     assert encode(long, tok, 16, "skip") is None
     p, c = encode(long, tok, 16, "truncate")
     full = prompt_ids(long, tok)
-    assert p == full[len(full) - len(p):] and len(p) + len(c) <= 16  # the prompt's end is kept
-    assert c == encode(short, tok, 64)[1][: len(c)] or c[-1] == tok.eos_token_id
+    whole = tok("one", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert c == whole and p == full[len(full) - (16 - len(whole)):]  # the prompt's end is kept, to fill 16
+    long_reply = Record(long.prompt, "two hundred and " * 10, "f.jsonl:3")
+    p, c = encode(long_reply, tok, 16, "truncate")
+    assert len(c) == 8 and len(p) == 8  # the completion keeps half of max_length
     kept, pairs, counts = encode_all([long, short, long], tok, 16, "skip")
     assert kept == [short] and len(pairs) == 1 and counts == {"records": 3, "skipped": 2, "truncated": 0, "cut": 0}
     kept, pairs, counts = encode_all([long, short], tok, 16, "truncate")
@@ -140,6 +144,23 @@ def test_chatml_reply_ends_at_its_end_token(tmp_path, tokenizer_dir):
     assert tok.decode(c) == "five<|im_end|>"
     assert p[-len(tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids):] == \
         tok("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    assert stop_ids(tok) == [tok.eos_token_id]
+
+
+def test_chatml_with_another_eos_ends_at_the_turn_end(tmp_path, tokenizer_dir):
+    """EOS "</s>" beside ChatML: the reply ends at <|im_end|> (no "\n</s>" after it, which the student
+    would learn to say), and generation stops at either."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.add_tokens([AddedToken("\n", normalized=False)])
+    tok.chat_template = CHATML
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id != im_end
+    msgs = [{"role": "user", "content": "Write 5 in words."}, {"role": "assistant", "content": "five"}]
+    (r,) = read_records(write(tmp_path / "chat.jsonl", [json.dumps({"messages": msgs})]), DataConfig(), tok)
+    _, c = encode(r, tok, 64)
+    assert tok.decode(c) == "five<|im_end|>" and tok.eos_token_id not in c
+    assert stop_ids(tok) == [tok.eos_token_id, im_end]
 
 
 def test_sampler_resumes_exactly():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -15,6 +16,7 @@ import distill.train as train_mod
 from distill.config import DataConfig, DistillConfig, LoraConfig, LossConfig, ModelConfig, TrainerConfig
 from distill.errors import DistillError
 from distill.objective import batch_loss
+from distill.schedule import CosineSchedule
 from distill.tracking import MetricsLog
 
 
@@ -267,10 +269,11 @@ def test_checkpoints_ordered_by_step(tmp_path):
 def test_a_finished_run_is_extended_by_raising_steps(teacher_dir, student_dir, tmp_path):
     """resume=RUN with more steps continues a finished run with its optimizer state: with a constant
     learning rate after warm-up (min_lr_ratio=1, so the schedule does not depend on the length),
-    4 steps and then 2 more end exactly as 6 steps in one go. Without more steps, resuming a
+    4 steps and then 2 more end exactly as 6 steps in one go. With a decaying rate the extension
+    goes on at the rate where the run stopped (no jump back up). Without more steps, resuming a
     finished run says so; fewer steps are refused."""
-    def cfg(steps):
-        c = make_cfg(teacher_dir, student_dir, steps=steps, min_lr_ratio=1.0, eval_every=100)
+    def cfg(steps, min_lr_ratio=1.0):
+        c = make_cfg(teacher_dir, student_dir, steps=steps, min_lr_ratio=min_lr_ratio, eval_every=100)
         c.final_eval = False
         return c
 
@@ -286,6 +289,18 @@ def test_a_finished_run_is_extended_by_raising_steps(teacher_dir, student_dir, t
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     train_rows = [r["step"] for r in MetricsLog.read(longer.run_dir / "metrics.jsonl") if r["split"] == "train"]
     assert train_rows == [1, 2, 3, 4, 5, 6]
+    # Stopped mid-decay (its checkpoint at step 2 of 4 the latest), then extended to 6 steps.
+    decaying = train_mod.train(cfg(4, min_lr_ratio=0.1), tmp_path / "decaying")
+    shutil.rmtree(decaying.run_dir / "checkpoints" / "step-0000004")
+    (decaying.run_dir / "report.json").unlink()
+    train_mod.train(DistillConfig(resume=str(decaying.run_dir)), tmp_path / "ignored", steps=6)
+    lrs = [r["lr"] for r in MetricsLog.read(decaying.run_dir / "metrics.jsonl") if r["split"] == "train"]
+    curve = CosineSchedule(warmup=1, total=4, min_ratio=0.1)
+    factors = [curve(1), curve(2)]
+    curve.extend(6, 2)
+    factors += [curve(i) for i in range(3, 7)]
+    peak = make_cfg(teacher_dir, student_dir).trainer.lr
+    assert lrs == pytest.approx([peak * f for f in factors])  # rebuilt for 6 steps, it jumped up
 
 
 def test_warnings_for_settings_that_are_probably_wrong(teacher_dir, student_dir, monkeypatch):
