@@ -9,8 +9,8 @@ For each chunk of C counted tokens, student hidden X [C, H_S] and weight W_S [V,
     Z_S = X W_S^T (+ b_S)                    fp32 output, fp32 accumulation (float64 stays float64)
     Z_T = X_T W_T^T (+ b_T), or given        the teacher's own hidden size H_T
     L = w_kd D(Z_S, Z_T) + w_ce CE(Z_S, y)   per row; a term is computed only where it is asked for
-    G = dL/dZ_S                              from the row steps, in the forward pass
-    dX = G W_S     dW_S += G^T X (fp32 accumulator)     db_S += sum_rows G
+    G = dL/dZ_S / w_kd                       from the row steps, in the forward pass
+    dX = G W_S     dW_S += G^T X (fp32 accumulator)     db_S += sum_rows G     (times w_kd in backward)
 
 Cost: 2 N H_S V + 2 N H_T V FLOPs forward and 4 N H_S V for the gradients, all matmuls in the
 input dtype (on CUDA, half-precision matmuls write fp32 directly: ``torch.mm(out_dtype=...)``).
@@ -182,6 +182,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
         # unless a second gradient term still has to read them.
         grad_kd = (need_h or need_w or need_b) and with_kd and objective.kd_weight != 0
         grad_ce = (need_h or need_w or need_b) and with_ce and objective.ce_weight != 0
+        # g holds dD/dz + (w_ce / w_kd) dCE/dz; the backward multiplies by w_kd (no pass over g for it).
+        g_scale = objective.kd_weight if grad_kd else 1.0
         device = s_hidden.device
         new = torch.empty if grad_kd or grad_ce else torch.zeros  # without a gradient term no row is written
         grad_h = new(s_hidden.shape, dtype=w_s.dtype, device=device) if need_h else None
@@ -209,10 +211,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 kd_total += objective.divergence_rows(z_s, z_t, None, **objective.loss_kwargs).sum()
             if grad_kd:
                 kd_total += objective.divergence_rows(z_s, z_t, g, **objective.loss_kwargs).sum()
-                if objective.kd_weight != 1.0:
-                    g.mul_(objective.kd_weight)
             if grad_ce:
-                ce_total += objective.ce_rows(z_s, y, g, scale=objective.ce_weight, accumulate=grad_kd).sum()
+                ce_total += objective.ce_rows(z_s, y, g, scale=objective.ce_weight / g_scale, accumulate=grad_kd).sum()
             del z_s, z_t
             if g is None:
                 continue
@@ -224,6 +224,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 grad_b[:vocab] += g.sum(0, dtype=acc_dtype)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (s_hidden.dtype, s_weight.dtype, None if s_bias is None else s_bias.dtype)
+        ctx.g_scale = g_scale
         terms = torch.stack([kd_total, ce_total])
         ctx.mark_non_differentiable(terms)
         total = objective.kd_weight * kd_total + objective.ce_weight * ce_total
@@ -232,8 +233,9 @@ class ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor, grad_terms: torch.Tensor | None = None):
         # grad_total is the mean's 1/count or a caller's weight; no .item(): no host sync per step.
+        scale = grad_total * ctx.g_scale if ctx.g_scale != 1.0 else grad_total
         grads = [
-            None if g is None else (g * grad_total.to(g.dtype)).to(dtype)
+            None if g is None else (g * scale.to(g.dtype)).to(dtype)
             for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
         ]
         return (*grads, None, None, None, None, None, None)

@@ -32,7 +32,7 @@ from hydra import compose, initialize_config_module
 from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType, QuotedString, ValueType
+from hydra.core.override_parser.types import Override, QuotedString, ValueType
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -153,8 +153,9 @@ def _check_overrides(argv: list[str]) -> None:
     """Check the command line before Hydra runs, so that a mistake is one line (a DistillError).
 
     A config group's option must be one of the group's YAML files in ``distill.recipes``, and any other
-    key a field of ``DistillConfig`` (the closest keys or options are named). Hydra's own overrides
-    (``hydra.*``, ``hydra/...``) and the ``+key`` / ``++key`` / ``~key`` forms are Hydra's to judge. Then
+    key a field of ``DistillConfig`` (the closest keys or options are named), also as ``+key`` or
+    ``++key`` (OmegaConf would keep an unknown added key and the run would ignore it). Hydra's own
+    overrides (``hydra.*``, ``hydra/...``) and ``~key`` are Hydra's to judge. Then
     the config is composed once (each ``-m`` sweep at its first value; all swept values were checked)
     and any remaining error (a wrong type, ...) becomes one line. Hydra's flags (``--help``, ``--info``,
     ``-cn``, ``-cd``, ...) skip the check.
@@ -197,7 +198,7 @@ def _check_overrides(argv: list[str]) -> None:
                         + (f" (a model directory is {key}.path={option})" if "/" in option and f"{key}.path" in keys
                            else "")
                     )
-        elif o.type == OverrideType.CHANGE and (problem := _unknown_key(o, keys, groups)):
+        elif not o.is_delete() and (problem := _unknown_key(o, keys, groups)):  # key=, +key=, ++key=
             raise DistillError(problem)
         if not (args.multirun and o.is_sweep_override()):
             composed.append(o.input_line)

@@ -225,6 +225,8 @@ def validate(cfg: DistillConfig) -> None:
         raise DistillError(f"data.max_length must be >= 2; got {cfg.data.max_length}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise DistillError(f"trainer.min_lr_ratio must lie in [0, 1]; got {t.min_lr_ratio}")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise DistillError(f"trainer.betas must be two values in [0, 1) (AdamW's beta1, beta2); got {list(t.betas)}")
     for split in ("train", "validation", "test"):
         path = getattr(cfg.data, split)
         if path is not None and not Path(path).exists():

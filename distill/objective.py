@@ -63,11 +63,12 @@ def batch_loss(
     if ce_weight > 0 or measure_cross_entropy:
         ce = cross_entropy(s, labels, reduction="sum", backend=loss.backend)
     div = None
+    trains_div = trains_kd and ce_weight < 1
     if teacher is not None:
         with torch.no_grad():
             t = lm_logits(teacher, ids, mask, bf16, vocab)
-        div = divergence(s, t, labels, reduction="sum", backend=loss.backend, **kd)
-    if div is None or not trains_kd:
+        div = divergence(s if trains_div else s.detach(), t, labels, reduction="sum", backend=loss.backend, **kd)
+    if div is None or not trains_div:
         objective = ce
     else:
         objective = div if ce_weight == 0 else (1 - ce_weight) * div + ce_weight * ce

@@ -110,11 +110,13 @@ def _saved_config(run_dir: Path, current: DistillConfig, steps: int | None) -> D
 
 def objective_name(loss: LossConfig) -> str:
     """The objective in words, for the report: ``fkl``, ``ce`` or ``0.7 * fkl + 0.3 * ce``."""
+    if loss.kind == "ce":  # the cross-entropy on the labels: no temperature
+        return "ce"
     kd = loss.kind + (f"(beta={loss.beta})" if loss.kind == "gjsd" else "") + \
         (f"(alpha={loss.alpha})" if loss.kind.startswith("skew") else "")
     if loss.temperature != 1.0:
         kd += f" at temperature {loss.temperature}" + (" (x T^2)" if loss.hinton_scale else "")
-    if loss.kind == "ce" or loss.ce_weight == 0:
+    if loss.ce_weight == 0:
         return kd
     return f"{1 - loss.ce_weight:g} * {kd} + {loss.ce_weight:g} * ce"
 

@@ -69,7 +69,7 @@ def test_valid_overrides_pass():
     for argv in (
         [], ["loss.kind=rkl", "trainer.betas=[0.8,0.9]", "trainer.betas.0=0.5", "student.lora.r=4"],
         ["student=tiny", "student.arch.hidden_size=64"], ["recipe=pretrain_teacher", "student.arch.num_layers=2"],
-        ["+trainer.extra=1", "~teacher"], ["hydra.run.dir=somewhere", "hydra/job_logging=disabled"],
+        ["~teacher"], ["hydra.run.dir=somewhere", "hydra/job_logging=disabled"],
         ["-m", "loss.kind=fkl,tvd", "recipe=sft,supervised_kd", "trainer.steps=range(1,3)", "hydra.sweep.dir=x"],
         ["--help"], ["--cfg", "job", "loss.kind=tvd"],
     ):
@@ -81,6 +81,18 @@ def test_valid_overrides_pass():
 def test_wrong_type_is_one_line(tmp_path):
     proc = run_cli("trainer.steps=abc", cwd=tmp_path)
     _one_line_error(proc, "trainer.steps", "abc", "int")
+
+
+def test_an_added_unknown_key_is_refused_not_ignored():
+    assert "trainer.stepz is not a key of the config; did you mean trainer.steps?" in _error(["+trainer.stepz=3"])
+    assert "trainer.stepz is not a key" in _error(["++trainer.stepz=3"])
+
+
+def test_betas_need_two_values(student_dir):
+    cfg = DistillConfig(teacher=ModelConfig(path=str(student_dir)), student=ModelConfig(path=str(student_dir)))
+    cfg.trainer.betas = [0.9]
+    with pytest.raises(DistillError, match=r"trainer.betas must be two values in \[0, 1\).*got \[0.9\]"):
+        validate(cfg)
 
 
 def test_other_composition_errors_are_one_line():

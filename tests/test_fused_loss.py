@@ -11,7 +11,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill import chunked_loss
-from distill.losses import KINDS, fused_linear_cross_entropy, fused_linear_divergence, fused_linear_loss
+from distill.losses import (
+    KINDS,
+    cross_entropy,
+    fused_linear_cross_entropy,
+    fused_linear_divergence,
+    fused_linear_loss,
+)
 
 # DISTILL_TEST_DEVICE=cuda (make gpu-check): the same tests on the GPU, where the chunk loop takes
 # its CUDA branches (fp32-output matmuls) and backend "auto" the compiled kernels.
@@ -187,8 +193,9 @@ def test_evaluation_terms_without_gradient_buffers():
     with torch.no_grad(), Shapes():
         out = fused_linear_loss(s_h, s_w, labels, teacher_hidden=t["t_h"], teacher_weight=t["t_w"], student_bias=s_b,
                                 teacher_bias=t["t_b"], kind="fkl", measure_cross_entropy=True, chunk_size=4)
-    assert torch.allclose(out.loss, reference(t, labels, kind="fkl"), rtol=1e-10)
-    assert torch.allclose(out.divergence, out.loss) and torch.allclose(out.cross_entropy, reference_ce(t, labels))
+    want = reference(t, labels, kind="fkl")
+    assert torch.allclose(out.loss, want, rtol=1e-10) and torch.allclose(out.divergence, want, rtol=1e-10)
+    assert torch.allclose(out.cross_entropy, reference_ce(t, labels), rtol=1e-10)
     counted = int((labels != -100).sum())
     grad_shapes = {tuple(s_w.shape), tuple(s_b.shape), (counted, s_h.shape[-1])}
     assert not grad_shapes & set(shapes), grad_shapes & set(shapes)
@@ -214,3 +221,10 @@ def test_cross_entropy_arguments():
         fused_linear_loss(t["s_h"], t["s_w"], labels, teacher_hidden=t["t_h"], teacher_weight=t["t_w"], ce_weight=1.5)
     with pytest.raises(ValueError, match="needs labels"):
         fused_linear_loss(t["s_h"], t["s_w"])
+    # A label past the shared vocabulary (a padding row, or no row at all) is refused, not read.
+    bad = labels.clone()
+    bad[0, 3] = t["s_w"].shape[0]
+    with pytest.raises(ValueError, match=rf"label {t['s_w'].shape[0]} is outside the vocabulary"):
+        fused_linear_loss(t["s_h"], t["s_w"], bad)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        cross_entropy(t["s_h"] @ t["s_w"].T, bad, backend="torch")

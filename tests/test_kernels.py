@@ -309,20 +309,27 @@ def test_kernel_self_check_finds_a_wrong_kernel(monkeypatch):
     real = kdiv.divergence_rows
     monkeypatch.setattr(kdiv, "divergence_rows", lambda *a, **k: real(*a, **k) * 1.01)
     assert "fkl divergence: the kernel differs from PyTorch" in check(DEVICE)
+    monkeypatch.setattr(kdiv, "divergence_rows", real)
+    real_ce = kce.cross_entropy_rows
+    monkeypatch.setattr(kce, "cross_entropy_rows", lambda *a, **k: real_ce(*a, **{**k, "accumulate": False}))
+    assert "divergence + cross-entropy gradient: the kernel differs" in check(DEVICE)  # the mixed gradient
+    monkeypatch.setattr(kce, "cross_entropy_rows", real_ce)
+    assert check(DEVICE, torch.bfloat16) is None  # a bf16 gradient buffer
     monkeypatch.setattr(kdiv, "divergence_rows", lambda *a, **k: 1 / 0)
     assert check(DEVICE) == "ZeroDivisionError: division by zero"
 
 
 def test_auto_falls_back_to_pytorch_when_the_check_fails(monkeypatch):
     monkeypatch.setattr(losses, "_triton_unusable", lambda device: None)
-    monkeypatch.setattr(losses, "triton_problem_on", lambda device: "tvd divergence: the kernel differs (planted)")
+    planted = "tvd divergence: the kernel differs (planted)"
+    monkeypatch.setattr(losses, "triton_problem_on", lambda device, dtype: planted)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU")
     cuda = torch.device("cuda")
     with pytest.warns(RuntimeWarning, match=r"check on cuda \(Fake GPU\), using PyTorch: tvd divergence"):
         assert losses.use_triton("auto", cuda, torch.bfloat16) is False
     with pytest.raises(RuntimeError, match=r"backend='triton': the Triton kernels fail their check on cuda"):
         losses.use_triton("triton", cuda, torch.bfloat16)
-    monkeypatch.setattr(losses, "triton_problem_on", lambda device: None)
+    monkeypatch.setattr(losses, "triton_problem_on", lambda device, dtype: None)
     assert losses.use_triton("auto", cuda, torch.bfloat16) is True
 
 

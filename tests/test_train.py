@@ -333,3 +333,10 @@ def test_overlong_training_records_are_counted_in_the_report(teacher_dir, studen
     cfg.data.overlong = "error"
     with pytest.raises(DistillError, match=r"train.jsonl:3: prompt is \d+ tokens"):
         train_mod.train(cfg, tmp_path / "error")
+
+
+def test_objective_names():
+    """The report's words for the objective: SFT's cross-entropy has no temperature."""
+    assert train_mod.objective_name(LossConfig(kind="ce", temperature=2.0)) == "ce"
+    assert train_mod.objective_name(LossConfig(kind="gjsd", beta=0.3, temperature=2.0, ce_weight=0.25)) == \
+        "0.75 * gjsd(beta=0.3) at temperature 2.0 + 0.25 * ce"
