@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from rich.progress import Progress
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from distill.config import ASSETS, DataConfig
@@ -32,6 +33,7 @@ from distill.data import IGNORE_INDEX, builtin_records, left_pad, prompt_ids, re
 from distill.errors import DistillError
 from distill.losses import divergence
 from distill.models import check_same_tokenizer, load_tokenizer, resolve_device
+from distill.progress import progress_display, showing
 from distill.speculative import SpeculativeStats, check_draft_vocab, speculative_generate
 
 
@@ -52,6 +54,7 @@ class DraftEvalConfig:
     seed: int = 0
     device: str = "auto"
     out: str = "draft_eval"
+    progress: bool = True  # rich progress rows (stderr)
 
     def validate(self) -> None:
         for role in ("target", "draft"):
@@ -135,9 +138,10 @@ def acceptance_on(target, draft, seqs: torch.Tensor, prompt_mask: torch.Tensor, 
 
 
 @torch.no_grad()
-def _alpha_from_logits(target, draft, batches, cfg, pad_id, eos) -> tuple[float, list[float]]:
+def _alpha_from_logits(target, draft, batches, cfg, pad_id, eos, advance=lambda tokens: None
+                       ) -> tuple[float, list[float]]:
     """Mean of beta over the response positions of target samples (through their first EOS), and
-    its mean by response position (0-based)."""
+    its mean by response position (0-based). ``advance(tokens)`` after each batch."""
     sums = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
     counts = torch.zeros(cfg.max_new_tokens, dtype=torch.float64)
     for ids, mask in batches:
@@ -150,6 +154,7 @@ def _alpha_from_logits(target, draft, batches, cfg, pad_id, eos) -> tuple[float,
         n = beta.shape[1]
         sums[:n] += (beta.double().cpu() * valid).sum(0)
         counts[:n] += valid.sum(0)
+        advance(int(valid.sum()))
     seen = counts > 0
     return float(sums.sum() / counts.sum()), (sums[seen] / counts[seen]).tolist()
 
@@ -175,12 +180,12 @@ def _median_seconds(fns, repeats: int, device: torch.device) -> list[float]:
 
 @torch.no_grad()
 def _forward_costs(target, draft, ids, mask, gammas: list[int], repeats: int, device: torch.device,
-                   steps: int = 64) -> tuple[float, dict[int, float]]:
+                   steps: int = 64, advance=lambda: None) -> tuple[float, dict[int, float]]:
     """c (draft step / target step) and, for each gamma, v (target forward over gamma + 1 tokens /
     target step). A step is one cached forward of one new token per sequence after the prompt;
     each forward is cropped back, so all see the same context. Every configuration is timed once
     per repeat, interleaved, so that drift on the machine hits all alike; medians of ``repeats``
-    after one warm-up round."""
+    after one warm-up round. ``advance()`` after each timed run."""
     configs = [(draft, 1), (target, 1)] + [(target, g + 1) for g in gammas]
     times: list[list[float]] = [[] for _ in configs]
     for _ in range(repeats + 1):
@@ -196,6 +201,7 @@ def _forward_costs(target, draft, ids, mask, gammas: list[int], repeats: int, de
                 cache.crop(-n)
             _sync(device)
             times[k].append(time.perf_counter() - t0)
+            advance()
     med = [statistics.median(t[1:]) for t in times]
     return med[0] / med[1], {g: v / med[1] for g, v in zip(gammas, med[2:], strict=True)}
 
@@ -218,34 +224,56 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
     eos = _eos_ids(target, tokenizer)
     batches = _batches(prompts, cfg.batch_size, pad_id, device)
     torch.manual_seed(cfg.seed)
+    with progress_display(cfg.progress) as progress:
+        result = _measure(cfg, target, draft, batches, pad_id, eos, device, progress)
+    result.update(config=asdict(cfg), name=cfg.name or cfg.draft, device=str(device), prompts=len(prompts))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "draft_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "draft_eval.md").write_text(markdown(result))
+    plot({result["name"]: result}, out / "draft_eval.png")
+    return result
 
-    alpha, alpha_by_pos = _alpha_from_logits(target, draft, batches, cfg, pad_id, eos)
-    c, verify_cost = _forward_costs(target, draft, *batches[0], gammas=cfg.gammas, repeats=cfg.repeats, device=device)
+
+def _measure(cfg: DraftEvalConfig, target, draft, batches, pad_id: int, eos: list[int], device: torch.device,
+             progress: Progress) -> dict:
+    """alpha, c and the rows by gamma, each phase a progress row (generated tokens/s where known)."""
+    with showing(progress, "alpha (target samples)", len(batches)) as advance:
+        alpha, alpha_by_pos = _alpha_from_logits(target, draft, batches, cfg, pad_id, eos, advance)
+    with showing(progress, "c and v (forward timing)", (cfg.repeats + 1) * (len(cfg.gammas) + 2)) as advance:
+        c, verify_cost = _forward_costs(target, draft, *batches[0], gammas=cfg.gammas, repeats=cfg.repeats,
+                                        device=device, advance=advance)
 
     # Wall clock: every sequence generates exactly max_new_tokens (EOS ignored), so that the
     # target alone and speculative decoding do the same work whatever the samples.
-    def target_alone() -> None:
+    def target_alone(advance) -> None:
         for ids, mask in batches:
             target.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
                             top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                             min_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos)
+            advance(ids.shape[0] * cfg.max_new_tokens)
 
     rows = []
     for gamma in cfg.gammas:
         gen = torch.Generator(device=device).manual_seed(cfg.seed + gamma)
 
-        def speculative(gamma: int = gamma, gen: torch.Generator = gen, eos: list[int] = eos) -> SpeculativeStats:
+        def speculative(advance, gamma: int = gamma, gen: torch.Generator = gen, eos: list[int] = eos
+                        ) -> SpeculativeStats:
             stats = SpeculativeStats(gamma)
             for ids, mask in batches:
                 out = speculative_generate(target, draft, ids, attention_mask=mask, gamma=gamma,
                                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                            eos_token_id=eos, pad_token_id=pad_id, generator=gen)
                 stats.merge(out.stats)
+                advance(out.stats.emitted)
             return stats
 
-        stats = speculative()  # acceptance on the samples as they are, stopping at EOS
-        baseline_s, seconds = _median_seconds([target_alone, functools.partial(speculative, eos=[])],
-                                              cfg.repeats, device)
+        with showing(progress, f"gamma {gamma}: acceptance", len(batches)) as advance:
+            stats = speculative(advance)  # acceptance on the samples as they are, stopping at EOS
+        with showing(progress, f"gamma {gamma}: wall clock", 2 * (cfg.repeats + 1) * len(batches)) as advance:
+            baseline_s, seconds = _median_seconds(
+                [functools.partial(target_alone, advance), functools.partial(speculative, advance, eos=[])],
+                cfg.repeats, device)
         tau_pred = predicted_block_efficiency(alpha, gamma)
         tau = stats.block_efficiency
         # The speedup formula prices the target's verification of gamma + 1 tokens as one step;
@@ -260,15 +288,7 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
             "verify_cost": v, "speedup_predicted_with_verify_cost": predicted_speedup(tau, c, gamma, v),
             "speedup_measured": baseline_s / seconds, "seconds": seconds, "target_alone_seconds": baseline_s,
         })
-    result = {"config": asdict(cfg), "name": cfg.name or cfg.draft, "device": str(device), "prompts": len(prompts),
-              "alpha": alpha, "alpha_by_response_position": alpha_by_pos, "c": c,
-              "by_gamma": rows}
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "draft_eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "draft_eval.md").write_text(markdown(result))
-    plot({result["name"]: result}, out / "draft_eval.png")
-    return result
+    return {"alpha": alpha, "alpha_by_response_position": alpha_by_pos, "c": c, "by_gamma": rows}
 
 
 def markdown(result: dict) -> str:

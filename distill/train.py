@@ -12,24 +12,13 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
+from rich.progress import Progress
 from transformers import PreTrainedModel, set_seed
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
@@ -51,13 +40,13 @@ from distill.models import (
     trainable_state,
 )
 from distill.objective import batch_loss, fused_loss_problem
+from distill.progress import console, progress_display, showing
 from distill.report import write_report
 from distill.schedule import cosine_scheduler
 from distill.tokenizer import train_tokenizer
 from distill.tracking import MetricsLog, plot_curves
 
 log = logging.getLogger(__name__)
-console = Console(stderr=True)
 
 
 @dataclass
@@ -169,39 +158,6 @@ class _StopAtStepBoundary:
             signal.signal(signal.SIGINT, self._previous)
 
 
-class _StatsColumn(ProgressColumn):
-    """Loss and tokens/s of the training row; nothing on an evaluation row."""
-
-    def render(self, task) -> Text:
-        if "loss" not in task.fields:
-            return Text("")
-        return Text(f"loss {task.fields['loss']:.4f}  {task.fields['tps']:,.0f} tok/s")
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _StatsColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
-
-
-@contextmanager
-def _showing(progress: Progress, description: str, total: int) -> Iterator[Callable[[], None]]:
-    """A row of ``progress`` for an evaluation pass of ``total`` batches; yields its step callback."""
-    task = progress.add_task(description, total=total)
-    try:
-        yield lambda: progress.advance(task)
-    finally:
-        progress.remove_task(task)
-
-
 def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> RunResult:
     """Run the recipe described by ``cfg``, writing everything under ``run_dir``.
 
@@ -263,7 +219,7 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
                 generate: bool = True) -> dict[str, float]:
         """Losses (and, with ``generate``, generation metrics) of ``model`` on ``records``, with a progress row."""
         passes = 1 + (generate and needs_generation(records, cfg.data.metric))
-        with _showing(progress, what, passes * batch_count(records, tc.eval_batch_size)) as advance:
+        with showing(progress, what, passes * batch_count(records, tc.eval_batch_size)) as advance:
             row = reference_losses(model, teacher if with_teacher else None, tokenizer, records, cfg.loss,
                                    fused=fused, on_batch=advance, **eval_args)
             if generate:
@@ -274,7 +230,7 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     resumed = load_latest_checkpoint(run_dir) if cfg.resume is not None else None
     metrics = None
     try:
-        with _progress(tc.progress) as progress:
+        with progress_display(tc.progress) as progress:
             if resumed is not None:
                 weights, state = resumed
                 step = state["step"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 import torch
 
+from distill import draft_eval
 from distill.draft_eval import (
     DraftEvalConfig,
     acceptance_on,
@@ -34,11 +36,28 @@ def test_predicted_block_efficiency_and_speedup_by_hand():
     assert predicted_speedup(3.3616, 0.1, 4, verify_cost=1.5) == pytest.approx(1.769263158)  # 3.3616 / 1.9
 
 
-def test_target_as_its_own_draft(tmp_path, teacher_dir):
+def test_target_as_its_own_draft(tmp_path, teacher_dir, monkeypatch):
     """A draft equal to the target: alpha = 1 at every response position, every draft accepted,
     so each round yields gamma + 1 tokens (measured and predicted); the report names the draft and
-    plots alpha along the response."""
+    plots alpha along the response. Every phase shows a progress row that ends full."""
+    rows = {}
+    real_showing = draft_eval.showing
+
+    @contextlib.contextmanager
+    def recording(progress, description, total):
+        with real_showing(progress, description, total) as advance:
+            rows[description] = [0, total]
+
+            def counted(tokens: int = 0) -> None:
+                rows[description][0] += 1
+                advance(tokens)
+            yield counted
+
+    monkeypatch.setattr(draft_eval, "showing", recording)
     result = evaluate_draft(small(tmp_path, target=str(teacher_dir), draft=str(teacher_dir), name="the teacher"))
+    assert list(rows) == ["alpha (target samples)", "c and v (forward timing)", "gamma 1: acceptance",
+                          "gamma 1: wall clock", "gamma 3: acceptance", "gamma 3: wall clock"]
+    assert all(done == total > 0 for done, total in rows.values()), rows
     assert result["alpha"] == pytest.approx(1.0, abs=1e-5)
     assert len(result["alpha_by_response_position"]) == 6
     assert all(a == pytest.approx(1.0, abs=1e-5) for a in result["alpha_by_response_position"])

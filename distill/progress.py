@@ -1,0 +1,69 @@
+"""The progress display of long work (training, evaluation passes, eval-draft): rich rows with a
+count, optional loss and tokens/s, elapsed and remaining time, on stderr."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+console = Console(stderr=True)
+
+
+class _StatsColumn(ProgressColumn):
+    """A row's loss and tokens/s where it reports them (fields ``loss``, ``tps``)."""
+
+    def render(self, task) -> Text:
+        parts = []
+        if "loss" in task.fields:
+            parts.append(f"loss {task.fields['loss']:.4f}")
+        if "tps" in task.fields:
+            parts.append(f"{task.fields['tps']:,.0f} tok/s")
+        return Text("  ".join(parts))
+
+
+def progress_display(enabled: bool = True) -> Progress:
+    """A display to use as a context manager; ``enabled=False`` shows nothing (logs, tests)."""
+    return Progress(
+        TextColumn("[bold]{task.description}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _StatsColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+@contextmanager
+def showing(progress: Progress, description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A row of ``progress`` for a pass of ``total`` units, removed when the pass ends; yields its
+    step callback (``advance(tokens=n)`` also updates the row's tokens/s)."""
+    task = progress.add_task(description, total=total)
+    tokens = 0
+
+    def advance(tokens_done: int = 0) -> None:
+        nonlocal tokens
+        tokens += tokens_done
+        progress.advance(task)
+        if tokens:
+            elapsed = progress.tasks[progress.task_ids.index(task)].elapsed or 0.0
+            progress.update(task, tps=tokens / max(elapsed, 1e-9))
+
+    try:
+        yield advance
+    finally:
+        progress.remove_task(task)
