@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distill.kernels.divergence import _online_lse, default_blocks
+from distill.kernels.divergence import _online_lse, launch_config
 
 
 @triton.jit
@@ -102,9 +102,8 @@ def cross_entropy_rows(
     if rows == 0:
         return loss
     g = grad_out if grad_out is not None else logits  # not touched when WRITE_GRAD is off
-    block_r, default_v = default_blocks(vocab)
-    block_v = block_v or default_v
-    cross_entropy_rows_kernel[(triton.cdiv(rows, block_r),)](
+    launch = launch_config(vocab, rows, logits.is_cuda, block_v)
+    cross_entropy_rows_kernel[launch.pop("grid")](
         logits, logits.stride(0),
         targets, targets.stride(0),
         g, g.stride(0),
@@ -114,9 +113,7 @@ def cross_entropy_rows(
         float(scale),
         WRITE_GRAD=grad_out is not None,
         ACCUMULATE=grad_out is not None and accumulate,
-        BLOCK_R=block_r,
-        BLOCK_V=block_v,
-        num_warps=8 if logits.is_cuda and vocab >= 8192 else 4,
+        **launch,
     )
     return loss
 

@@ -186,11 +186,14 @@ def divergence_rows_kernel(
 INTERPRETED = isinstance(divergence_rows_kernel, InterpretedFunction)
 
 
-def default_blocks(vocab: int) -> tuple[int, int]:
-    """(rows, vocabulary entries) per program tile: one row and up to 4096 entries at LLM
-    vocabularies; several rows of a small vocabulary share a tile of about 4096 entries."""
-    block_v = min(4096, triton.next_power_of_2(vocab))
-    return max(1, 4096 // block_v), block_v
+def launch_config(vocab: int, rows: int, on_cuda: bool, block_v: int | None = None) -> dict:
+    """Grid and tile of a row kernel: one row and up to 4096 vocabulary entries per program at LLM
+    vocabularies (8 warps on a GPU from 8192 entries), several rows of a small vocabulary sharing a
+    tile of about 4096 entries. ``block_v`` overrides the tile width (tests)."""
+    default_v = min(4096, triton.next_power_of_2(vocab))
+    block_r = max(1, 4096 // default_v)
+    return dict(grid=(triton.cdiv(rows, block_r),), BLOCK_R=block_r, BLOCK_V=block_v or default_v,
+                num_warps=8 if on_cuda and vocab >= 8192 else 4)
 
 
 def divergence_rows(
@@ -219,9 +222,8 @@ def divergence_rows(
         return loss
     g = grad_out if grad_out is not None else student_logits  # not written when WRITE_GRAD is off
     mix = 0.0 < w < 1.0
-    block_r, default_v = default_blocks(vocab)
-    block_v = block_v or default_v
-    divergence_rows_kernel[(triton.cdiv(rows, block_r),)](
+    launch = launch_config(vocab, rows, student_logits.is_cuda, block_v)
+    divergence_rows_kernel[launch.pop("grid")](
         student_logits, student_logits.stride(0),
         teacher_logits, teacher_logits.stride(0),
         g, g.stride(0),
@@ -232,9 +234,7 @@ def divergence_rows(
         w, math.log(w) if mix else 0.0, math.log1p(-w) if mix else 0.0,
         KIND=code,
         WRITE_GRAD=grad_out is not None,
-        BLOCK_R=block_r,
-        BLOCK_V=block_v,
-        num_warps=8 if student_logits.is_cuda and vocab >= 8192 else 4,
+        **launch,
     )
     return loss
 
