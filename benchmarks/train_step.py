@@ -3,7 +3,8 @@
     python benchmarks/train_step.py [--steps 40] [--batch-size 32] [--out benchmarks/results]
 
 Uses the shipped teacher and student on built-in task batches. Reports the median time of one
-optimizer step (forward, loss, backward, AdamW) and its ratio to the SFT step (student forward and
+optimizer step (forward, loss, backward, AdamW; every configuration timed once per round, round
+after round) and its ratio to the SFT step (student forward and
 cross-entropy only, fused as the trainer runs it), so the overhead of the teacher forward and of
 each divergence is visible, for the trainer's default fused loss (LM head + loss in token chunks)
 and for full logits.
@@ -28,20 +29,16 @@ from distill.models import load_model, load_tokenizer
 from distill.objective import batch_loss
 
 
-def step_time(student, teacher, batch, kind: str, fused: bool, optimizer, steps: int, vocab: int) -> float:
-    """Median time of the trainer's own micro-batch loss, backward and AdamW step."""
+def one_step(student, teacher, batch, kind: str, fused: bool, optimizer, vocab: int) -> float:
+    """Seconds of the trainer's own micro-batch loss, backward and AdamW step."""
     n = count_tokens(batch.labels[:, 1:])
-    times = []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
-        loss = batch_loss(LossConfig(kind=kind), student, teacher if kind != "ce" else None, batch, bf16=False,
-                          vocab=vocab, fused=fused).loss
-        (loss / n).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= 2:  # the first steps warm up allocator and kernels
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    t0 = time.perf_counter()
+    loss = batch_loss(LossConfig(kind=kind), student, teacher if kind != "ce" else None, batch, bf16=False,
+                      vocab=vocab, fused=fused).loss
+    (loss / n).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -59,11 +56,19 @@ def main() -> None:
     # A learning rate of 0 keeps the student identical across kinds while AdamW still does its work.
     optimizer = torch.optim.AdamW(student.parameters(), lr=0.0)
 
-    rows = {}
-    for kind in ("ce", *KINDS):
-        for fused in (True, False):
-            name = kind + (" (fused)" if fused else " (full logits)")
-            rows[name] = step_time(student, teacher, batch, kind, fused, optimizer, args.steps, len(tok))
+    configs = {kind + (" (fused)" if fused else " (full logits)"): (kind, fused)
+               for kind in ("ce", *KINDS) for fused in (True, False)}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    # Round-robin: one step of every configuration per round, so that drift of this shared machine
+    # hits all alike; the first two rounds warm up allocator and kernels.
+    for i in range(args.steps + 2):
+        for name, (kind, fused) in configs.items():
+            t = one_step(student, teacher, batch, kind, fused, optimizer, len(tok))
+            if i >= 2:
+                times[name].append(t)
+    rows = {name: statistics.median(t) for name, t in times.items()}
+    spread = {name: (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) / rows[name]
+              for name, t in times.items()}
     base = rows["ce (fused)"]
     result = {
         "machine": platform.processor() or platform.machine(),
@@ -71,13 +76,15 @@ def main() -> None:
         "batch_tokens": batch.num_tokens,
         "steps": args.steps,
         "median_step_s": rows,
+        "iqr_over_median": spread,
         "ratio_to_sft": {k: v / base for k, v in rows.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train_step.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Median optimizer-step time, {batch.num_tokens} tokens, {torch.get_num_threads()} CPU threads.", "",
-             "| loss | step (ms) | ratio to SFT |", "|---|---|---|"]
-    lines += [f"| {k} | {v * 1e3:.1f} | {v / base:.2f} |" for k, v in rows.items()]
+    lines = [f"Median optimizer-step time of {args.steps} rounds (every configuration once per round), "
+             f"{batch.num_tokens} tokens, {torch.get_num_threads()} CPU threads.", "",
+             "| loss | step (ms) | spread (IQR / median) | ratio to SFT |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v * 1e3:.1f} | {spread[k]:.2f} | {v / base:.2f} |" for k, v in rows.items()]
     (args.out / "train_step.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
