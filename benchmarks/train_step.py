@@ -67,8 +67,8 @@ def main() -> None:
             if i >= 2:
                 times[name].append(t)
     rows = {name: statistics.median(t) for name, t in times.items()}
-    spread = {name: (statistics.quantiles(t, n=4)[2] - statistics.quantiles(t, n=4)[0]) / rows[name]
-              for name, t in times.items()}
+    spread = {name: (q[2] - q[0]) / rows[name] if len(t) > 1 else 0.0
+              for name, t in times.items() for q in [statistics.quantiles(t, n=4) if len(t) > 1 else []]}
     base = rows["ce (fused)"]
     result = {
         "machine": platform.processor() or platform.machine(),

@@ -182,8 +182,10 @@ class ChunkedLinearLoss(torch.autograd.Function):
         # unless a second gradient term still has to read them.
         grad_kd = (need_h or need_w or need_b) and with_kd and objective.kd_weight != 0
         grad_ce = (need_h or need_w or need_b) and with_ce and objective.ce_weight != 0
-        # g holds dD/dz + (w_ce / w_kd) dCE/dz; the backward multiplies by w_kd (no pass over g for it).
-        g_scale = objective.kd_weight if grad_kd else 1.0
+        # g holds dD/dz + (w_ce / w_kd) dCE/dz and the backward multiplies by w_kd: no pass over g for
+        # the weight. An fp16 buffer cannot hold w_ce / w_kd near its range: there D's gradient is scaled.
+        fold = grad_kd and not (w_s.dtype == torch.float16 and objective.ce_weight > 1e3 * objective.kd_weight)
+        g_scale = objective.kd_weight if fold else 1.0
         device = s_hidden.device
         new = torch.empty if grad_kd or grad_ce else torch.zeros  # without a gradient term no row is written
         grad_h = new(s_hidden.shape, dtype=w_s.dtype, device=device) if need_h else None
@@ -211,6 +213,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 kd_total += objective.divergence_rows(z_s, z_t, None, **objective.loss_kwargs).sum()
             if grad_kd:
                 kd_total += objective.divergence_rows(z_s, z_t, g, **objective.loss_kwargs).sum()
+                if not fold:
+                    g.mul_(objective.kd_weight)
             if grad_ce:
                 ce_total += objective.ce_rows(z_s, y, g, scale=objective.ce_weight / g_scale, accumulate=grad_kd).sum()
             del z_s, z_t

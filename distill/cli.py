@@ -211,7 +211,9 @@ def _check_overrides(argv: list[str]) -> None:
         raise DistillError(_composition_error(e, overrides, keys, groups)) from None
 
 
-HYDRA_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
+# Hydra's own time-stamped output directories (hydra.run.dir / hydra.sweep.dir + subdir by default),
+# relative to the working directory: the only ones of Hydra's a failed run may remove.
+HYDRA_DEFAULT_DIR = re.compile(r"(outputs|multirun)/\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}(/\d+)?")
 
 
 def _holds_only_hydra_files(d: Path) -> bool:
@@ -220,15 +222,18 @@ def _holds_only_hydra_files(d: Path) -> bool:
 
 
 def _new_outputs(hydra_dir: Path, run_dir: Path | None = None) -> list[Path]:
-    """The directories a failed run may remove, judged before it writes anything: Hydra's (default,
-    time-stamped) output directory if it holds only Hydra's files (Hydra made it before distill began)
-    with its parents below the working directory, and the run directory and its parents where they do
-    not exist yet."""
+    """The directories a failed run may remove, judged before it writes anything: the run directory
+    and its parents where they do not exist yet; or (without ``run_dir``) Hydra's output directory
+    where it is Hydra's default, time-stamped one holding only Hydra's files (Hydra made it just
+    before distill began), with its parents below the working directory (removed only if empty)."""
     if run_dir is not None:
         return [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    cwd = Path.cwd()
+    if cwd not in hydra_dir.parents or not HYDRA_DEFAULT_DIR.fullmatch(hydra_dir.relative_to(cwd).as_posix()):
+        return []
     if not _holds_only_hydra_files(hydra_dir):
         return []
-    return [hydra_dir, *(p for p in hydra_dir.parents if Path.cwd() in p.parents)]
+    return [hydra_dir, *(p for p in hydra_dir.parents if cwd in p.parents)]
 
 
 def _remove_failed_outputs(new: list[Path], run_dir: Path | None, hydra_dir: Path) -> None:
@@ -260,9 +265,7 @@ def _hydra_main(raw: DictConfig) -> None:
     console = Console()
     hydra_cfg = HydraConfig.get()
     hydra_dir = Path(hydra_cfg.runtime.output_dir)
-    # Hydra's directory may go with a failed run unless the user named it (it may have existed).
-    named = any(o.split("=")[0].lstrip("+") in HYDRA_DIR_KEYS for o in hydra_cfg.overrides.hydra)
-    cfg, run_dir, new = None, None, [] if named else _new_outputs(hydra_dir)
+    cfg, run_dir, new = None, None, _new_outputs(hydra_dir)
     try:
         cfg = OmegaConf.to_object(raw)
         if cfg.resume is not None:

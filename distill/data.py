@@ -7,6 +7,7 @@ Prompt and padding positions are masked with ``IGNORE_INDEX`` in the labels.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -179,27 +180,35 @@ def encode(
 
 
 def stop_ids(tokenizer: Tokenizer) -> list[int]:
-    """The tokens that end a reply: EOS and, with a chat template, the special token that closes an
+    """The tokens that end a reply: EOS and, with a chat template, the token that closes an
     assistant turn where it is another (ChatML's ``<|im_end|>`` beside an EOS of ``</s>``)."""
     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
-        try:
-            prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception:  # noqa: BLE001 - a template that cannot render this: EOS alone
-            return stops
-        if full.startswith(prompt):
-            end = _turn_end(tokenizer(full[len(prompt):], add_special_tokens=False).input_ids, tokenizer)
-            if end is not None:
-                stops = list(dict.fromkeys([*stops, end]))
-    return stops
+    end = turn_end_id(tokenizer)
+    return stops if end is None or end in stops else [*stops, end]
 
 
-def _turn_end(reply_ids: list[int], tokenizer: Tokenizer) -> int | None:
-    """The first special token of a rendered reply (its template's end of turn), None without one."""
+_SENTINEL = "Sentinel reply 4711."
+
+
+def turn_end_id(tokenizer: Tokenizer) -> int | None:
+    """The special token the tokenizer's chat template puts right after an assistant's reply (its
+    end of turn), found by rendering a sentinel reply; None without a template or such a token."""
+    template = getattr(tokenizer, "chat_template", None)
+    return _turn_end_id(tokenizer, template) if template else None
+
+
+@functools.lru_cache(maxsize=16)
+def _turn_end_id(tokenizer: Tokenizer, template: str) -> int | None:  # template: part of the cache key
+    messages = [{"role": "user", "content": "1"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this: no end-of-turn token
+        return None
+    if _SENTINEL not in rendered:
+        return None
+    after = tokenizer(rendered[rendered.rindex(_SENTINEL) + len(_SENTINEL):], add_special_tokens=False).input_ids
     special = set(tokenizer.all_special_ids)
-    return next((t for t in reply_ids if t in special), None)
+    return next((t for t in after if t in special), None)
 
 
 def _encode(
@@ -219,9 +228,10 @@ def _encode(
         # The reply ends at the template's end-of-turn token (ChatML renders "<|im_end|>\n"), which
         # the model learns to stop at (generation stops at ``stop_ids``): what follows is layout
         # between turns, and an EOS after it would teach the model to say a second end token.
-        end = _turn_end(completion_ids, tokenizer)
-        if end is not None:
-            completion_ids = completion_ids[: completion_ids.index(end) + 1]
+        end = turn_end_id(tokenizer)
+        end = end if end in completion_ids else eos if eos in completion_ids else None
+        if end is not None:  # its last occurrence: the reply's text may contain the token
+            completion_ids = completion_ids[: len(completion_ids) - completion_ids[::-1].index(end)]
     else:
         completion_ids = tokenizer(record.completion, add_special_tokens=False).input_ids
         end = None

@@ -224,7 +224,7 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
     eos = _eos_ids(target, tokenizer)
     batches = _batches(prompts, cfg.batch_size, pad_id, device)
     torch.manual_seed(cfg.seed)
-    with progress_display(cfg.progress) as progress:
+    with progress_display(cfg.progress, auto_refresh=False) as progress:  # it times code: no drawing thread
         result = _measure(cfg, target, draft, batches, pad_id, eos, device, progress)
     result.update(config=asdict(cfg), name=cfg.name or cfg.draft, device=str(device), prompts=len(prompts))
     out = Path(cfg.out)

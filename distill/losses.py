@@ -435,9 +435,12 @@ def fused_linear_cross_entropy(
 
 
 def _check_targets(targets: torch.Tensor, vocab: int) -> None:
-    """Counted labels must index a logit (the kernels would read past the row); one device sync."""
+    """Counted labels must index a logit (the kernels would read past the row). On an accelerator
+    an asynchronous device assertion: no host sync per micro-batch."""
     bad = (targets < 0) | (targets >= vocab)
-    if targets.numel() and bool(bad.any()):
+    if targets.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"a label is outside the vocabulary [0, {vocab})")
+    elif targets.numel() and bool(bad.any()):
         raise ValueError(f"label {int(targets[bad][0])} is outside the vocabulary [0, {vocab})")
 
 

@@ -141,11 +141,19 @@ def head_forward(model: PreTrainedModel, forward: Callable[..., Any]) -> Iterato
     engine (ZeRO-3) gathers the head for this forward and again for its backward, where code reading
     ``head.weight`` outside the module's forward would find an empty partition."""
     head = model.get_output_embeddings()
+    if getattr(head, "_distill_head_forward", False):
+        raise RuntimeError("head_forward: the LM head is already running another forward (nested use)")
+    prior = head.__dict__.get("forward")  # a forward set on the instance (accelerate's hooks): put back after
     head.forward = types.MethodType(forward, head)  # an instance attribute shadows the class's forward
+    head._distill_head_forward = True
     try:
         yield head
     finally:
-        del head.forward
+        del head._distill_head_forward
+        if prior is None:
+            del head.forward
+        else:
+            head.forward = prior
 
 
 def _fp32_linear(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -334,9 +342,14 @@ def export_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model: PreTrainedModel, out_dir: str | Path) -> None:
-    """``save_pretrained`` of the plain transformers model (LoRA merged) from ``export_state_dict``."""
-    plain_model(model).save_pretrained(out_dir, state_dict=export_state_dict(model))
+def save_model(model: PreTrainedModel, out_dir: str | Path, eos_token_ids: list[int] | None = None) -> None:
+    """``save_pretrained`` of the plain transformers model (LoRA merged) from ``export_state_dict``.
+    ``eos_token_ids`` go into its generation config (where a chat template ends turns with a token
+    other than EOS, so that a plain ``generate()`` stops where the model learnt to)."""
+    plain = plain_model(model)
+    if eos_token_ids:
+        plain.generation_config.eos_token_id = eos_token_ids[0] if len(eos_token_ids) == 1 else list(eos_token_ids)
+    plain.save_pretrained(out_dir, state_dict=export_state_dict(model))
 
 
 def count_parameters(params: Iterable[torch.nn.Parameter]) -> int:

@@ -33,8 +33,10 @@ class _StatsColumn(ProgressColumn):
         return Text("  ".join(parts))
 
 
-def progress_display(enabled: bool = True) -> Progress:
-    """A display to use as a context manager; ``enabled=False`` shows nothing (logs, tests)."""
+def progress_display(enabled: bool = True, auto_refresh: bool = True) -> Progress:
+    """A display to use as a context manager; ``enabled=False`` shows nothing (logs, tests).
+    ``auto_refresh=False`` draws only when a row advances: no drawing thread competing with code
+    that is being timed."""
     return Progress(
         TextColumn("[bold]{task.description}[/]"),
         BarColumn(),
@@ -45,6 +47,7 @@ def progress_display(enabled: bool = True) -> Progress:
         console=console,
         disable=not enabled,
         transient=False,
+        auto_refresh=auto_refresh,
     )
 
 
@@ -62,6 +65,8 @@ def showing(progress: Progress, description: str, total: int) -> Iterator[Callab
         if tokens:
             elapsed = progress.tasks[progress.task_ids.index(task)].elapsed or 0.0
             progress.update(task, tps=tokens / max(elapsed, 1e-9))
+        if not progress.live.auto_refresh:
+            progress.refresh()
 
     try:
         yield advance

@@ -22,9 +22,16 @@ from rich.progress import Progress
 from transformers import PreTrainedModel, set_seed
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from distill.checkpoint import export_model, load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from distill.checkpoint import (
+    atomic_write_text,
+    export_model,
+    load_latest_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from distill.config import DistillConfig, LossConfig, validate
-from distill.data import TrainData, builtin_records, encode_all, load_split
+from distill.data import TrainData, builtin_records, encode_all, load_split, stop_ids
 from distill.errors import DistillError
 from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses
 from distill.losses import count_tokens
@@ -95,6 +102,13 @@ def _saved_config(run_dir: Path, current: DistillConfig, steps: int | None) -> D
                                "a run can be extended, not shortened")
         cfg.trainer.steps = steps
     return cfg
+
+
+def _save_config(run_dir: Path, cfg: DistillConfig) -> None:
+    """The run's ``config.yaml``: what ``resume`` continues (written atomically)."""
+    saved = OmegaConf.structured(cfg)
+    saved.resume = None
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(saved))
 
 
 def objective_name(loss: LossConfig) -> str:
@@ -242,6 +256,7 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
                 scheduler.load_state_dict(state["scheduler"])
                 if tc.steps > scheduler.lr_lambdas[0].total:  # extended: the rate goes on from where it stands
                     scheduler.lr_lambdas[0].extend(tc.steps, step)
+                    _save_config(run_dir, cfg)  # a later resume continues the extended run
                 data.load_state_dict(state["data"])
                 set_rng_state(state["rng"])
                 tokens_seen, result.test = state["tokens_seen"], state["test"]
@@ -250,7 +265,7 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
             else:
                 if cfg.resume is not None:
                     console.print(f"no checkpoint in {run_dir}: starting from step 0")
-                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+                _save_config(run_dir, cfg)
                 # The "before" point: the teacher's own cross-entropy and the student before training.
                 if val_records:
                     if teacher is not None:
@@ -281,7 +296,9 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
                   validate_now=lambda: measure(progress, "validation", student, val_records, with_teacher=True)
                   if val_records else None)
             metrics.close()  # flushed for the plot
-            export_model(result.model_dir, lambda d: (save_model(student, d), tokenizer.save_pretrained(d)))
+            stops = stop_ids(tokenizer)
+            export_model(result.model_dir, lambda d: (save_model(student, d, stops if len(stops) > 1 else None),
+                                                      tokenizer.save_pretrained(d)))
             plot_curves(metrics.path, run_dir / "curves.png")
             if test_records:
                 result.test["student after"] = measure(progress, "test: student", student, test_records,

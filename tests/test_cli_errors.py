@@ -201,8 +201,9 @@ def test_failed_run_keeps_directories_that_existed(tmp_path, broken_teacher, stu
     assert (tmp_path / "mine").is_dir() and (tmp_path / "hydra_dir").is_dir()
 
 
-def test_cleanup_keeps_checkpoints_and_foreign_files(tmp_path):
-    run, hydra_dir, parent = tmp_path / "p" / "run", tmp_path / "h", tmp_path / "p"
+def test_cleanup_keeps_checkpoints_and_foreign_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run, hydra_dir, parent = tmp_path / "p" / "run", tmp_path / "outputs" / "2026-12-01" / "19-00-00", tmp_path / "p"
     (hydra_dir / ".hydra").mkdir(parents=True)
     (hydra_dir / "cli.log").write_text("")
     new = [*cli._new_outputs(hydra_dir), *cli._new_outputs(hydra_dir, run)]
@@ -214,7 +215,7 @@ def test_cleanup_keeps_checkpoints_and_foreign_files(tmp_path):
     shutil.rmtree(run / "checkpoints")
     (hydra_dir / "notes.txt").unlink()
     cli._remove_failed_outputs(new, run, hydra_dir)
-    assert not parent.exists() and not hydra_dir.exists()
+    assert not parent.exists() and not (tmp_path / "outputs").exists()
 
 
 def test_cleanup_never_removes_what_existed(tmp_path, monkeypatch):
@@ -229,6 +230,10 @@ def test_cleanup_never_removes_what_existed(tmp_path, monkeypatch):
     (hydra_dir / "mine.txt").write_text("")  # hydra.run.dir pointed at a directory of the user's
     new = [*cli._new_outputs(hydra_dir), *cli._new_outputs(hydra_dir, run)]
     assert new == []
+    logs = tmp_path / "logs"  # hydra.run.dir set in a config of the user's: only Hydra's default dirs may go
+    logs.mkdir()
+    (logs / "2024-experiment.log").write_text("")
+    assert cli._new_outputs(logs) == []
     (run / "config.yaml").write_text("")  # what the failed run wrote into the existing directory
     cli._remove_failed_outputs(new, run, hydra_dir)
     assert run.is_dir() and (hydra_dir / "mine.txt").exists() and (busy / "other").exists()

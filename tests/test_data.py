@@ -161,6 +161,16 @@ def test_chatml_with_another_eos_ends_at_the_turn_end(tmp_path, tokenizer_dir):
     _, c = encode(r, tok, 64)
     assert tok.decode(c) == "five<|im_end|>" and tok.eos_token_id not in c
     assert stop_ids(tok) == [tok.eos_token_id, im_end]
+    # A special token inside the reply's text does not end it; the template's end token does.
+    msgs[1]["content"] = "five <|im_start|> six"
+    (r,) = read_records(write(tmp_path / "chat2.jsonl", [json.dumps({"messages": msgs})]), DataConfig(), tok)
+    assert tok.decode(encode(r, tok, 64)[1]).replace(" ", "") == "five<|im_start|>six<|im_end|>"
+    # A template that ignores add_generation_prompt: the whole turn, through its end token.
+    tok.chat_template = CHATML.split("{% if add_generation_prompt %}")[0]
+    (r,) = read_records(write(tmp_path / "chat3.jsonl", [json.dumps({"messages": msgs[:1] + [
+        {"role": "assistant", "content": "five"}]})]), DataConfig(), tok)
+    assert tok.decode(encode(r, tok, 64)[1]).replace("\n", " ").split() == ["<|im_start|>assistant", "five<|im_end|>"]
+    assert stop_ids(tok) == [tok.eos_token_id, im_end]
 
 
 def test_sampler_resumes_exactly():

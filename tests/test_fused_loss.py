@@ -228,3 +228,25 @@ def test_cross_entropy_arguments():
         fused_linear_loss(t["s_h"], t["s_w"], bad)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         cross_entropy(t["s_h"] @ t["s_w"].T, bad, backend="torch")
+
+
+def test_fp16_gradient_buffer_with_a_large_ce_share(monkeypatch):
+    """CUDA's half-precision path (fp16 weights, fp32-output matmuls, an fp16 gradient buffer),
+    emulated on the CPU: with ce_weight = 0.99999 folding w_ce / w_kd = 1e5 into the fp16 buffer
+    would overflow (inf gradients); the loop scales the divergence's gradient instead."""
+    if DEVICE.type != "cpu":
+        pytest.skip("emulates the CUDA branch on the CPU")
+    monkeypatch.setattr(chunked_loss, "_mm_out_fp32", lambda device: True)
+    monkeypatch.setattr(chunked_loss, "_addmm_into_fp32", lambda device: False)
+    monkeypatch.setattr(chunked_loss, "_half_mm", lambda a, b: torch.mm(a.float(), b.float()))
+    t, labels = make(31)
+    w = 0.99999
+    a, b = leaf({k: None if v is None else v.half() for k, v in t.items()}), leaf(t)
+    out = fused_linear_loss(a["s_h"], a["s_w"], labels, teacher_hidden=a["t_h"], teacher_weight=a["t_w"],
+                            student_bias=a["s_b"], teacher_bias=a["t_b"], kind="fkl", ce_weight=w,
+                            chunk_size=8, backend="torch").loss
+    ref = (1 - w) * reference(b, labels, kind="fkl") + w * reference_ce(b, labels)
+    gf, gr = grads(out, a), grads(ref, b)
+    for k in gr:
+        assert torch.isfinite(gf[k]).all(), k
+        assert (gf[k].double() - gr[k]).norm() / gr[k].norm() < 1e-2, k

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from distill import models
 from distill.config import LoraConfig, ModelConfig
@@ -17,6 +17,7 @@ from distill.models import (
     export_state_dict,
     final_hidden,
     fused_head_problem,
+    head_forward,
     lm_head,
     lm_logits,
     load_model,
@@ -111,6 +112,8 @@ def test_save_model_keeps_tied_weights_tied(student_dir, tmp_path):
     assert again.get_output_embeddings().weight.data_ptr() == again.get_input_embeddings().weight.data_ptr()
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+    save_model(model, tmp_path / "chat", eos_token_ids=[2, 7])  # EOS and a template's end of turn
+    assert GenerationConfig.from_pretrained(tmp_path / "chat").eos_token_id == [2, 7]
 
 
 @pytest.mark.parametrize("dtype,bf16", [("float32", True), ("bfloat16", False)])
@@ -144,6 +147,27 @@ def test_fused_head_inputs_reproduce_the_logits(teacher_dir, student_dir):
             assert hidden.shape[:2] == (2, 8) and weight.shape[0] == 150
             logits = torch.nn.functional.linear(hidden, weight, bias)
         assert torch.allclose(logits, lm_logits(model, ids, mask, vocab=150), atol=1e-5)
+
+
+def test_head_forward_restores_the_head_and_refuses_nesting(student_dir):
+    """The head's own forward is back after the block (also after an error), a forward set on the
+    instance by someone else (accelerate's hooks) is kept, and nesting is refused."""
+    model = load_model(ModelConfig(path=str(student_dir)), "m", CPU)
+    head = model.get_output_embeddings()
+    x = torch.randn(3, head.in_features)
+    with head_forward(model, lambda h, x: x.sum()) as called:
+        assert called is head and float(head(x)) == pytest.approx(float(x.sum()))
+        with pytest.raises(RuntimeError, match="nested"), head_forward(model, lambda h, x: x):
+            pass
+    assert "forward" not in head.__dict__ and torch.equal(head(x), x @ head.weight.T)
+    with pytest.raises(ZeroDivisionError), head_forward(model, lambda h, x: x):
+        1 / 0
+    assert "forward" not in head.__dict__ and not hasattr(head, "_distill_head_forward")
+    hooked = lambda x: "hooked"  # noqa: E731
+    head.forward = hooked
+    with head_forward(model, lambda h, x: x):
+        pass
+    assert head.forward is hooked
 
 
 def _gemma(cap: float | None):

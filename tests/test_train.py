@@ -289,6 +289,11 @@ def test_a_finished_run_is_extended_by_raising_steps(teacher_dir, student_dir, t
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     train_rows = [r["step"] for r in MetricsLog.read(longer.run_dir / "metrics.jsonl") if r["split"] == "train"]
     assert train_rows == [1, 2, 3, 4, 5, 6]
+    # The extension is the run's config now: resuming it says it finished at 6, and 5 is a shortening.
+    with pytest.raises(DistillError, match=r"finished at step 6 \(trainer.steps=6\)"):
+        train_mod.train(DistillConfig(resume=str(short.run_dir)), tmp_path / "ignored")
+    with pytest.raises(DistillError, match="trainer.steps=5 is below the run's 6"):
+        train_mod.train(DistillConfig(resume=str(short.run_dir)), tmp_path / "ignored", steps=5)
     # Stopped mid-decay (its checkpoint at step 2 of 4 the latest), then extended to 6 steps.
     decaying = train_mod.train(cfg(4, min_lr_ratio=0.1), tmp_path / "decaying")
     shutil.rmtree(decaying.run_dir / "checkpoints" / "step-0000004")
