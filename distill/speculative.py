@@ -1,24 +1,35 @@
-"""Speculative decoding: a draft model proposes, the target verifies (Leviathan et al. 2023).
+"""Propose and verify: a draft model proposes gamma tokens, a target model judges them in one
+forward (Leviathan et al. 2023). One loop, two kinds of acceptance rule:
 
-Lossless speculative sampling, per round and per sequence of the batch:
+Lossless speculative sampling (``lossless``), per round and per sequence of the batch:
   1. the draft proposes x_1..x_gamma, x_i ~ q_i, with its KV cache;
   2. the target scores the prefix and all gamma drafts in one forward: p_1..p_{gamma+1};
   3. x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection a token
      is drawn from norm(max(0, p_i - q_i)) and the round ends; if all gamma are accepted, a bonus
      token is drawn from p_{gamma+1}.
 The emitted sequence is distributed exactly as sampling from the target alone (tested with a
-chi-square test). Greedy decoding accepts while the draft equals the target's argmax and emits
-the target's argmax at the first mismatch, so it returns the target's greedy output exactly.
+chi-square test). Greedy decoding (``greedy``) accepts while the draft equals the target's argmax
+and emits the target's argmax at the first mismatch: exactly the target's greedy output.
+
+Block-wise speculative KD (``teacher_top_k``; the student drafts, the teacher verifies): x_i is
+accepted while it is among the teacher's top-K tokens at its position (or inside its top-p
+nucleus); at the first rejection a token is drawn from the teacher's p_i and the round ends; a
+fully accepted block gets no bonus token. Drafts after a rejection were conditioned on a token
+that is no longer there, so dropping them gives exactly token-by-token SKD (tested).
+
+A rule sees the drafts, the draft's distributions q and the target's logits, and returns a
+``Verdict``: the round's tokens and how many are emitted. Rules are pure functions of tensors
+(tested without models); the loop below is the same for all of them.
 
 Rolling back needs each layer's whole history, so models whose caches cannot be cropped
 (linear attention, state-space layers) are refused; sliding-window layers keep a full cache and
 the attention mask applies the window.
 
-Batches: sequences accept different numbers of drafts. Both KV caches are cropped to the
-longest accepted run of the batch (the rollback). In shorter runs the positions of rejected
-drafts become holes: masked out of attention and skipped by the position ids, so their stale
-keys and values can stay in the cache and nothing is computed twice. Every sequence keeps its
-own accepted tokens and all share one cache length.
+Batches: sequences emit different numbers of tokens per round. Both KV caches are cropped to the
+longest run of the batch (the rollback). In shorter runs the positions of rejected drafts become
+holes: masked out of attention and skipped by the position ids, so their stale keys and values
+can stay in the cache and nothing is computed twice. Every sequence keeps its own tokens and all
+share one cache length.
 
 ``lenience`` (lossy, off by default) accepts with min(1, p / (lenience q)) and draws rejections
 from norm(max(0, p - lenience q)); the output is then NOT the target's distribution.
@@ -26,6 +37,8 @@ from norm(max(0, p - lenience q)); the output is then NOT the target's distribut
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +47,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 @dataclass
 class SpeculativeStats:
-    """Acceptance statistics of one ``speculative_generate`` call."""
+    """Acceptance statistics of one ``propose_and_verify`` call (``speculative_generate``, SKD)."""
 
     gamma: int
     rounds: int = 0  # target forwards (one per round)
@@ -44,6 +57,7 @@ class SpeculativeStats:
     reached_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
     sequence_rounds: int = 0  # rounds summed over sequences (a finished sequence stops counting)
+    produced: int = 0  # tokens the rounds produced, before EOS or max_new_tokens cut a round short
 
     def __post_init__(self) -> None:
         self.reached_at = self.reached_at or [0] * self.gamma
@@ -59,6 +73,7 @@ class SpeculativeStats:
         self.rounds += other.rounds
         self.emitted += other.emitted
         self.sequence_rounds += other.sequence_rounds
+        self.produced += other.produced
         self.record(other.reached_at, other.accepted_at)
 
     @property
@@ -77,9 +92,14 @@ class SpeculativeStats:
 
     @property
     def block_efficiency(self) -> float:
-        """tau: tokens a round produces per sequence (its accepted drafts plus one), counted before
-        EOS or max_new_tokens cut a sequence's last round short, as in Leviathan et al."""
-        return 1.0 + self.accepted / max(self.sequence_rounds, 1)
+        """tau: tokens a round produces per sequence (lossless: its accepted drafts plus one), counted
+        before EOS or max_new_tokens cut a sequence's last round short, as in Leviathan et al."""
+        return self.produced / max(self.sequence_rounds, 1)
+
+    @property
+    def target_forwards_per_token(self) -> float:
+        """Target forwards per produced token of a sequence: 1 / tau."""
+        return self.sequence_rounds / max(self.produced, 1)
 
     @property
     def acceptance_by_position(self) -> list[float]:
@@ -88,7 +108,8 @@ class SpeculativeStats:
     def to_dict(self) -> dict[str, object]:
         return {"gamma": self.gamma, "rounds": self.rounds, "emitted": self.emitted, "drafted": self.drafted,
                 "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
-                "block_efficiency": self.block_efficiency, "acceptance_by_position": self.acceptance_by_position}
+                "block_efficiency": self.block_efficiency, "acceptance_by_position": self.acceptance_by_position,
+                "target_forwards_per_token": self.target_forwards_per_token}
 
 
 @dataclass
@@ -145,11 +166,96 @@ def check_draft_vocab(target: PreTrainedModel, draft: PreTrainedModel) -> None:
         )
 
 
+@dataclass
+class Verdict:
+    """A round's outcome per sequence: ``tokens[:, :n_emit]`` are emitted and ``n_ok`` drafts were
+    accepted. Tokens before the last emitted one must be the drafts themselves (the KV caches keep
+    what was drafted); the last may be a new token."""
+
+    tokens: torch.Tensor  # [B, gamma + 1]
+    n_emit: torch.Tensor  # [B], in 1 .. gamma + 1
+    n_ok: torch.Tensor  # [B], in 0 .. gamma
+
+
+# rule(drafts [B, gamma], q [B, gamma, V] or None (a greedy draft), target logits [B, gamma + 1, V],
+# generator) -> Verdict. The target's logits at i score drafts[:, i]; the last position follows a
+# fully accepted block.
+Rule = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Generator | None], Verdict]
+
+
+def _accepted_prefix(ok: torch.Tensor) -> torch.Tensor:
+    """Per row, how many leading entries of ``ok`` are True."""
+    return torch.cumprod(ok.long(), 1).sum(1)
+
+
+def _drafts_then(drafts: torch.Tensor, at: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """[B, gamma + 1]: the drafts with ``token`` at position ``at`` of each row."""
+    tokens = torch.cat([drafts, drafts[:, :1]], 1)
+    tokens[torch.arange(len(drafts), device=drafts.device), at] = token
+    return tokens
+
+
+def lossless(drafts: torch.Tensor, q: torch.Tensor, t_logits: torch.Tensor, generator: torch.Generator | None = None,
+             *, temperature: float = 1.0, lenience: float | None = None) -> Verdict:
+    """Speculative sampling's ratio test, a residual sample at the first rejection, else a bonus
+    token from the last position (lossy with ``lenience``)."""
+    gamma, rows = drafts.shape[1], torch.arange(len(drafts), device=drafts.device)
+    p = torch.softmax(t_logits.float() / temperature, dim=-1)  # [B, gamma + 1, V]
+    p_x = p[:, :gamma].gather(-1, drafts[..., None]).squeeze(-1)
+    q_x = q.gather(-1, drafts[..., None]).squeeze(-1)
+    scale = 1.0 if lenience is None else lenience
+    u = torch.rand(drafts.shape, generator=generator, device=drafts.device)
+    n_ok = _accepted_prefix(u * scale * q_x < p_x)  # u < p / (scale q), without dividing by q = 0
+    p_next = p[rows, n_ok]
+    q_next = torch.cat([q, torch.zeros_like(q[:, :1])], 1)[rows, n_ok]
+    residual = (p_next - scale * q_next).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)  # p == q up to rounding
+    nxt = torch.multinomial(residual, 1, generator=generator).squeeze(1)
+    return Verdict(_drafts_then(drafts, n_ok, nxt), n_ok + 1, n_ok)
+
+
+def greedy(drafts: torch.Tensor, q: torch.Tensor | None, t_logits: torch.Tensor,
+           generator: torch.Generator | None = None) -> Verdict:
+    """Accept while the draft is the target's argmax; then the target's argmax (a bonus after a
+    fully accepted block)."""
+    pick = t_logits.argmax(-1)  # [B, gamma + 1]
+    n_ok = _accepted_prefix(drafts == pick[:, : drafts.shape[1]])
+    return Verdict(_drafts_then(drafts, n_ok, pick[torch.arange(len(drafts), device=drafts.device), n_ok]),
+                   n_ok + 1, n_ok)
+
+
+def teacher_top_k(drafts: torch.Tensor, q: torch.Tensor | None, t_logits: torch.Tensor,
+                  generator: torch.Generator | None = None, *, k: int | None = None, top_p: float | None = None,
+                  temperature: float = 1.0, greedy_teacher: bool = False) -> Verdict:
+    """SKD: accept while the draft is among the teacher's top ``k`` tokens (ties: fewer than k
+    tokens score strictly higher) or, with ``top_p``, inside its nucleus (the mass of tokens
+    strictly more probable than the draft is below top_p); at the first rejection a token from the
+    teacher (a sample at ``temperature``, or its argmax with ``greedy_teacher``). No bonus token."""
+    if (k is None) == (top_p is None):
+        raise ValueError("teacher_top_k takes k or top_p")
+    gamma, rows = drafts.shape[1], torch.arange(len(drafts), device=drafts.device)
+    z = t_logits[:, :gamma].float()
+    above = z > z.gather(-1, drafts[..., None])  # tokens the teacher ranks strictly higher than the draft
+    mass_above = above.sum(-1) if top_p is None else (torch.softmax(z / temperature, dim=-1) * above).sum(-1)
+    ok = mass_above < (k if top_p is None else top_p)
+    n_ok = _accepted_prefix(ok)
+    rejected = n_ok < gamma
+    at = n_ok.clamp(max=gamma - 1)
+    z_at = z[rows, at]
+    if greedy_teacher:
+        replacement = z_at.argmax(-1)
+    else:
+        replacement = torch.multinomial(torch.softmax(z_at / temperature, dim=-1), 1, generator=generator).squeeze(1)
+    tokens = _drafts_then(drafts, at, torch.where(rejected, replacement, drafts[rows, at]))
+    return Verdict(tokens, n_ok + rejected.long(), n_ok)
+
+
 @torch.no_grad()
-def speculative_generate(
+def propose_and_verify(
     target: PreTrainedModel,
     draft: PreTrainedModel,
     input_ids: torch.Tensor,
+    rule: Rule,
     *,
     attention_mask: torch.Tensor | None = None,
     gamma: int = 4,
@@ -158,28 +264,22 @@ def speculative_generate(
     do_sample: bool = True,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
-    lenience: float | None = None,
     generator: torch.Generator | None = None,
 ) -> SpeculativeOutput:
-    """Generate up to ``max_new_tokens`` per sequence from ``target`` with ``draft`` proposing
-    ``gamma`` tokens per round. ``input_ids`` may be left-padded (``attention_mask``).
-
-    ``do_sample=False`` is greedy (exactly the target's greedy output). ``lenience`` in (0, 1]
-    turns on LOSSY speculative sampling (1.0 is the lossless rule). ``eos_token_id`` and
-    ``pad_token_id`` default to the target's generation config; ``eos_token_id=[]`` never stops
-    early. Draft vocabulary rows beyond the target's are never proposed. Returns the sequences
-    (prompt then new tokens, right-padded with ``pad_token_id`` after EOS) and acceptance statistics.
-    """
+    """The loop every rule shares: ``draft`` proposes ``gamma`` tokens a round (sampled at
+    ``temperature``, or its argmax without ``do_sample``) with its KV cache, ``target`` scores them
+    in one forward, ``rule`` decides what is emitted; both caches are rolled back to it. Up to
+    ``max_new_tokens`` per sequence, through the first EOS. ``input_ids`` may be left-padded
+    (``attention_mask``). ``eos_token_id`` and ``pad_token_id`` default to the target's generation
+    config; ``eos_token_id=[]`` never stops early. Draft vocabulary rows beyond the target's are
+    never proposed. Returns the sequences (prompt then new tokens, right-padded with the pad id
+    after EOS) and acceptance statistics."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1; got {gamma}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
-    if lenience is not None and not do_sample:
-        raise ValueError("lenience applies to sampling; greedy decoding (do_sample=False) has no acceptance test")
-    if lenience is not None and not 0 < lenience <= 1:
-        raise ValueError(f"lenience must lie in (0, 1] (lossy speculative sampling); got {lenience}")
     check_draft_vocab(target, draft)
     vocab = target.config.vocab_size
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
@@ -238,64 +338,44 @@ def speculative_generate(
             drafts.append(x)
         drafts = torch.stack(drafts, 1)  # [B, gamma]
 
-        # 2. The target scores the last accepted token and all drafts in one forward.
+        # 2. The target scores the last emitted token and all drafts in one forward; 3. the rule.
         t_logits = t_model.forward(tokens, full_mask, length + gamma)[:, -(gamma + 1):, :vocab]
         stats.rounds += 1
-
-        # 3. Accept per sequence; then the token after the accepted prefix: a residual sample at a
-        # rejection, the bonus token from p_{gamma+1} otherwise.
-        if do_sample:
-            q_all = torch.stack(q_all, 1)  # [B, gamma, V]
-            p_all = torch.softmax(t_logits.float() / temperature, dim=-1)  # [B, gamma + 1, V]
-            p_x = p_all[:, :gamma].gather(-1, drafts[..., None]).squeeze(-1)
-            q_x = q_all.gather(-1, drafts[..., None]).squeeze(-1)
-            scale = 1.0 if lenience is None else lenience
-            u = torch.rand(drafts.shape, generator=generator, device=device)
-            ok = u * scale * q_x < p_x  # u < p / (scale q), without dividing by q = 0
-            n_ok = torch.cumprod(ok.long(), 1).sum(1)  # accepted prefix length, [B]
-            p_next = p_all[rows, n_ok]
-            q_next = torch.cat([q_all, torch.zeros_like(q_all[:, :1])], 1)[rows, n_ok]
-            residual = (p_next - scale * q_next).clamp(min=0)
-            # Where the residual vanishes (p == q up to rounding) sample from p itself.
-            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
-            nxt = torch.multinomial(residual, 1, generator=generator).squeeze(1)
-        else:
-            target_pick = t_logits.argmax(-1)  # [B, gamma + 1]
-            n_ok = torch.cumprod((drafts == target_pick[:, :gamma]).long(), 1).sum(1)
-            nxt = target_pick[rows, n_ok]
+        verdict = rule(drafts, torch.stack(q_all, 1) if do_sample else None, t_logits, generator)
+        n_emit = verdict.n_emit * live  # nothing from finished sequences
 
         # 4. Count, emit (up to the first EOS and max_new_tokens), roll back, punch holes.
-        judged = n_ok.clamp(max=gamma - 1) + 1  # drafts the target got to judge, per sequence
+        judged = verdict.n_ok.clamp(max=gamma - 1) + 1  # drafts the target got to judge, per sequence
         j = j_round[:, :gamma]
-        counts = torch.stack([(j < judged[:, None]) & live[:, None], (j < n_ok[:, None]) & live[:, None]]).sum(1)
-        stats.record(*counts.tolist())  # one device sync for both counts
-        stats.sequence_rounds += int(live.sum())
-        round_tokens = torch.cat([drafts, drafts[:, :1]], 1)
-        round_tokens[rows, n_ok] = nxt  # the accepted drafts, then the next token
-        valid = j_round <= n_ok[:, None]
-        is_eos = torch.isin(round_tokens, eos_ids) & valid
-        ends_at = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, n_ok + 1)  # through the first EOS
+        counts = torch.stack([(j < judged[:, None]) & live[:, None], (j < verdict.n_ok[:, None]) & live[:, None]])
+        counts = torch.cat([counts.sum(1).flatten(), live.sum()[None], n_emit.sum()[None]]).tolist()  # one sync
+        stats.record(counts[:gamma], counts[gamma: 2 * gamma])
+        stats.sequence_rounds += counts[-2]
+        stats.produced += counts[-1]
+        is_eos = torch.isin(verdict.tokens, eos_ids) & (j_round < n_emit[:, None])
+        ends_at = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, n_emit)  # through the first EOS
         take = torch.minimum(ends_at, max_new_tokens - n_new) * live
         put = j_round < take[:, None]
-        new[rows[:, None].expand_as(put)[put], (n_new[:, None] + j_round)[put]] = round_tokens[put]
+        new[rows[:, None].expand_as(put)[put], (n_new[:, None] + j_round)[put]] = verdict.tokens[put]
         done |= live & ((n_new + take == max_new_tokens) | (is_eos & put).any(1))
         n_new += take
-        # Buffer: accepted drafts stay where they are; the next token goes to the end of the
-        # longest accepted run, so that every sequence's last real token is the buffer's last
+        # Buffer: emitted drafts stay where they are; each sequence's last emitted token goes to the
+        # end of the longest run, so that every sequence's last real token is the buffer's last
         # position; in between, the rejected drafts of shorter runs become holes. The caches keep
-        # every position before the next token: each is an accepted draft or a (masked) hole.
+        # every position before that last token: each is an emitted draft or a (masked) hole.
         if bool(live.any()):
-            longest = int(n_ok[live].max())
-            jj = j_round[:, : longest + 1]
-            keep = (jj < n_ok[:, None]) & live[:, None]
-            region = slice(length, length + longest + 1)
-            tokens[:, region] = torch.where(keep, tokens[:, region], pad)
-            tokens[:, length + longest] = torch.where(live, nxt, pad)
-            full_mask[:, region] = (keep | ((jj == longest) & live[:, None])).long()
-            full_mask[:, length + longest + 1: length + gamma + 1] = 0
-            t_model.crop(length + longest)
-            d_model.crop(min(d_model.length, length + longest))
-            length += longest + 1
+            longest = int(n_emit.max())
+            jj = j_round[:, :longest]
+            keep = (jj < (n_emit - 1)[:, None]) & live[:, None]
+            region = slice(length, length + longest)
+            last = verdict.tokens[rows, (n_emit - 1).clamp(min=0)]
+            tokens[:, region] = torch.where(keep, verdict.tokens[:, :longest], pad)
+            tokens[:, length + longest - 1] = torch.where(live, last, pad)
+            full_mask[:, region] = (keep | ((jj == longest - 1) & live[:, None])).long()
+            full_mask[:, length + longest: length + gamma + 1] = 0
+            t_model.crop(length + longest - 1)
+            d_model.crop(min(d_model.length, length + longest - 1))
+            length += longest
         if length + gamma + 1 > tokens.shape[1]:  # holes used up the room: grow the buffer
             grow = gamma + 1 + max_new_tokens
             tokens = torch.cat([tokens, tokens.new_full((bsz, grow), pad)], 1)
@@ -304,3 +384,33 @@ def speculative_generate(
     stats.emitted = int(n_new.sum())
     width = int(n_new.max())
     return SpeculativeOutput(torch.cat([input_ids, new[:, :width]], 1), stats)
+
+
+def speculative_generate(
+    target: PreTrainedModel,
+    draft: PreTrainedModel,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    gamma: int = 4,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    lenience: float | None = None,
+    generator: torch.Generator | None = None,
+) -> SpeculativeOutput:
+    """Generate from ``target`` with ``draft`` proposing ``gamma`` tokens per round: sampling at
+    ``temperature`` distributed exactly as the target's own (``lossless``), or with
+    ``do_sample=False`` exactly the target's greedy output (``greedy``). ``lenience`` in (0, 1]
+    turns on LOSSY speculative sampling (1.0 is the lossless rule). Arguments otherwise as
+    ``propose_and_verify``."""
+    if lenience is not None and not do_sample:
+        raise ValueError("lenience applies to sampling; greedy decoding (do_sample=False) has no acceptance test")
+    if lenience is not None and not 0 < lenience <= 1:
+        raise ValueError(f"lenience must lie in (0, 1] (lossy speculative sampling); got {lenience}")
+    rule = functools.partial(lossless, temperature=temperature, lenience=lenience) if do_sample else greedy
+    return propose_and_verify(target, draft, input_ids, rule, attention_mask=attention_mask, gamma=gamma,
+                              max_new_tokens=max_new_tokens, temperature=temperature, do_sample=do_sample,
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)

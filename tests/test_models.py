@@ -161,7 +161,7 @@ def test_head_forward_restores_the_head_and_refuses_nesting(student_dir):
             pass
     assert "forward" not in head.__dict__ and torch.equal(head(x), x @ head.weight.T)
     with pytest.raises(ZeroDivisionError), head_forward(model, lambda h, x: x):
-        1 / 0
+        raise ZeroDivisionError
     assert "forward" not in head.__dict__ and not hasattr(head, "_distill_head_forward")
     hooked = lambda x: "hooked"  # noqa: E731
     head.forward = hooked
