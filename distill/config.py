@@ -7,6 +7,7 @@ models, and ``recipe=NAME`` selects a whole recipe (tested: no YAML restates a d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +149,66 @@ class TrainerConfig:
     progress: bool = True
 
 
+SOURCES = ("dataset", "teacher", "student", "skd")  # sources of training sequences (distill.sources)
+SCHEDULES = ("constant", "linear", "cosine", "step")
+
+
+@dataclass
+class Schedule:
+    """A value over optimizer steps: ``start`` at step 0, moving to ``end`` by step ``steps``
+    (default: the run's last step), then staying there; ``linear`` and ``cosine`` move gradually,
+    ``step`` switches at ``steps``. ``end`` null or ``kind: constant``: ``start`` throughout."""
+
+    start: float = 0.0
+    end: float | None = None
+    kind: str = "constant"
+    steps: int | None = None
+
+
+@dataclass
+class SourceWeights:
+    """The probability that a step's micro-batches all come from each source is its weight over
+    the sum of the weights at that step (GKD's lambda is ``student`` 0.5, ``dataset`` 0.5)."""
+
+    dataset: Schedule = field(default_factory=lambda: Schedule(start=1.0))
+    teacher: Schedule = field(default_factory=Schedule)  # SeqKD
+    student: Schedule = field(default_factory=Schedule)  # on-policy (GKD)
+    skd: Schedule = field(default_factory=Schedule)  # speculative KD
+
+
+@dataclass
+class SamplingConfig:
+    """How a model samples a response to a prompt (the student and teacher sources)."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    top_p: float = 1.0
+    greedy: bool = False
+    max_new_tokens: int = 48
+
+
+@dataclass
+class SKDConfig:
+    """Speculative KD: the student samples at ``temperature``; a token outside the teacher's top
+    ``k`` (or, with ``top_p``, its nucleus) is replaced by a teacher sample at ``teacher_temperature``."""
+
+    k: Schedule = field(default_factory=lambda: Schedule(start=25.0))
+    top_p: float | None = None
+    gamma: int = 4  # drafts per teacher forward (block-wise SKD)
+    temperature: float = 1.0
+    teacher_temperature: float = 1.0
+    teacher_greedy: bool = False
+    max_new_tokens: int = 48
+
+
+@dataclass
+class SourcesConfig:
+    weights: SourceWeights = field(default_factory=SourceWeights)
+    student: SamplingConfig = field(default_factory=SamplingConfig)
+    teacher: SamplingConfig = field(default_factory=SamplingConfig)
+    skd: SKDConfig = field(default_factory=SKDConfig)
+
+
 @dataclass
 class DistillConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
@@ -155,6 +216,8 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Where each step's sequences come from (distill.sources): by default the dataset alone.
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
     # A run directory to continue from its latest checkpoint; outputs then go there.
     resume: str | None = None
     # Where outputs go; defaults to Hydra's run directory.
@@ -227,12 +290,54 @@ def validate(cfg: DistillConfig) -> None:
         raise DistillError(f"trainer.min_lr_ratio must lie in [0, 1]; got {t.min_lr_ratio}")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise DistillError(f"trainer.betas must be two values in [0, 1) (AdamW's beta1, beta2); got {list(t.betas)}")
+    _validate_sources(cfg)
     for split in ("train", "validation", "test"):
         path = getattr(cfg.data, split)
         if path is not None and not Path(path).exists():
             raise DistillError(f"data.{split}: no such file: {path}")
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
         raise _not_a_directory("resume", cfg.resume, "run directory", "the run directory of a distill run")
+
+
+def _validate_schedule(key: str, sched: Schedule, low: float, high: float = math.inf) -> None:
+    if sched.kind not in SCHEDULES:
+        raise DistillError(f"{key}.kind must be one of {', '.join(SCHEDULES)}; got {sched.kind!r}")
+    for name in ("start", "end"):
+        value = getattr(sched, name)
+        if value is not None and not low <= value <= high:
+            raise DistillError(f"{key}.{name} must lie in [{low:g}, {high:g}]; got {value:g}")
+    if sched.steps is not None and sched.steps < 1:
+        raise DistillError(f"{key}.steps must be >= 1 (or null: the run's length); got {sched.steps}")
+
+
+def _validate_sources(cfg: DistillConfig) -> None:
+    src = cfg.sources
+    for name in SOURCES:
+        _validate_schedule(f"sources.weights.{name}", getattr(src.weights, name), 0.0)
+    if not any(max(w.start, w.end or 0.0) > 0 for w in (getattr(src.weights, n) for n in SOURCES)):
+        raise DistillError("sources.weights: every weight is 0; give at least one source a positive weight")
+    used = [n for n in SOURCES if max(getattr(src.weights, n).start, getattr(src.weights, n).end or 0.0) > 0]
+    for name in ("teacher", "skd"):
+        if name in used and not cfg.teacher.path:
+            raise DistillError(f"sources.weights.{name} generates with the teacher, but teacher.path is not set")
+    for role in ("student", "teacher"):
+        s = getattr(src, role)
+        if not s.temperature > 0:
+            raise DistillError(f"sources.{role}.temperature must be > 0; got {s.temperature}")
+        if not 0 < s.top_p <= 1:
+            raise DistillError(f"sources.{role}.top_p must lie in (0, 1]; got {s.top_p}")
+        if s.top_k < 0 or s.max_new_tokens < 1:
+            raise DistillError(f"sources.{role}: top_k must be >= 0 and max_new_tokens >= 1; got "
+                               f"{s.top_k}, {s.max_new_tokens}")
+    k = src.skd
+    _validate_schedule("sources.skd.k", k.k, 1.0)
+    if k.top_p is not None and not 0 < k.top_p <= 1:
+        raise DistillError(f"sources.skd.top_p must lie in (0, 1] (or null: top-K); got {k.top_p}")
+    if k.gamma < 1 or k.max_new_tokens < 1:
+        raise DistillError(f"sources.skd: gamma and max_new_tokens must be >= 1; got {k.gamma}, {k.max_new_tokens}")
+    for name in ("temperature", "teacher_temperature"):
+        if not getattr(k, name) > 0:
+            raise DistillError(f"sources.skd.{name} must be > 0; got {getattr(k, name)}")
 
 
 def _asset(name: str) -> str:

@@ -357,13 +357,16 @@ class TrainData:
                 )
             self.sampler = EpochSampler(len(self.examples), seed)
 
-    def next_batch(self, size: int) -> Batch:
+    def next_pairs(self, size: int) -> list[tuple[list[int], list[int]]]:
+        """The next ``size`` (prompt, completion) token-id pairs."""
         if self.cfg.stream:  # built-in examples are short: max_length is an error, not a filter
             pairs = [encode(next(self._stream), self.tokenizer, self.cfg.max_length) for _ in range(size)]
             self.position += size
-        else:
-            pairs = [self.examples[i] for i in self.sampler.take(size)]
-        return collate(pairs, self.tokenizer.pad_token_id)
+            return pairs
+        return [self.examples[i] for i in self.sampler.take(size)]
+
+    def next_batch(self, size: int) -> Batch:
+        return collate(self.next_pairs(size), self.tokenizer.pad_token_id)
 
     def state_dict(self) -> dict[str, int]:
         return {"stream_position": self.position} if self.cfg.stream else self.sampler.state_dict()

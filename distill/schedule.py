@@ -1,4 +1,5 @@
-"""The learning-rate schedule: linear warm-up, then cosine decay to a floor, extendable in place."""
+"""Values over optimizer steps: the learning rate (linear warm-up, cosine decay to a floor,
+extendable in place) and the schedules of source weights and SKD's K."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from distill.config import Schedule
 
 
 @dataclass
@@ -41,3 +44,17 @@ class CosineSchedule:
 def cosine_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float
                      ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(warmup, total, min_ratio))
+
+
+def value_at(schedule: Schedule, step: int, total: int) -> float:
+    """A ``Schedule``'s value at optimizer step ``step`` of a run of ``total`` steps (source weights,
+    SKD's K)."""
+    if schedule.end is None or schedule.kind == "constant":
+        return schedule.start
+    span = max(schedule.steps or total, 1)
+    if schedule.kind == "step":
+        return schedule.end if step >= span else schedule.start
+    frac = min(step / span, 1.0)
+    if schedule.kind == "cosine":
+        frac = 0.5 * (1 - math.cos(math.pi * frac))
+    return schedule.start + (schedule.end - schedule.start) * frac

@@ -265,6 +265,7 @@ def propose_and_verify(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    vocab: int | None = None,
 ) -> SpeculativeOutput:
     """The loop every rule shares: ``draft`` proposes ``gamma`` tokens a round (sampled at
     ``temperature``, or its argmax without ``do_sample``) with its KV cache, ``target`` scores them
@@ -272,16 +273,18 @@ def propose_and_verify(
     ``max_new_tokens`` per sequence, through the first EOS. ``input_ids`` may be left-padded
     (``attention_mask``). ``eos_token_id`` and ``pad_token_id`` default to the target's generation
     config; ``eos_token_id=[]`` never stops early. Draft vocabulary rows beyond the target's are
-    never proposed. Returns the sequences (prompt then new tokens, right-padded with the pad id
-    after EOS) and acceptance statistics."""
+    never proposed; ``vocab`` (e.g. a shared tokenizer's length) limits both models to its first
+    rows. Returns the sequences (prompt then new tokens, right-padded with the pad id after EOS)
+    and acceptance statistics."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1; got {gamma}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
-    check_draft_vocab(target, draft)
-    vocab = target.config.vocab_size
+    if vocab is None:
+        check_draft_vocab(target, draft)
+        vocab = target.config.vocab_size
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
     if not bool(mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: the attention mask has padding in the last column")

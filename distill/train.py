@@ -30,8 +30,8 @@ from distill.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from distill.config import DistillConfig, LossConfig, validate
-from distill.data import TrainData, builtin_records, encode_all, load_split, stop_ids
+from distill.config import SOURCES, DistillConfig, LossConfig, validate
+from distill.data import TrainData, builtin_records, collate, encode_all, load_split, stop_ids
 from distill.errors import DistillError
 from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses
 from distill.losses import count_tokens
@@ -49,7 +49,9 @@ from distill.models import (
 from distill.objective import batch_loss, fused_loss_problem
 from distill.progress import console, progress_display, showing
 from distill.report import write_report
-from distill.schedule import cosine_scheduler
+from distill.schedule import cosine_scheduler, value_at
+from distill.sources.mixture import draw_source, step_seed
+from distill.sources.sequences import SourceStats, source_pairs
 from distill.tokenizer import train_tokenizer
 from distill.tracking import MetricsLog, plot_curves
 
@@ -220,7 +222,9 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     scheduler = cosine_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     bf16, vocab = tc.precision == "bf16", len(tokenizer)
-    trains_kd = cfg.loss.kind != "ce"  # SFT trains without the teacher (it is only evaluated)
+    k = cfg.sources.skd.k
+    if cfg.sources.skd.top_p is None and max(k.start, k.end or 0) > vocab:
+        raise DistillError(f"sources.skd.k must lie in [1, {vocab}] (the vocabulary); got {max(k.start, k.end or 0):g}")
     fused = cfg.loss.fused
     not_fused = fused_loss_problem(student, teacher, vocab, device) if fused else None
     if not_fused:
@@ -291,8 +295,9 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
                 if "teacher" in result.validation:
                     before["teacher_ce"] = result.validation["teacher"]["ce"]
                 metrics.log("validation", 0, before)
-            _loop(cfg, run_dir, progress, student, teacher if trains_kd else None, data, optimizer, scheduler,
+            _loop(cfg, run_dir, progress, student, teacher, data, optimizer, scheduler,
                   metrics, result, params, step, tokens_seen, bf16=bf16, vocab=vocab, fused=fused, device=device,
+                  stops=stop_ids(tokenizer),
                   validate_now=lambda: measure(progress, "validation", student, val_records, with_teacher=True)
                   if val_records else None)
             metrics.close()  # flushed for the plot
@@ -313,9 +318,13 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
 def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTrainedModel,
           teacher: PreTrainedModel | None, data: TrainData, optimizer, scheduler, metrics: MetricsLog,
           result: RunResult, params: list, step: int, tokens_seen: int, *, bf16: bool, vocab: int, fused: bool,
-          device: torch.device, validate_now: Callable[[], dict[str, float] | None]) -> None:
-    """The optimizer steps from ``step`` to ``trainer.steps``, with logging, validation and checkpoints."""
+          device: torch.device, stops: list[int], validate_now: Callable[[], dict[str, float] | None]) -> None:
+    """The optimizer steps from ``step`` to ``trainer.steps``, with logging, validation and checkpoints.
+    Each step draws its source (``sources.weights``); ``teacher`` generates for the teacher and SKD
+    sources and is the loss's teacher unless the loss is SFT's cross-entropy."""
     tc = cfg.trainer
+    loss_teacher = teacher if cfg.loss.kind != "ce" else None
+    pad_id = data.tokenizer.pad_token_id
     last_saved = step if step > 0 else None  # a resumed run starts at its checkpoint
 
     def checkpoint() -> None:
@@ -330,16 +339,31 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
 
     student.train()
     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
+    drawn: dict[str, int] = {}
+    generation = SourceStats()
     task = progress.add_task("train", total=tc.steps, completed=step, loss=math.nan, tps=0.0)
     try:
         with _StopAtStepBoundary() as stop:
             while step < tc.steps:
-                micro = [data.next_batch(tc.batch_size) for _ in range(tc.grad_accum)]
-                # The step's denominator: counted tokens of all its micro-batches, known before any backward.
+                source = draw_source(cfg.sources.weights, tc.seed, step, tc.steps)
+                drawn[source] = drawn.get(source, 0) + 1
+                skd_k = round(value_at(cfg.sources.skd.k, step, tc.steps))
+                micro = []
+                for m in range(tc.grad_accum):
+                    pairs, stats = source_pairs(
+                        source, data.next_pairs(tc.batch_size), cfg.sources, student=student, teacher=teacher,
+                        skd_k=skd_k, pad_id=pad_id, stops=stops, max_length=cfg.data.max_length, vocab=vocab,
+                        seed=step_seed(tc.seed, step, m),
+                    )
+                    generation.add(stats)
+                    t_start += stats.seconds  # tokens/s counts training time only
+                    micro.append(collate(pairs, pad_id))
+                # The step's denominator: counted tokens of all its micro-batches (after generation),
+                # known before any backward.
                 n_counted = sum(count_tokens(b.labels[:, 1:]) for b in micro)
                 loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
                 for b in micro:
-                    loss = batch_loss(cfg.loss, student, teacher, b.to(device), bf16=bf16, vocab=vocab,
+                    loss = batch_loss(cfg.loss, student, loss_teacher, b.to(device), bf16=bf16, vocab=vocab,
                                       fused=fused).loss
                     (loss / max(n_counted, 1)).backward()
                     loss_sum += loss.detach()
@@ -356,12 +380,16 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
                     elapsed = time.perf_counter() - t_start
                     tps = tokens_window / max(elapsed, 1e-9)
                     mean_loss = float(torch.stack(loss_window).mean())
+                    window_steps = sum(drawn.values())
                     metrics.log("train", step, {
                         "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                        "response_tokens": tokens_seen, "tokens_per_s": tps,
+                        "response_tokens": tokens_seen, "tokens_per_s": tps, "train_seconds": elapsed,
+                        **{f"source_{n}": drawn.get(n, 0) / window_steps for n in SOURCES},
+                        **generation.metrics(),
                     })
                     progress.update(task, loss=mean_loss, tps=tps)
                     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
+                    drawn, generation = {}, SourceStats()
                 progress.update(task, completed=step)
 
                 if step % tc.eval_every == 0 or step == tc.steps:

@@ -36,16 +36,18 @@ def skd_generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    vocab: int | None = None,
 ) -> SpeculativeOutput:
     """SKD sequences for left-padded prompts: the student samples at ``temperature``, the teacher
     keeps its top ``k`` (or its ``top_p`` nucleus at ``teacher_temperature``) and replaces the
     first token outside with a sample at ``teacher_temperature`` (its argmax with
-    ``teacher_greedy``). The statistics count teacher forwards (``rounds``) and accepted drafts."""
-    vocab = teacher.config.vocab_size
+    ``teacher_greedy``). ``vocab``: the tokens both may emit (default: the teacher's vocabulary, which
+    the student must embed). The statistics count teacher forwards (``rounds``) and accepted drafts."""
+    limit = teacher.config.vocab_size if vocab is None else vocab
     if (k is None) == (top_p is None):
         raise ValueError("SKD takes k (top-K) or top_p (nucleus), not both")
-    if k is not None and not 1 <= k <= vocab:
-        raise ValueError(f"k must lie in [1, {vocab}] (the teacher's vocabulary); got {k}")
+    if k is not None and not 1 <= k <= limit:
+        raise ValueError(f"k must lie in [1, {limit}] (the vocabulary); got {k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1]; got {top_p}")
     if not teacher_temperature > 0:
@@ -54,4 +56,5 @@ def skd_generate(
                              greedy_teacher=teacher_greedy)
     return propose_and_verify(teacher, student, input_ids, rule, attention_mask=attention_mask, gamma=gamma,
                               max_new_tokens=max_new_tokens, temperature=temperature, do_sample=True,
-                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
+                              vocab=vocab)

@@ -1,0 +1,58 @@
+"""Sampling responses from one model (the ``student`` and ``teacher`` sources): transformers'
+``generate``, batched and KV-cached, on left-padded prompts, deterministic for a seed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers import PreTrainedModel
+
+from distill.config import SamplingConfig
+from distill.data import left_pad
+from distill.sharding import full_shape
+
+
+@contextmanager
+def generating(*models: PreTrainedModel | None) -> Iterator[None]:
+    """Eval mode (dropout off) and no gradient inside; each model's mode is restored after."""
+    modes = [(m, m.training) for m in models if m is not None]
+    for m, _ in modes:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+def responses(new_tokens: torch.Tensor, stops: list[int]) -> list[list[int]]:
+    """Each row's generated tokens through its first stop token (all of them without one): what the
+    loss counts. Padding after a stop is dropped."""
+    out = []
+    for row in new_tokens.tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        out.append(row[:end])
+    return out
+
+
+def sample(model: PreTrainedModel, prompts: list[list[int]], cfg: SamplingConfig, *, pad_id: int,
+           stops: list[int], seed: int, vocab: int | None = None) -> list[list[int]]:
+    """A response per prompt: sampled at ``cfg.temperature`` with top-k / top-p filtering, or greedy;
+    up to ``cfg.max_new_tokens``, through the first stop token; never a token id at or above
+    ``vocab`` (the model's padding rows). The same seed gives the same responses; the global random
+    state is left as it was."""
+    device = next(model.parameters()).device
+    ids, mask = (x.to(device) for x in left_pad(prompts, pad_id))
+    kwargs = dict(do_sample=False) if cfg.greedy else dict(
+        do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    rows = full_shape(model.get_output_embeddings().weight)[0]
+    if vocab is not None and rows > vocab:
+        kwargs["suppress_tokens"] = list(range(vocab, rows))
+    with generating(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                             eos_token_id=stops, pad_token_id=pad_id, **kwargs)
+    return responses(out[:, ids.shape[1]:], stops)

@@ -1,0 +1,86 @@
+"""Training sequences from a source: a micro-batch's prompts become (prompt, response) pairs,
+collated by the trainer's one batching path. The response's labels are the generated tokens
+through the first stop token; prompt and padding are ignored, so a step's token count (the loss's
+denominator) is taken after generation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from distill.config import SourcesConfig
+from distill.data import left_pad
+from distill.sources.sampling import generating, responses, sample
+from distill.sources.skd import skd_generate
+
+Pairs = list[tuple[list[int], list[int]]]
+
+
+@dataclass
+class SourceStats:
+    """What generating a step's sequences cost and gave (summed over its micro-batches)."""
+
+    seconds: float = 0.0
+    sequences: int = 0
+    tokens: int = 0  # generated response tokens
+    teacher_forwards: int = 0  # teacher forwards per sequence, summed (SKD's verification rounds)
+    drafted: int = 0  # SKD: drafts the teacher judged, and accepted
+    accepted: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: SourceStats) -> None:
+        for name in ("seconds", "sequences", "tokens", "teacher_forwards", "drafted", "accepted"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def metrics(self) -> dict[str, float]:
+        """For the metrics log: generation time, generated tokens/s, mean response length, and for
+        SKD the acceptance rate and teacher forwards per generated token."""
+        if not self.sequences:
+            return {}
+        out = {"gen_seconds": self.seconds, "gen_tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+               "response_length": self.tokens / self.sequences}
+        if self.drafted:
+            out["skd_acceptance"] = self.accepted / self.drafted
+        if self.teacher_forwards:
+            out["teacher_forwards_per_token"] = self.teacher_forwards / max(self.tokens, 1)
+        return out
+
+
+def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreTrainedModel,
+                 teacher: PreTrainedModel | None, skd_k: int, pad_id: int, stops: list[int], max_length: int,
+                 vocab: int, seed: int) -> tuple[Pairs, SourceStats]:
+    """``pairs`` (the dataset's micro-batch) as the source ``source`` makes them: unchanged for
+    ``dataset``; for the others their prompts with generated responses, cut to ``max_length``
+    tokens in all; ``vocab`` is the shared tokenizer's length. ``seed`` fixes the generation (the
+    trainer derives it from seed and step)."""
+    if source == "dataset":
+        return pairs, SourceStats()
+    prompts = [p for p, _ in pairs]
+    t0 = time.perf_counter()
+    stats = SourceStats(sequences=len(prompts))
+    if source in ("student", "teacher"):
+        model = student if source == "student" else teacher
+        got = sample(model, prompts, getattr(cfg, source), pad_id=pad_id, stops=stops, seed=seed, vocab=vocab)
+        stats.teacher_forwards = sum(map(len, got)) if source == "teacher" else 0  # one per token
+    elif source == "skd":
+        s = cfg.skd
+        device = next(student.parameters()).device
+        ids, mask = (x.to(device) for x in left_pad(prompts, pad_id))
+        with generating(student, teacher):
+            out = skd_generate(
+                student, teacher, ids, attention_mask=mask, k=None if s.top_p is not None else skd_k,
+                top_p=s.top_p, gamma=s.gamma, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                teacher_temperature=s.teacher_temperature, teacher_greedy=s.teacher_greedy, eos_token_id=stops,
+                pad_token_id=pad_id, generator=torch.Generator(device).manual_seed(seed), vocab=vocab,
+            )
+        got = responses(out.sequences[:, ids.shape[1]:], stops)
+        stats.teacher_forwards, stats.drafted, stats.accepted = (
+            out.stats.sequence_rounds, out.stats.drafted, out.stats.accepted)
+    else:
+        raise ValueError(f"unknown source {source!r}")
+    stats.seconds = time.perf_counter() - t0
+    stats.tokens = sum(map(len, got))
+    return [(p, r[: max(max_length - len(p), 1)]) for p, r in zip(prompts, got, strict=True)], stats

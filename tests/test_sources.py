@@ -1,0 +1,183 @@
+"""Sources of training sequences: the per-step draw, schedules, sampling, generated labels, and
+training on a mixture (post-generation token counts, exact resume)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_train import WALL_CLOCK, Killed, final_weights, make_cfg
+
+import distill.train as train_mod
+from distill.config import DistillConfig, SamplingConfig, Schedule, SourceWeights
+from distill.data import collate
+from distill.errors import DistillError
+from distill.losses import LossTerms, count_tokens
+from distill.models import load_model, load_tokenizer
+from distill.schedule import value_at
+from distill.sources.mixture import draw_source
+from distill.sources.sampling import responses, sample
+from distill.sources.sequences import source_pairs
+from distill.tracking import MetricsLog
+
+
+def test_schedules():
+    assert value_at(Schedule(0.3), 50, 100) == 0.3
+    assert value_at(Schedule(1.0, 0.0, "linear"), 25, 100) == pytest.approx(0.75)
+    assert value_at(Schedule(1.0, 0.0, "linear", steps=50), 80, 100) == 0.0  # stays at the end
+    assert value_at(Schedule(1.0, 0.0, "cosine"), 50, 100) == pytest.approx(0.5)
+    assert value_at(Schedule(1.0, 0.0, "cosine"), 25, 100) == pytest.approx(0.8536, abs=1e-4)
+    assert [value_at(Schedule(8, 2, "step", steps=3), s, 10) for s in (0, 2, 3, 9)] == [8, 8, 2, 2]
+
+
+def test_the_draw_follows_the_weights_and_depends_only_on_seed_and_step():
+    w = SourceWeights(dataset=Schedule(0.3), student=Schedule(0.7))
+    draws = [draw_source(w, 5, s, 4000) for s in range(4000)]
+    assert draws == [draw_source(w, 5, s, 4000) for s in range(4000)]  # no hidden state
+    assert set(draws) == {"dataset", "student"}
+    share = draws.count("student") / 4000
+    assert abs(share - 0.7) < 4 * (0.7 * 0.3 / 4000) ** 0.5
+    assert draws != [draw_source(w, 6, s, 4000) for s in range(4000)]  # the seed matters
+    # A schedule: SKD first, on-policy at the end.
+    moving = SourceWeights(dataset=Schedule(0.0), skd=Schedule(1.0, 0.0, "linear"),
+                           student=Schedule(0.0, 1.0, "linear"))
+    early = [draw_source(moving, 0, s, 1000) for s in range(100)]
+    late = [draw_source(moving, 0, s, 1000) for s in range(900, 1000)]
+    assert early.count("skd") > 80 and late.count("student") > 80
+    with pytest.raises(DistillError, match="every weight is 0 at step 1000"):
+        draw_source(SourceWeights(dataset=Schedule(1.0, 0.0, "linear")), 0, 1000, 1000)
+
+
+def test_the_draw_is_the_same_in_another_process():
+    """Two ranks draw alike: the draw of a fresh interpreter equals this one's."""
+    code = ("from distill.config import Schedule, SourceWeights; from distill.sources.mixture import draw_source; "
+            "w = SourceWeights(dataset=Schedule(0.5), student=Schedule(0.25), skd=Schedule(0.25)); "
+            "print(','.join(draw_source(w, 3, s, 200) for s in range(200)))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    w = SourceWeights(dataset=Schedule(0.5), student=Schedule(0.25), skd=Schedule(0.25))
+    assert other.split(",") == [draw_source(w, 3, s, 200) for s in range(200)]
+
+
+def test_responses_end_at_the_first_stop():
+    new = torch.tensor([[5, 6, 2, 0, 0], [7, 8, 9, 10, 11], [2, 0, 0, 0, 0]])
+    assert responses(new, [2]) == [[5, 6, 2], [7, 8, 9, 10, 11], [2]]
+    assert responses(new, [9, 2]) == [[5, 6, 2], [7, 8, 9], [2]]
+
+
+def test_sampling_is_seeded_in_eval_mode_and_restores_state(teacher_dir, tokenizer_dir):
+    model = load_model(_cfg_model(teacher_dir), "t", torch.device("cpu"))
+    model.train()
+    tok = load_tokenizer(tokenizer_dir)
+    prompts = [tok("Write 12 in words.").input_ids, tok("Tom has 3 apples.").input_ids]
+    modes = []
+    real = model.generate
+    model.generate = lambda *a, **k: modes.append(model.training) or real(*a, **k)
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=12)
+    state = torch.random.get_rng_state()
+    a = sample(model, prompts, cfg, pad_id=tok.pad_token_id, stops=[tok.eos_token_id], seed=3, vocab=len(tok))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global random state is untouched
+    assert modes == [False] and model.training  # eval mode (dropout off) while sampling, train mode after
+    assert a == sample(model, prompts, cfg, pad_id=tok.pad_token_id, stops=[tok.eos_token_id], seed=3, vocab=len(tok))
+    assert a != sample(model, prompts, cfg, pad_id=tok.pad_token_id, stops=[tok.eos_token_id], seed=4, vocab=len(tok))
+    # The teacher has 24 padding rows beyond the tokenizer: never sampled, even when they are likely.
+    with torch.no_grad():
+        model.get_output_embeddings().weight[len(tok):] *= 50
+    many = sample(model, prompts * 8, cfg, pad_id=tok.pad_token_id, stops=[tok.eos_token_id], seed=0, vocab=len(tok))
+    assert max(max(r) for r in many) < len(tok)
+    greedy = sample(model, prompts[:1], SamplingConfig(greedy=True, max_new_tokens=6), pad_id=tok.pad_token_id,
+                    stops=[tok.eos_token_id], seed=0)
+    ref = real(input_ids=torch.tensor([prompts[0]]), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id)[0, len(prompts[0]):].tolist()
+    assert greedy[0] == ref[: len(greedy[0])]
+
+
+def _cfg_model(path):
+    from distill.config import ModelConfig
+
+    return ModelConfig(path=str(path))
+
+
+@pytest.mark.parametrize("source", ["student", "teacher", "skd"])
+def test_generated_pairs_replace_the_responses(teacher_dir, student_dir, tokenizer_dir, source):
+    """Prompts kept, responses generated (through the first stop), labels rebuilt from them."""
+    cfg = make_cfg(teacher_dir, student_dir)
+    cfg.sources.skd.k = Schedule(5.0)
+    tok = load_tokenizer(tokenizer_dir)
+    cpu = torch.device("cpu")
+    student, teacher = load_model(cfg.student, "s", cpu), load_model(cfg.teacher, "t", cpu)
+    data = train_mod.TrainData(cfg.data, tok, seed=0)
+    pairs = data.next_pairs(6)
+    got, stats = source_pairs(source, pairs, cfg.sources, student=student, teacher=teacher, skd_k=5,
+                              pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=cfg.data.max_length,
+                              vocab=len(tok), seed=1)
+    assert [p for p, _ in got] == [p for p, _ in pairs]
+    assert [c for _, c in got] != [c for _, c in pairs]
+    for _, r in got:
+        assert 1 <= len(r) <= cfg.sources.skd.max_new_tokens and max(r) < len(tok)
+        assert tok.eos_token_id not in r[:-1]
+    batch = collate(got, tok.pad_token_id)
+    assert count_tokens(batch.labels[:, 1:]) == sum(len(r) for _, r in got) == stats.tokens
+    if source == "skd":
+        assert stats.drafted > 0 and 0 < stats.teacher_forwards < stats.tokens
+
+
+def test_the_loss_is_normalised_by_the_generated_token_count(teacher_dir, student_dir, tmp_path, monkeypatch):
+    """On-policy steps: a loss of 1 per counted token must log exactly 1, which it does only if the
+    step divides by the tokens of the generated responses (the dataset's completions are longer
+    or shorter: dividing by their count, a peer's bug, logs something else)."""
+    def per_token_one(loss_cfg, student, teacher, batch, **kw):
+        n = count_tokens(batch.labels[:, 1:])
+        zero = sum(p.sum() for p in student.parameters()) * 0
+        return LossTerms(zero + n, None, None)
+
+    monkeypatch.setattr(train_mod, "batch_loss", per_token_one)
+    cfg = make_cfg(teacher_dir, student_dir, steps=2, grad_accum=2, eval_every=100)
+    cfg.final_eval = False
+    cfg.sources.weights = SourceWeights(dataset=Schedule(0.0), student=Schedule(1.0))
+    cfg.sources.student.max_new_tokens = 3  # far shorter than the dataset's completions
+    run = train_mod.train(cfg, tmp_path / "run")
+    rows = [r for r in MetricsLog.read(run.run_dir / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["loss"] for r in rows] == [1.0, 1.0] and all(r["source_student"] == 1.0 for r in rows)
+    assert all(r["response_length"] <= 3 for r in rows)
+
+
+@pytest.mark.parametrize("weights", [
+    dict(dataset=Schedule(0.5), student=Schedule(0.5)),
+    dict(dataset=Schedule(0.0), skd=Schedule(1.0), teacher=Schedule(0.5)),
+])
+def test_a_killed_mixture_run_resumes_exactly(teacher_dir, student_dir, tmp_path, monkeypatch, weights):
+    """kill during step 5 of a run that generates (on-policy; SKD and SeqKD), resume: the same
+    metrics and weights as the run that was not killed."""
+    def cfg():
+        c = make_cfg(teacher_dir, student_dir)
+        c.sources.weights = SourceWeights(**weights)
+        c.sources.skd.k = Schedule(8.0, 2.0, "linear")
+        for s in (c.sources.student, c.sources.teacher):
+            s.max_new_tokens = 8
+        c.sources.skd.max_new_tokens = 8
+        return c
+
+    full = train_mod.train(cfg(), tmp_path / "full")
+    rows = [r for r in MetricsLog.read(full.run_dir / "metrics.jsonl") if r["split"] == "train"]
+    assert sum(r.get("gen_seconds", 0) > 0 for r in rows) >= 2  # generating steps happened
+    real_next = train_mod.TrainData.next_pairs
+    calls = {"n": 0}
+
+    def dying_next(self, size):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Killed
+        return real_next(self, size)
+
+    monkeypatch.setattr(train_mod.TrainData, "next_pairs", dying_next)
+    with pytest.raises(Killed):
+        train_mod.train(cfg(), tmp_path / "cut")
+    monkeypatch.setattr(train_mod.TrainData, "next_pairs", real_next)
+    resumed = train_mod.train(DistillConfig(resume=str(tmp_path / "cut")), tmp_path / "ignored")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]  # noqa: E731
+    assert strip(MetricsLog.read(full.run_dir / "metrics.jsonl")) == strip(
+        MetricsLog.read(resumed.run_dir / "metrics.jsonl"))
+    wa, wb = final_weights(full.run_dir), final_weights(resumed.run_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
