@@ -34,7 +34,7 @@ from distill.errors import DistillError
 from distill.losses import divergence
 from distill.models import check_same_tokenizer, load_tokenizer, resolve_device
 from distill.progress import progress_display, showing
-from distill.speculative import SpeculativeStats, check_draft_vocab, speculative_generate
+from distill.speculative import SpeculativeStats, cache_kwargs, check_draft_vocab, speculative_generate
 
 
 @dataclass
@@ -191,13 +191,13 @@ def _forward_costs(target, draft, ids, mask, gammas: list[int], repeats: int, de
     for _ in range(repeats + 1):
         for k, (model, n) in enumerate(configs):
             cache = DynamicCache()
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
             x = ids[:, -1:].repeat(1, n)
             m = torch.cat([mask, mask.new_ones(mask.shape[0], n)], 1)
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(steps):
-                model(input_ids=x, attention_mask=m, past_key_values=cache, use_cache=True)
+                model(input_ids=x, attention_mask=m, use_cache=True, **cache_kwargs(model, cache))
                 cache.crop(-n)
             _sync(device)
             times[k].append(time.perf_counter() - t0)

@@ -38,6 +38,7 @@ from norm(max(0, p - lenience q)); the output is then NOT the target's distribut
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -145,7 +146,7 @@ class _Model:
         positions = (mask[:, :upto].cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=tokens[:, self.length: upto], attention_mask=mask[:, :upto],
-            position_ids=positions[:, self.length:], past_key_values=self.cache, use_cache=True,
+            position_ids=positions[:, self.length:], use_cache=True, **cache_kwargs(self.model, self.cache),
         )
         self.length = upto
         return out.logits
@@ -154,6 +155,17 @@ class _Model:
         if length < self.length:
             self.cache.crop(length - self.length)  # transformers 5: a negative count removes tokens
             self.length = length
+
+
+def cache_kwargs(model: PreTrainedModel, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """The KV cache as the model's forward takes it: ``cache`` (newer transformers 5, where
+    ``past_key_values`` is deprecated) or ``past_key_values``."""
+    return {_cache_argument(type(model)): cache}
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def check_draft_vocab(target: PreTrainedModel, draft: PreTrainedModel) -> None:
