@@ -207,6 +207,9 @@ class SourcesConfig:
     student: SamplingConfig = field(default_factory=SamplingConfig)
     teacher: SamplingConfig = field(default_factory=SamplingConfig)
     skd: SKDConfig = field(default_factory=SKDConfig)
+    # Where the teacher source's responses are kept for reuse across runs and recipes
+    # (distill.sources.teacher_cache); null: $XDG_CACHE_HOME/distill (~/.cache/distill); "none": off.
+    teacher_cache: str | None = None
 
 
 @dataclass

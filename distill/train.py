@@ -52,6 +52,7 @@ from distill.report import write_report
 from distill.schedule import cosine_scheduler, value_at
 from distill.sources.mixture import draw_source, step_seed
 from distill.sources.sequences import SourceStats, source_pairs
+from distill.sources.teacher_cache import TeacherCache, default_root
 from distill.tokenizer import train_tokenizer
 from distill.tracking import MetricsLog, plot_curves
 
@@ -325,6 +326,11 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
     tc = cfg.trainer
     loss_teacher = teacher if cfg.loss.kind != "ce" else None
     pad_id = data.tokenizer.pad_token_id
+    teacher_cache = None
+    weight = cfg.sources.weights.teacher
+    if max(weight.start, weight.end or 0.0) > 0 and cfg.sources.teacher_cache != "none":
+        teacher_cache = TeacherCache(cfg.sources.teacher_cache or default_root(), cfg.teacher.path,
+                                     cfg.sources.teacher)
     last_saved = step if step > 0 else None  # a resumed run starts at its checkpoint
 
     def checkpoint() -> None:
@@ -336,6 +342,8 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
         }
         save_checkpoint(run_dir, step, trainable_state(student), state, tc.keep_checkpoints)
         last_saved = step
+        if teacher_cache is not None:
+            teacher_cache.save()
 
     student.train()
     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
@@ -353,7 +361,7 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
                     pairs, stats = source_pairs(
                         source, data.next_pairs(tc.batch_size), cfg.sources, student=student, teacher=teacher,
                         skd_k=skd_k, pad_id=pad_id, stops=stops, max_length=cfg.data.max_length, vocab=vocab,
-                        seed=step_seed(tc.seed, step, m),
+                        seed=step_seed(tc.seed, step, m), teacher_cache=teacher_cache,
                     )
                     generation.add(stats)
                     t_start += stats.seconds  # tokens/s counts training time only

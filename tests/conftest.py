@@ -26,6 +26,10 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Conf
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+# Caches (the teacher source's responses) go to a directory of the test session, not the user's.
+import tempfile  # noqa: E402
+
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="distill-test-cache-")
 
 
 @pytest.fixture(scope="session")

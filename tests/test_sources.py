@@ -3,6 +3,8 @@ training on a mixture (post-generation token counts, exact resume)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -176,8 +178,80 @@ def test_a_killed_mixture_run_resumes_exactly(teacher_dir, student_dir, tmp_path
         train_mod.train(cfg(), tmp_path / "cut")
     monkeypatch.setattr(train_mod.TrainData, "next_pairs", real_next)
     resumed = train_mod.train(DistillConfig(resume=str(tmp_path / "cut")), tmp_path / "ignored")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]  # noqa: E731
+    # The later runs read the teacher's responses from the cache the first one wrote: the same
+    # responses (the same losses below), but no teacher forwards for them.
+    cached = ("teacher_forwards_per_token", "teacher_cache_hits")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in WALL_CLOCK + cached} for r in rows]  # noqa: E731
+    if weights.get("teacher"):
+        assert any(r.get("teacher_cache_hits") for r in MetricsLog.read(resumed.run_dir / "metrics.jsonl"))
     assert strip(MetricsLog.read(full.run_dir / "metrics.jsonl")) == strip(
         MetricsLog.read(resumed.run_dir / "metrics.jsonl"))
     wa, wb = final_weights(full.run_dir), final_weights(resumed.run_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_teacher_cache_reuses_responses_and_refuses_a_bad_file(teacher_dir, student_dir, tokenizer_dir,
+                                                                   tmp_path, monkeypatch):
+    """Greedy SeqKD responses: generated once, then read back (also by a new cache object on the same
+    files); other settings or other teacher weights use another file; a tampered file is ignored
+    with a warning, never used."""
+    from distill.sources import sequences
+    from distill.sources.teacher_cache import TeacherCache
+
+    calls = []
+    real_sample = sequences.sample
+    monkeypatch.setattr(sequences, "sample", lambda m, prompts, *a, **k: calls.append(len(prompts)) or
+                        real_sample(m, prompts, *a, **k))
+    cfg = make_cfg(teacher_dir, student_dir)
+    cfg.sources.teacher = SamplingConfig(greedy=True, max_new_tokens=6)
+    tok = load_tokenizer(tokenizer_dir)
+    cpu = torch.device("cpu")
+    teacher = load_model(cfg.teacher, "t", cpu)
+    pairs = train_mod.TrainData(cfg.data, tok, seed=0).next_pairs(4)
+
+    def run(cache, these=pairs, seed=1):
+        return source_pairs("teacher", these, cfg.sources, student=teacher, teacher=teacher, skd_k=1,
+                            pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=96, vocab=len(tok),
+                            seed=seed, teacher_cache=cache)
+
+    cache = TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher)
+    first, stats = run(cache)
+    assert calls == [4] and stats.cached == 0 and stats.teacher_forwards > 0
+    again, stats = run(cache, seed=2)  # greedy: the seed does not matter
+    assert calls == [4] and again == first and stats.cached == 4 and stats.teacher_forwards == 0
+    part, _ = run(cache, these=pairs[:2] + train_mod.TrainData(cfg.data, tok, seed=9).next_pairs(1))
+    assert calls == [4, 1] and part[:2] == first[:2]  # only the new prompt is generated
+    cache.save()
+    assert run(TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher))[0] == first and calls == [4, 1]
+    # Other settings, other teacher weights: other files.
+    other = TeacherCache(tmp_path, teacher_dir, SamplingConfig(greedy=True, max_new_tokens=7))
+    assert other.path != cache.path and not other.entries
+    changed = tmp_path / "teacher2"
+    shutil.copytree(teacher_dir, changed)
+    weights = changed / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert TeacherCache(tmp_path, changed, cfg.sources.teacher).path != cache.path
+    # A tampered entry fails the checksum: warned about, not used, rebuilt on save.
+    saved = json.loads(cache.path.read_text())
+    key = next(iter(saved["entries"]))
+    saved["entries"][key] = [5, 5, 5]
+    cache.path.write_text(json.dumps(saved))
+    with pytest.warns(RuntimeWarning, match="checksum does not match"):
+        tampered = TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher)
+    assert not tampered.entries
+    cache.path.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="cannot be read"):
+        assert not TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher).entries
+
+
+def test_a_sampled_batch_is_reused_whole_or_not_at_all(tmp_path, teacher_dir):
+    from distill.sources.teacher_cache import TeacherCache
+
+    cache = TeacherCache(tmp_path, teacher_dir, SamplingConfig(temperature=0.7))
+    batch = [[1, 2], [3, 4], [5]]
+    cache.store(batch, 7, [[9], [8], [7]], batch)
+    assert cache.lookup(batch, 7) == [[9], [8], [7]]
+    assert cache.lookup(batch, 8) == [None] * 3  # another seed: other samples
+    assert cache.lookup(batch[:2], 7) == [None] * 2  # another batch: other samples

@@ -15,6 +15,7 @@ from distill.config import SourcesConfig
 from distill.data import left_pad
 from distill.sources.sampling import generating, responses, sample
 from distill.sources.skd import skd_generate
+from distill.sources.teacher_cache import TeacherCache
 
 Pairs = list[tuple[list[int], list[int]]]
 
@@ -29,10 +30,11 @@ class SourceStats:
     teacher_forwards: int = 0  # teacher forwards per sequence, summed (SKD's verification rounds)
     drafted: int = 0  # SKD: drafts the teacher judged, and accepted
     accepted: int = 0
+    cached: int = 0  # teacher responses taken from the cache
     counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: SourceStats) -> None:
-        for name in ("seconds", "sequences", "tokens", "teacher_forwards", "drafted", "accepted"):
+        for name in ("seconds", "sequences", "tokens", "teacher_forwards", "drafted", "accepted", "cached"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def metrics(self) -> dict[str, float]:
@@ -46,25 +48,39 @@ class SourceStats:
             out["skd_acceptance"] = self.accepted / self.drafted
         if self.teacher_forwards:
             out["teacher_forwards_per_token"] = self.teacher_forwards / max(self.tokens, 1)
+        if self.cached:
+            out["teacher_cache_hits"] = self.cached / self.sequences
         return out
 
 
 def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreTrainedModel,
                  teacher: PreTrainedModel | None, skd_k: int, pad_id: int, stops: list[int], max_length: int,
-                 vocab: int, seed: int) -> tuple[Pairs, SourceStats]:
+                 vocab: int, seed: int, teacher_cache: TeacherCache | None = None) -> tuple[Pairs, SourceStats]:
     """``pairs`` (the dataset's micro-batch) as the source ``source`` makes them: unchanged for
     ``dataset``; for the others their prompts with generated responses, cut to ``max_length``
     tokens in all; ``vocab`` is the shared tokenizer's length. ``seed`` fixes the generation (the
-    trainer derives it from seed and step)."""
+    trainer derives it from seed and step). The teacher's responses come from ``teacher_cache``
+    where it has them."""
     if source == "dataset":
         return pairs, SourceStats()
     prompts = [p for p, _ in pairs]
     t0 = time.perf_counter()
     stats = SourceStats(sequences=len(prompts))
-    if source in ("student", "teacher"):
-        model = student if source == "student" else teacher
-        got = sample(model, prompts, getattr(cfg, source), pad_id=pad_id, stops=stops, seed=seed, vocab=vocab)
-        stats.teacher_forwards = sum(map(len, got)) if source == "teacher" else 0  # one per token
+    if source == "student":
+        got = sample(student, prompts, cfg.student, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab)
+    elif source == "teacher":
+        found = teacher_cache.lookup(prompts, seed) if teacher_cache is not None else [None] * len(prompts)
+        missing = [i for i, r in enumerate(found) if r is None]
+        if missing:
+            asked = [prompts[i] for i in missing]
+            new = sample(teacher, asked, cfg.teacher, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab)
+            if teacher_cache is not None:
+                teacher_cache.store(asked, seed, new, prompts)
+            for i, r in zip(missing, new, strict=True):
+                found[i] = r
+            stats.teacher_forwards = sum(map(len, new))  # one per generated token; none for cached ones
+        got = found
+        stats.cached = len(prompts) - len(missing)
     elif source == "skd":
         s = cfg.skd
         device = next(student.parameters()).device
