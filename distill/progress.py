@@ -22,7 +22,7 @@ console = Console(stderr=True)
 
 
 class _StatsColumn(ProgressColumn):
-    """A row's loss and tokens/s where it reports them (fields ``loss``, ``tps``)."""
+    """A row's loss, tokens/s and a note where it reports them (fields ``loss``, ``tps``, ``note``)."""
 
     def render(self, task) -> Text:
         parts = []
@@ -30,6 +30,8 @@ class _StatsColumn(ProgressColumn):
             parts.append(f"loss {task.fields['loss']:.4f}")
         if "tps" in task.fields:
             parts.append(f"{task.fields['tps']:,.0f} tok/s")
+        if task.fields.get("note"):
+            parts.append(task.fields["note"])
         return Text("  ".join(parts))
 
 

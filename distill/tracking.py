@@ -38,8 +38,14 @@ class MetricsLog:
         return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _panel_name(lines: list[tuple[str, str]]) -> str:
+    return "share of steps by source" if lines[0][1].startswith("source_") else "seconds per log interval"
+
+
 def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
-    """Training loss and validation metrics against step, as a PNG."""
+    """Training loss and validation metrics against step, as a PNG; for generating recipes also the
+    sources drawn, generation and training time, response length, SKD acceptance and teacher
+    forwards per generated token."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,14 +57,32 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     if not train:
         return None
     val_keys = [k for k in ("accuracy", "chrf", "bleu", "rouge_l", "divergence", "ce") if any(k in r for r in val)]
-    panels = [("train", "loss")] + [("validation", k) for k in val_keys]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (split, key) in zip(axes[0], panels, strict=True):
-        rows = [r for r in (train if split == "train" else val) if key in r]
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="" if split == "train" else "o")
-        ax.set_title(f"{split} {key}")
+    # Panels of generating recipes: what each step drew, generation against training time, and
+    # what the generated sequences were like.
+    sources = [k for k in train[0] if k.startswith("source_") and any(r.get(k) for r in train)]
+    gen_keys = [k for k in ("response_length", "skd_acceptance", "teacher_forwards_per_token")
+                if any(k in r for r in train)]
+    panels = [[("train", "loss")]] + [[("validation", k)] for k in val_keys]
+    if len(sources) > 1:
+        panels.append([("train", k) for k in sources])
+    if any("gen_seconds" in r for r in train):
+        panels.append([("train", "train_seconds"), ("train", "gen_seconds")])
+    panels += [[("train", k)] for k in gen_keys]
+    cols = min(len(panels), 4)
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+    for ax, lines in zip(axes.flat, panels, strict=False):
+        for split, key in lines:
+            rows = [r for r in (train if split == "train" else val) if key in r]
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="" if split == "train" else "o",
+                    label=key.removeprefix("source_"))
+        ax.set_title(f"{lines[0][0]} {lines[0][1] if len(lines) == 1 else _panel_name(lines)}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

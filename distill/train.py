@@ -395,7 +395,11 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
                         **{f"source_{n}": drawn.get(n, 0) / window_steps for n in SOURCES},
                         **generation.metrics(),
                     })
-                    progress.update(task, loss=mean_loss, tps=tps)
+                    gen = generation.metrics()
+                    note = "" if not gen else (f"{'+'.join(sorted(drawn))}: gen {gen['gen_tokens_per_s']:,.0f} tok/s"
+                                               + (f", SKD accepts {gen['skd_acceptance']:.2f}" if "skd_acceptance"
+                                                  in gen else ""))
+                    progress.update(task, loss=mean_loss, tps=tps, note=note)
                     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
                     drawn, generation = {}, SourceStats()
                 progress.update(task, completed=step)
