@@ -9,6 +9,7 @@ ce_weight * CE`` per counted token (``loss.ce_weight`` 0 by default: distillatio
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from distill.config import LossConfig
@@ -27,12 +28,15 @@ def batch_loss(
     vocab: int,
     fused: bool,
     measure_cross_entropy: bool = False,
+    teacher_hidden: torch.Tensor | None = None,
 ) -> LossTerms:
     """The summed objective of ``batch`` and its terms. ``teacher`` is used where ``loss.kind`` is a
     divergence, or for the divergence alone (forward KL) where it is ``ce`` and ``teacher`` is given
     for reporting. ``fused``: the LM heads and the loss in one pass over token chunks, never the
     ``[tokens x vocab]`` logits (see ``fused_loss_problem``). Under ``torch.no_grad`` nothing
-    is kept for a backward pass."""
+    is kept for a backward pass. ``teacher_hidden`` (``[B, T - 1, H_T]``, the teacher's final
+    hidden states at the counted positions, e.g. from SKD's verification forwards) replaces the
+    teacher's forward."""
     labels = batch.labels[:, 1:]  # next-token targets: position i predicts token i + 1
     ids, mask = batch.input_ids, batch.attention_mask
     trains_kd = loss.kind != "ce"
@@ -40,8 +44,8 @@ def batch_loss(
     ce_weight = loss.ce_weight if trains_kd else 1.0
     if fused:
         h_s = final_hidden(student, ids, mask, bf16)
-        h_t = None
-        if teacher is not None:
+        h_t = teacher_hidden
+        if teacher is not None and h_t is None:
             with torch.no_grad():
                 h_t = final_hidden(teacher, ids, mask, bf16)
 
@@ -66,7 +70,11 @@ def batch_loss(
     trains_div = trains_kd and ce_weight < 1
     if teacher is not None:
         with torch.no_grad():
-            t = lm_logits(teacher, ids, mask, bf16, vocab)
+            if teacher_hidden is None:
+                t = lm_logits(teacher, ids, mask, bf16, vocab)
+            else:  # the teacher's fp32 head on the given hidden states
+                with lm_head(teacher, vocab) as (w_t, b_t):
+                    t = F.linear(teacher_hidden.float(), w_t.float(), None if b_t is None else b_t.float())
         div = divergence(s if trains_div else s.detach(), t, labels, reduction="sum", backend=loss.backend, **kd)
     if div is None or not trains_div:
         objective = ce

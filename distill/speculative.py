@@ -117,6 +117,9 @@ class SpeculativeStats:
 class SpeculativeOutput:
     sequences: torch.Tensor  # [B, prompt + new], right-padded with pad_token_id after EOS / the end
     stats: SpeculativeStats
+    # With keep_target_hidden: [B, new, H_target], the target's final hidden state at the position
+    # that predicts each new token (what a loss on the target's distributions needs); 0 after the end.
+    target_hidden: torch.Tensor | None = None
 
 
 class _Model:
@@ -140,16 +143,19 @@ class _Model:
         self.length = 0  # positions of the buffer held in the cache
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, upto: int) -> torch.Tensor:
-        """Feed buffer positions [length, upto); return the logits of those positions. Position ids
-        count real tokens only, so holes and left padding take no position."""
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, upto: int, hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Feed buffer positions [length, upto); return the logits of those positions (and with
+        ``hidden`` the final hidden states there, after the last norm). Position ids count real
+        tokens only, so holes and left padding take no position."""
         positions = (mask[:, :upto].cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=tokens[:, self.length: upto], attention_mask=mask[:, :upto],
-            position_ids=positions[:, self.length:], use_cache=True, **cache_kwargs(self.model, self.cache),
+            position_ids=positions[:, self.length:], use_cache=True, output_hidden_states=hidden,
+            **cache_kwargs(self.model, self.cache),
         )
         self.length = upto
-        return out.logits
+        return (out.logits, out.hidden_states[-1]) if hidden else out.logits
 
     def crop(self, length: int) -> None:
         if length < self.length:
@@ -278,6 +284,7 @@ def propose_and_verify(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     vocab: int | None = None,
+    keep_target_hidden: bool = False,
 ) -> SpeculativeOutput:
     """The loop every rule shares: ``draft`` proposes ``gamma`` tokens a round (sampled at
     ``temperature``, or its argmax without ``do_sample``) with its KV cache, ``target`` scores them
@@ -287,7 +294,8 @@ def propose_and_verify(
     config; ``eos_token_id=[]`` never stops early. Draft vocabulary rows beyond the target's are
     never proposed; ``vocab`` (e.g. a shared tokenizer's length) limits both models to its first
     rows. Returns the sequences (prompt then new tokens, right-padded with the pad id after EOS)
-    and acceptance statistics."""
+    and acceptance statistics; with ``keep_target_hidden`` also the target's final hidden states
+    that predicted each new token, from its verification forwards (no forward of its own)."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1; got {gamma}")
     if max_new_tokens < 1:
@@ -324,6 +332,7 @@ def propose_and_verify(
     tokens[:, :prompt_len], full_mask[:, :prompt_len] = input_ids, mask
     length = prompt_len  # used buffer positions
     new = torch.full((bsz, max_new_tokens), pad, dtype=torch.long, device=device)  # emitted tokens
+    new_hidden = None  # [B, max_new_tokens, H]: the target's hidden state before each emitted token
     n_new = torch.zeros(bsz, dtype=torch.long, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     rows = torch.arange(bsz, device=device)
@@ -354,7 +363,11 @@ def propose_and_verify(
         drafts = torch.stack(drafts, 1)  # [B, gamma]
 
         # 2. The target scores the last emitted token and all drafts in one forward; 3. the rule.
-        t_logits = t_model.forward(tokens, full_mask, length + gamma)[:, -(gamma + 1):, :vocab]
+        if keep_target_hidden:
+            t_logits, t_hidden = t_model.forward(tokens, full_mask, length + gamma, hidden=True)
+            t_logits, t_hidden = t_logits[:, -(gamma + 1):, :vocab], t_hidden[:, -(gamma + 1):]
+        else:
+            t_logits = t_model.forward(tokens, full_mask, length + gamma)[:, -(gamma + 1):, :vocab]
         stats.rounds += 1
         verdict = rule(drafts, torch.stack(q_all, 1) if do_sample else None, t_logits, generator)
         n_emit = verdict.n_emit * live  # nothing from finished sequences
@@ -371,7 +384,12 @@ def propose_and_verify(
         ends_at = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, n_emit)  # through the first EOS
         take = torch.minimum(ends_at, max_new_tokens - n_new) * live
         put = j_round < take[:, None]
-        new[rows[:, None].expand_as(put)[put], (n_new[:, None] + j_round)[put]] = verdict.tokens[put]
+        at_rows, at_cols = rows[:, None].expand_as(put)[put], (n_new[:, None] + j_round)[put]
+        new[at_rows, at_cols] = verdict.tokens[put]
+        if keep_target_hidden:  # round position j of the target's forward predicted round token j
+            if new_hidden is None:
+                new_hidden = t_hidden.new_zeros((bsz, max_new_tokens, t_hidden.shape[-1]))
+            new_hidden[at_rows, at_cols] = t_hidden[put]
         done |= live & ((n_new + take == max_new_tokens) | (is_eos & put).any(1))
         n_new += take
         # Buffer: emitted drafts stay where they are; each sequence's last emitted token goes to the
@@ -398,7 +416,8 @@ def propose_and_verify(
 
     stats.emitted = int(n_new.sum())
     width = int(n_new.max())
-    return SpeculativeOutput(torch.cat([input_ids, new[:, :width]], 1), stats)
+    return SpeculativeOutput(torch.cat([input_ids, new[:, :width]], 1), stats,
+                             None if new_hidden is None else new_hidden[:, :width])
 
 
 def speculative_generate(

@@ -51,7 +51,7 @@ from distill.progress import console, progress_display, showing
 from distill.report import write_report
 from distill.schedule import cosine_scheduler, value_at
 from distill.sources.mixture import draw_source, step_seed
-from distill.sources.sequences import SourceStats, source_pairs
+from distill.sources.sequences import SourceStats, aligned_hidden, source_pairs
 from distill.sources.teacher_cache import TeacherCache, default_root
 from distill.tokenizer import train_tokenizer
 from distill.tracking import MetricsLog, plot_curves
@@ -356,23 +356,25 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
                 source = draw_source(cfg.sources.weights, tc.seed, step, tc.steps)
                 drawn[source] = drawn.get(source, 0) + 1
                 skd_k = round(value_at(cfg.sources.skd.k, step, tc.steps))
-                micro = []
+                micro, micro_hidden = [], []
                 for m in range(tc.grad_accum):
-                    pairs, stats = source_pairs(
+                    pairs, stats, hidden = source_pairs(
                         source, data.next_pairs(tc.batch_size), cfg.sources, student=student, teacher=teacher,
                         skd_k=skd_k, pad_id=pad_id, stops=stops, max_length=cfg.data.max_length, vocab=vocab,
                         seed=step_seed(tc.seed, step, m), teacher_cache=teacher_cache,
+                        keep_teacher_hidden=loss_teacher is not None,
                     )
                     generation.add(stats)
                     t_start += stats.seconds  # tokens/s counts training time only
                     micro.append(collate(pairs, pad_id))
+                    micro_hidden.append(None if hidden is None else aligned_hidden(pairs, hidden, micro[-1]))
                 # The step's denominator: counted tokens of all its micro-batches (after generation),
                 # known before any backward.
                 n_counted = sum(count_tokens(b.labels[:, 1:]) for b in micro)
                 loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
-                for b in micro:
+                for b, h_t in zip(micro, micro_hidden, strict=True):
                     loss = batch_loss(cfg.loss, student, loss_teacher, b.to(device), bf16=bf16, vocab=vocab,
-                                      fused=fused).loss
+                                      fused=fused, teacher_hidden=h_t).loss
                     (loss / max(n_counted, 1)).backward()
                     loss_sum += loss.detach()
                     tokens_window += b.num_tokens

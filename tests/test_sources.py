@@ -111,7 +111,7 @@ def test_generated_pairs_replace_the_responses(teacher_dir, student_dir, tokeniz
     student, teacher = load_model(cfg.student, "s", cpu), load_model(cfg.teacher, "t", cpu)
     data = train_mod.TrainData(cfg.data, tok, seed=0)
     pairs = data.next_pairs(6)
-    got, stats = source_pairs(source, pairs, cfg.sources, student=student, teacher=teacher, skd_k=5,
+    got, stats, _ = source_pairs(source, pairs, cfg.sources, student=student, teacher=teacher, skd_k=5,
                               pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=cfg.data.max_length,
                               vocab=len(tok), seed=1)
     assert [p for p, _ in got] == [p for p, _ in pairs]
@@ -212,7 +212,7 @@ def test_the_teacher_cache_reuses_responses_and_refuses_a_bad_file(teacher_dir, 
     def run(cache, these=pairs, seed=1):
         return source_pairs("teacher", these, cfg.sources, student=teacher, teacher=teacher, skd_k=1,
                             pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=96, vocab=len(tok),
-                            seed=seed, teacher_cache=cache)
+                            seed=seed, teacher_cache=cache)[:2]
 
     cache = TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher)
     first, stats = run(cache)
@@ -255,3 +255,42 @@ def test_a_sampled_batch_is_reused_whole_or_not_at_all(tmp_path, teacher_dir):
     assert cache.lookup(batch, 7) == [[9], [8], [7]]
     assert cache.lookup(batch, 8) == [None] * 3  # another seed: other samples
     assert cache.lookup(batch[:2], 7) == [None] * 2  # another batch: other samples
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_skd_keeps_the_teachers_hidden_states_for_the_loss(teacher_dir, student_dir, tokenizer_dir, fused):
+    """SKD's verification forwards already computed the teacher's final hidden states before every
+    response token: the loss on them runs no teacher forward and equals the loss after a fresh
+    teacher forward (relative 1e-5 in fp32; the KV-cached forwards round differently), gradients too."""
+    from distill.config import LossConfig
+    from distill.objective import batch_loss
+    from distill.sources.sequences import aligned_hidden
+
+    cfg = make_cfg(teacher_dir, student_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    cpu = torch.device("cpu")
+    student, teacher = load_model(cfg.student, "s", cpu), load_model(cfg.teacher, "t", cpu).eval()
+    pairs = train_mod.TrainData(cfg.data, tok, seed=0).next_pairs(6)
+    got, stats, hidden = source_pairs("skd", pairs, cfg.sources, student=student, teacher=teacher, skd_k=4,
+                                      pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=40,
+                                      vocab=len(tok), seed=2, keep_teacher_hidden=True)
+    assert stats.drafted > stats.accepted > 0 and any(len(p) + len(r) == 40 for p, r in got)  # some cut
+    batch = collate(got, tok.pad_token_id)
+    forwards = []
+    teacher.get_decoder().register_forward_pre_hook(lambda *a: forwards.append(1))
+    loss_cfg = LossConfig(kind="gjsd", beta=0.3)
+
+    def loss_and_grads(h):
+        student.zero_grad()
+        loss = batch_loss(loss_cfg, student, teacher, batch, bf16=False, vocab=len(tok), fused=fused,
+                          teacher_hidden=h).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in student.parameters()]
+
+    reused, g_reused = loss_and_grads(aligned_hidden(got, hidden, batch))
+    assert forwards == []
+    fresh, g_fresh = loss_and_grads(None)
+    assert forwards == [1]
+    assert abs(float(reused - fresh)) < 1e-5 * abs(float(fresh))
+    for a, b in zip(g_reused, g_fresh, strict=True):
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-9

@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.config import SourcesConfig
-from distill.data import left_pad
+from distill.data import Batch, left_pad
 from distill.sources.sampling import generating, responses, sample
 from distill.sources.skd import skd_generate
 from distill.sources.teacher_cache import TeacherCache
@@ -55,17 +55,21 @@ class SourceStats:
 
 def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreTrainedModel,
                  teacher: PreTrainedModel | None, skd_k: int, pad_id: int, stops: list[int], max_length: int,
-                 vocab: int, seed: int, teacher_cache: TeacherCache | None = None) -> tuple[Pairs, SourceStats]:
+                 vocab: int, seed: int, teacher_cache: TeacherCache | None = None, keep_teacher_hidden: bool = False,
+                 ) -> tuple[Pairs, SourceStats, list[torch.Tensor] | None]:
     """``pairs`` (the dataset's micro-batch) as the source ``source`` makes them: unchanged for
     ``dataset``; for the others their prompts with generated responses, cut to ``max_length``
     tokens in all; ``vocab`` is the shared tokenizer's length. ``seed`` fixes the generation (the
     trainer derives it from seed and step). The teacher's responses come from ``teacher_cache``
-    where it has them."""
+    where it has them. With ``keep_teacher_hidden`` the SKD source also returns, per pair, the
+    teacher's final hidden states before each response token, from its verification forwards
+    (None for the other sources: the loss then runs the teacher itself)."""
     if source == "dataset":
-        return pairs, SourceStats()
+        return pairs, SourceStats(), None
     prompts = [p for p, _ in pairs]
     t0 = time.perf_counter()
     stats = SourceStats(sequences=len(prompts))
+    hidden = None
     if source == "student":
         got = sample(student, prompts, cfg.student, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab)
     elif source == "teacher":
@@ -91,12 +95,28 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
                 top_p=s.top_p, gamma=s.gamma, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                 teacher_temperature=s.teacher_temperature, teacher_greedy=s.teacher_greedy, eos_token_id=stops,
                 pad_token_id=pad_id, generator=torch.Generator(device).manual_seed(seed), vocab=vocab,
+                keep_teacher_hidden=keep_teacher_hidden,
             )
         got = responses(out.sequences[:, ids.shape[1]:], stops)
+        if keep_teacher_hidden:
+            hidden = [h[: len(r)] for h, r in zip(out.target_hidden, got, strict=True)]
         stats.teacher_forwards, stats.drafted, stats.accepted = (
             out.stats.sequence_rounds, out.stats.drafted, out.stats.accepted)
     else:
         raise ValueError(f"unknown source {source!r}")
     stats.seconds = time.perf_counter() - t0
     stats.tokens = sum(map(len, got))
-    return [(p, r[: max(max_length - len(p), 1)]) for p, r in zip(prompts, got, strict=True)], stats
+    room = [max(max_length - len(p), 1) for p in prompts]
+    if hidden is not None:
+        hidden = [h[:n] for h, n in zip(hidden, room, strict=True)]
+    return [(p, r[:n]) for p, r, n in zip(prompts, got, room, strict=True)], stats, hidden
+
+
+def aligned_hidden(pairs: Pairs, hidden: list[torch.Tensor], batch: Batch) -> torch.Tensor:
+    """Per-response teacher hidden states laid out like ``batch`` (collated ``pairs``) at the
+    positions that predict the next token, ``[B, T - 1, H]``: the row of the token before each
+    response token; zeros where nothing is counted."""
+    out = hidden[0].new_zeros((len(pairs), batch.input_ids.shape[1] - 1, hidden[0].shape[-1]))
+    for i, ((p, r), h) in enumerate(zip(pairs, hidden, strict=True)):
+        out[i, len(p) - 1: len(p) - 1 + len(r)] = h[: len(r)]
+    return out

@@ -37,12 +37,15 @@ def skd_generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     vocab: int | None = None,
+    keep_teacher_hidden: bool = False,
 ) -> SpeculativeOutput:
     """SKD sequences for left-padded prompts: the student samples at ``temperature``, the teacher
     keeps its top ``k`` (or its ``top_p`` nucleus at ``teacher_temperature``) and replaces the
     first token outside with a sample at ``teacher_temperature`` (its argmax with
     ``teacher_greedy``). ``vocab``: the tokens both may emit (default: the teacher's vocabulary, which
-    the student must embed). The statistics count teacher forwards (``rounds``) and accepted drafts."""
+    the student must embed). The statistics count teacher forwards (``rounds``) and accepted drafts.
+    ``keep_teacher_hidden``: the output's ``target_hidden`` holds the teacher's final hidden states
+    before each new token, from its verification forwards, for the loss (no second teacher forward)."""
     limit = teacher.config.vocab_size if vocab is None else vocab
     if (k is None) == (top_p is None):
         raise ValueError("SKD takes k (top-K) or top_p (nucleus), not both")
@@ -57,4 +60,4 @@ def skd_generate(
     return propose_and_verify(teacher, student, input_ids, rule, attention_mask=attention_mask, gamma=gamma,
                               max_new_tokens=max_new_tokens, temperature=temperature, do_sample=True,
                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
-                              vocab=vocab)
+                              vocab=vocab, keep_target_hidden=keep_teacher_hidden)
