@@ -288,6 +288,9 @@ def _hydra_main(raw: DictConfig) -> None:
     if getattr(result, split):
         console.print(summary_table(getattr(result, split), split))
     console.print(f"model: {result.model_dir}\nrun:   {result.run_dir}")
+    if result.draft:
+        taus = ", ".join(f"{r['tau_measured']:.2f} at gamma {r['gamma']}" for r in result.draft["by_gamma"])
+        console.print(f"draft: {result.run_dir / 'draft'} (alpha {result.draft['alpha']:.3f}; tau {taus})")
 
 
 @dataclass

@@ -213,6 +213,19 @@ class SourcesConfig:
 
 
 @dataclass
+class DraftConfig:
+    """After training, the student as a speculative-decoding draft for the teacher (DistillSpec):
+    exported with ``export-draft`` to ``RUN/draft`` and measured by ``eval-draft`` on held-out
+    prompts (data.test, or the built-in test split); alpha and tau go into the report."""
+
+    enabled: bool = False
+    gammas: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    num_prompts: int = 64
+    max_new_tokens: int = 48
+    repeats: int = 3
+
+
+@dataclass
 class DistillConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -221,6 +234,7 @@ class DistillConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     # Where each step's sequences come from (distill.sources): by default the dataset alone.
     sources: SourcesConfig = field(default_factory=SourcesConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
     # A run directory to continue from its latest checkpoint; outputs then go there.
     resume: str | None = None
     # Where outputs go; defaults to Hydra's run directory.
@@ -294,6 +308,13 @@ def validate(cfg: DistillConfig) -> None:
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise DistillError(f"trainer.betas must be two values in [0, 1) (AdamW's beta1, beta2); got {list(t.betas)}")
     _validate_sources(cfg)
+    if cfg.draft.enabled:
+        d = cfg.draft
+        if not cfg.teacher.path:
+            raise DistillError("draft.enabled measures the student as a draft for the teacher; teacher.path is not set")
+        if not d.gammas or min(d.gammas) < 1 or min(d.num_prompts, d.max_new_tokens, d.repeats) < 1:
+            raise DistillError(f"draft: gammas, num_prompts, max_new_tokens and repeats must be >= 1; got "
+                               f"{list(d.gammas)}, {d.num_prompts}, {d.max_new_tokens}, {d.repeats}")
     for split in ("train", "validation", "test"):
         path = getattr(cfg.data, split)
         if path is not None and not Path(path).exists():

@@ -1,8 +1,9 @@
 """A run's report: ``report.json`` (the record) and ``report.md`` (to read).
 
 It states what was minimised (``objective``, with any cross-entropy share), the validation and
-test metrics of the teacher and of the student before and after training, and what
-``data.overlong`` did to the data.
+test metrics of the teacher and of the student before and after training, what
+``data.overlong`` did to the data, and (``draft.enabled``) alpha and tau of the student as a
+speculative-decoding draft for the teacher.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Run(Protocol):
     test: dict[str, dict[str, float]]
     validation: dict[str, dict[str, float]]
     data: dict[str, dict[str, int]]
+    draft: dict
 
 
 def columns(rows: dict[str, dict[str, float]]) -> list[str]:
@@ -42,6 +44,8 @@ def write_report(run: Run) -> None:
         "run_dir": str(run.run_dir), "model_dir": str(run.model_dir), "steps": run.steps,
         "objective": run.objective, "validation": run.validation, "test": run.test, "data": run.data,
     }
+    if run.draft:
+        report["draft"] = run.draft
     (run.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     parts = [f"Objective: {run.objective}; {run.steps} steps; model: `{run.model_dir}`."]
     for split in ("validation", "test"):
@@ -53,4 +57,11 @@ def write_report(run: Run) -> None:
              if c.get("skipped") or c.get("truncated") or c.get("cut")]
     if notes:
         parts.append("## data\n\n" + "\n".join(notes))
+    if run.draft:
+        rows = [f"| {r['gamma']} | {r['acceptance_rate']:.3f} | {r['tau_measured']:.2f} | {r['tau_predicted']:.2f} "
+                f"| {r['speedup_predicted']:.2f} | {r['speedup_measured']:.2f} |" for r in run.draft["by_gamma"]]
+        parts.append(
+            f"## the student as a draft for the teacher\n\nalpha {run.draft['alpha']:.3f}, c {run.draft['c']:.3f} "
+            f"(`draft/`, details in `draft_eval/`)\n\n| gamma | acceptance | tau measured | tau predicted "
+            "| speedup predicted | speedup measured |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
     (run.run_dir / "report.md").write_text("\n\n".join(parts) + "\n")

@@ -71,6 +71,8 @@ class RunResult:
     validation: dict[str, dict[str, float]] = field(default_factory=dict)
     # Records data.overlong skipped or truncated, by split.
     data: dict[str, dict[str, int]] = field(default_factory=dict)
+    # draft.enabled: the student as a draft for the teacher (alpha, c, and tau and speedups by gamma).
+    draft: dict = field(default_factory=dict)
 
 
 def _tokenizer_for(cfg: DistillConfig, run_dir: Path) -> tuple[Tokenizer, str]:
@@ -105,6 +107,25 @@ def _saved_config(run_dir: Path, current: DistillConfig, steps: int | None) -> D
                                "a run can be extended, not shortened")
         cfg.trainer.steps = steps
     return cfg
+
+
+def _draft_report(cfg: DistillConfig, result: RunResult, device: torch.device) -> dict:
+    """Export the distilled student as a draft for the teacher (``RUN/draft``) and measure it with
+    eval-draft (``RUN/draft_eval``): alpha, c, and tau and speedups by gamma."""
+    from distill.draft_eval import DraftEvalConfig, evaluate_draft
+    from distill.export import export_draft
+
+    d = cfg.draft
+    export_draft(result.model_dir, cfg.teacher.path, result.run_dir / "draft")
+    out = evaluate_draft(DraftEvalConfig(
+        target=cfg.teacher.path, draft=str(result.run_dir / "draft"), name="distilled student",
+        prompts=cfg.data.test, num_prompts=d.num_prompts, max_new_tokens=d.max_new_tokens, gammas=list(d.gammas),
+        repeats=d.repeats, seed=cfg.trainer.seed, device=str(device), out=str(result.run_dir / "draft_eval"),
+        progress=cfg.trainer.progress,
+    ))
+    return {"alpha": out["alpha"], "c": out["c"], "by_gamma": [
+        {k: r[k] for k in ("gamma", "acceptance_rate", "tau_measured", "tau_predicted", "speedup_predicted",
+                           "speedup_measured")} for r in out["by_gamma"]]}
 
 
 def _save_config(run_dir: Path, cfg: DistillConfig) -> None:
@@ -309,6 +330,8 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
             if test_records:
                 result.test["student after"] = measure(progress, "test: student", student, test_records,
                                                        with_teacher=True)
+            if cfg.draft.enabled:
+                result.draft = _draft_report(cfg, result, device)
     finally:
         if metrics is not None:
             metrics.close()

@@ -294,3 +294,24 @@ def test_skd_keeps_the_teachers_hidden_states_for_the_loss(teacher_dir, student_
     assert abs(float(reused - fresh)) < 1e-5 * abs(float(fresh))
     for a, b in zip(g_reused, g_fresh, strict=True):
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-9
+
+
+def test_a_distillspec_run_ends_with_its_draft_measured(teacher_dir, student_dir, tmp_path):
+    """draft.enabled: the run exports the student as a draft for the teacher (vocabulary padded to
+    the teacher's, loadable) and its report holds alpha and tau by gamma from eval-draft."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_cfg(teacher_dir, student_dir, steps=2, eval_every=100)
+    cfg.final_eval = False
+    cfg.sources.weights = SourceWeights(dataset=Schedule(0.0), student=Schedule(1.0))
+    cfg.sources.student.max_new_tokens = 8
+    cfg.draft.enabled, cfg.draft.gammas, cfg.draft.num_prompts = True, [1, 2], 4
+    cfg.draft.max_new_tokens, cfg.draft.repeats = 6, 1
+    run = train_mod.train(cfg, tmp_path / "run")
+    report = json.loads((run.run_dir / "report.json").read_text())
+    assert 0 <= report["draft"]["alpha"] <= 1 and [r["gamma"] for r in report["draft"]["by_gamma"]] == [1, 2]
+    assert all(1 <= r["tau_measured"] <= r["gamma"] + 1 for r in report["draft"]["by_gamma"])
+    assert "the student as a draft for the teacher" in (run.run_dir / "report.md").read_text()
+    draft = AutoModelForCausalLM.from_pretrained(run.run_dir / "draft")
+    assert draft.config.vocab_size == AutoModelForCausalLM.from_pretrained(teacher_dir).config.vocab_size
+    assert (run.run_dir / "draft_eval" / "draft_eval.png").is_file()
