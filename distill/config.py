@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from distill.errors import DistillError
 from distill.losses import BACKENDS, KINDS, check_loss_args
 from distill.metrics import METRICS
+from distill.tasks import DIFFICULTIES
 
 OVERLONG = ("skip", "truncate", "error")  # data.overlong (distill.data.encode)
 
@@ -74,6 +75,8 @@ class DataConfig:
     validation: str | None = None
     test: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "spelling"])
+    # Built-in tasks: easy, medium or hard arithmetic (fewer steps, smaller numbers); spelling has one level.
+    difficulty: str = "hard"
     num_train: int = 4000
     num_validation: int = 100
     num_test: int = 200
@@ -299,6 +302,8 @@ def validate(cfg: DistillConfig) -> None:
             raise DistillError(f"trainer.{name} must be >= 1; got {getattr(t, name)}")
     if cfg.data.overlong not in OVERLONG:
         raise DistillError(f"data.overlong must be one of {', '.join(OVERLONG)}; got {cfg.data.overlong!r}")
+    if cfg.data.difficulty not in DIFFICULTIES:
+        raise DistillError(f"data.difficulty must be one of {', '.join(DIFFICULTIES)}; got {cfg.data.difficulty!r}")
     if cfg.data.metric not in METRICS:
         raise DistillError(f"data.metric must be one of {', '.join(METRICS)}; got {cfg.data.metric!r}")
     if cfg.data.max_length < 2:

@@ -125,7 +125,11 @@ def builtin_records(cfg: DataConfig, split: str, n: int) -> list[Record]:
     records: list[Record] = []
     for i, name in enumerate(cfg.tasks):
         share = n // len(cfg.tasks) + (1 if i < n % len(cfg.tasks) else 0)
-        records += [_from_example(e) for e in get_task(name).take(split, share, seed=cfg.seed)]
+        try:
+            records += [_from_example(e) for e in get_task(name, cfg.difficulty).take(split, share, seed=cfg.seed)]
+        except RuntimeError as e:  # a small task space (a low difficulty) holds fewer distinct prompts
+            raise DistillError(f"data.num_{split}={n}: {e} (it asks for {share}; at data.difficulty="
+                               f"{cfg.difficulty}); ask for fewer") from None
     return records
 
 
@@ -135,7 +139,7 @@ def _from_example(e: Example) -> Record:
 
 def builtin_stream(cfg: DataConfig, seed: int) -> Iterator[Record]:
     """An endless stream of training examples, the tasks interleaved in turn (for pretraining)."""
-    streams = [get_task(name).examples("train", seed=seed, distinct=False) for name in cfg.tasks]
+    streams = [get_task(name, cfg.difficulty).examples("train", seed=seed, distinct=False) for name in cfg.tasks]
     while True:
         for s in streams:
             yield _from_example(next(s))

@@ -36,6 +36,22 @@ def test_arithmetic_worked_steps_are_correct():
         assert steps[0][0] == re.search(r"has (\d+)", ex.prompt).group(1)
 
 
+@pytest.mark.parametrize("difficulty,steps,operand", [("easy", (1, 1), 9), ("medium", (1, 2), 20),
+                                                       ("hard", (2, 3), 99)])
+def test_difficulty_levels(difficulty, steps, operand):
+    """Arithmetic with fewer steps and smaller operands; every level correct, each reaching its bounds."""
+    arith = get_task("arithmetic", difficulty).take("train", 400)
+    counts, operands = set(), []
+    for ex in arith:
+        found = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)\.", ex.completion)
+        counts.add(len(found))
+        operands += [int(b) for _, _, b, _ in found]
+        assert all((int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c) for a, op, b, c in found)
+    assert counts == set(range(steps[0], steps[1] + 1)) and max(operands) <= operand < max(operands) + 10
+    with pytest.raises(ValueError, match="unknown difficulty"):
+        get_task("spelling", "brutal")
+
+
 def test_arithmetic_metric():
     task = get_task("arithmetic")
     refs = ["1 + 2 = 3. #### 3", "5 - 1 = 4. #### 4"]

@@ -15,12 +15,18 @@ TASKS: dict[str, type[Task]] = {
 }
 
 
-def get_task(name: str) -> Task:
-    """Return the built-in task called ``name``."""
-    try:
-        return TASKS[name]()
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; built-in tasks are {sorted(TASKS)}") from None
+DIFFICULTIES = ("easy", "medium", "hard")
 
 
-__all__ = ["Example", "Task", "TASKS", "get_task", "split_of", "ArithmeticTask", "SpellingTask"]
+def get_task(name: str, difficulty: str = "hard") -> Task:
+    """Return the built-in task called ``name``; ``difficulty`` (easy, medium, hard) sets how many
+    steps and how large the numbers of arithmetic are (spelling has one level: fewer digits would
+    leave too few distinct examples)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks are {sorted(TASKS)}")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; one of {', '.join(DIFFICULTIES)}")
+    return ArithmeticTask(difficulty) if name == ArithmeticTask.name else TASKS[name]()
+
+
+__all__ = ["DIFFICULTIES", "Example", "Task", "TASKS", "get_task", "split_of", "ArithmeticTask", "SpellingTask"]

@@ -27,26 +27,30 @@ def final_answer(text: str) -> str | None:
     return found[-1] if found else None
 
 
+# difficulty -> (min steps, max steps, largest start value, largest operand)
+LEVELS = {"easy": (1, 1, 49, 9), "medium": (1, 2, 99, 20), "hard": (2, 3, 99, 99)}
+
+
 class ArithmeticTask(Task):
     name = "arithmetic"
 
-    def __init__(self, min_steps: int = 2, max_steps: int = 3) -> None:
-        self.min_steps, self.max_steps = min_steps, max_steps
+    def __init__(self, difficulty: str = "hard") -> None:
+        self.min_steps, self.max_steps, self.max_start, self.max_operand = LEVELS[difficulty]
 
     def sample(self, rng: random.Random) -> Example:
         who, item = rng.choice(NAMES), rng.choice(ITEMS)
-        value = rng.randint(10, 99)
+        value = rng.randint(10, self.max_start)
         sentences = [f"{who} has {value} {item}."]
         steps = []
         for _ in range(rng.randint(self.min_steps, self.max_steps)):
             # Keep every intermediate result in [0, MAX_VALUE]: at most three-digit numbers.
             if value >= 20 and (value + 1 > MAX_VALUE or rng.random() < 0.5):
-                n = rng.randint(1, min(99, value))
+                n = rng.randint(1, min(self.max_operand, value))
                 sentences.append(f"{who} {rng.choice(LOSSES).format(n=n)}.")
                 steps.append(f"{value} - {n} = {value - n}.")
                 value -= n
             else:
-                n = rng.randint(1, min(99, MAX_VALUE - value))
+                n = rng.randint(1, min(self.max_operand, MAX_VALUE - value))
                 sentences.append(f"{who} {rng.choice(GAINS).format(n=n)}.")
                 steps.append(f"{value} + {n} = {value + n}.")
                 value += n
