@@ -75,7 +75,8 @@ class DataConfig:
     validation: str | None = None
     test: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "spelling"])
-    # Built-in tasks: easy, medium or hard arithmetic (fewer steps, smaller numbers); spelling has one level.
+    # Built-in tasks: easy, medium or hard arithmetic (2 steps with operands up to 9 or 30; 2-3 steps
+    # up to 99, the default); spelling has one level.
     difficulty: str = "hard"
     num_train: int = 4000
     num_validation: int = 100
@@ -158,9 +159,11 @@ SCHEDULES = ("constant", "linear", "cosine", "step")
 
 @dataclass
 class Schedule:
-    """A value over optimizer steps: ``start`` at step 0, moving to ``end`` by step ``steps``
-    (default: the run's last step), then staying there; ``linear`` and ``cosine`` move gradually,
-    ``step`` switches at ``steps``. ``end`` null or ``kind: constant``: ``start`` throughout."""
+    """A value over optimizer steps 0 .. trainer.steps - 1: ``start`` at step 0, moving to ``end`` by
+    step ``steps`` (default: the run's last step), then staying there; ``linear`` and ``cosine``
+    move gradually, ``step`` switches at ``steps``. ``end`` null or ``kind: constant``: ``start``
+    throughout. Extending a run (resume with more trainer.steps) stretches schedules whose
+    ``steps`` is null to the new length."""
 
     start: float = 0.0
     end: float | None = None

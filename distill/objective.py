@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from distill.config import LossConfig
 from distill.data import Batch
 from distill.losses import LossTerms, cross_entropy, divergence, fused_linear_loss
-from distill.models import final_hidden, fused_head_problem, head_forward, lm_head, lm_logits
+from distill.models import final_hidden, fused_head_problem, head_forward, lm_head, lm_logits, logit_transforms
 
 
 def batch_loss(
@@ -36,7 +36,11 @@ def batch_loss(
     ``[tokens x vocab]`` logits (see ``fused_loss_problem``). Under ``torch.no_grad`` nothing
     is kept for a backward pass. ``teacher_hidden`` (``[B, T - 1, H_T]``, the teacher's final
     hidden states at the counted positions, e.g. from SKD's verification forwards) replaces the
-    teacher's forward."""
+    teacher's forward; refused for a teacher whose logits are not its head's output (soft-capping,
+    scaling: ``logit_transforms``)."""
+    if teacher_hidden is not None and teacher is not None and logit_transforms(teacher.config):
+        raise ValueError(f"teacher_hidden: the teacher's logits are not its head's output "
+                         f"({', '.join(logit_transforms(teacher.config))}); run its forward instead")
     labels = batch.labels[:, 1:]  # next-token targets: position i predicts token i + 1
     ids, mask = batch.input_ids, batch.attention_mask
     trains_kd = loss.kind != "ce"

@@ -51,7 +51,7 @@ def value_at(schedule: Schedule, step: int, total: int) -> float:
     SKD's K)."""
     if schedule.end is None or schedule.kind == "constant":
         return schedule.start
-    span = max(schedule.steps or total, 1)
+    span = max(schedule.steps or total - 1, 1)  # steps run 0 .. total - 1: the last one is at `end`
     if schedule.kind == "step":
         return schedule.end if step >= span else schedule.start
     frac = min(step / span, 1.0)

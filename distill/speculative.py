@@ -166,7 +166,8 @@ class _Model:
 def cache_kwargs(model: PreTrainedModel, cache: DynamicCache) -> dict[str, DynamicCache]:
     """The KV cache as the model's forward takes it: ``cache`` (newer transformers 5, where
     ``past_key_values`` is deprecated) or ``past_key_values``."""
-    return {_cache_argument(type(model)): cache}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes kwargs on
+    return {_cache_argument(type(base)): cache}
 
 
 @functools.cache

@@ -50,7 +50,7 @@ from distill.objective import batch_loss, fused_loss_problem
 from distill.progress import console, progress_display, showing
 from distill.report import write_report
 from distill.schedule import cosine_scheduler, value_at
-from distill.sources.mixture import draw_source, step_seed
+from distill.sources.mixture import draw_source, step_seed, weights_at
 from distill.sources.sequences import SourceStats, aligned_hidden, source_pairs
 from distill.sources.teacher_cache import TeacherCache, default_root
 from distill.tokenizer import train_tokenizer
@@ -244,6 +244,9 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     scheduler = cosine_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     bf16, vocab = tc.precision == "bf16", len(tokenizer)
+    for s in range(tc.steps):  # each step must have a source to draw from
+        if not any(weights_at(cfg.sources.weights, s, tc.steps).values()):
+            raise DistillError(f"sources.weights: every weight is 0 at step {s} of trainer.steps={tc.steps}")
     k = cfg.sources.skd.k
     if cfg.sources.skd.top_p is None and max(k.start, k.end or 0) > vocab:
         raise DistillError(f"sources.skd.k must lie in [1, {vocab}] (the vocabulary); got {max(k.start, k.end or 0):g}")
@@ -353,7 +356,7 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
     weight = cfg.sources.weights.teacher
     if max(weight.start, weight.end or 0.0) > 0 and cfg.sources.teacher_cache != "none":
         teacher_cache = TeacherCache(cfg.sources.teacher_cache or default_root(), cfg.teacher.path,
-                                     cfg.sources.teacher)
+                                     cfg.sources.teacher, stops=stops, vocab=vocab, dtype=cfg.teacher.dtype)
     last_saved = step if step > 0 else None  # a resumed run starts at its checkpoint
 
     def checkpoint() -> None:
@@ -385,7 +388,7 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
                         source, data.next_pairs(tc.batch_size), cfg.sources, student=student, teacher=teacher,
                         skd_k=skd_k, pad_id=pad_id, stops=stops, max_length=cfg.data.max_length, vocab=vocab,
                         seed=step_seed(tc.seed, step, m), teacher_cache=teacher_cache,
-                        keep_teacher_hidden=loss_teacher is not None,
+                        keep_teacher_hidden=loss_teacher is not None and fused,  # plain LM heads only
                     )
                     generation.add(stats)
                     t_start += stats.seconds  # tokens/s counts training time only

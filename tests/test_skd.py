@@ -77,14 +77,16 @@ def skd_counts(student, teacher, prompts, reps, gamma=3, new=3, seed=0, rule=Non
 PROMPTS = [[1, 2, 3, 4], [3, 1]]  # different lengths: padding, and holes from ragged acceptance
 
 
-@pytest.mark.parametrize("sel", [dict(k=2), dict(top_p=0.6)])
-def test_block_wise_skd_is_token_by_token_skd(sel):
-    """gamma = 3 blocks against the enumerated token-by-token distribution (student at T 0.8,
-    teacher at 1.2); the negative control keeps the drafts after the first rejection and fails."""
+@pytest.mark.parametrize("sel,gamma,new", [(dict(k=2), 3, 3), (dict(top_p=0.6), 3, 3), (dict(k=2), 2, 4)])
+def test_block_wise_skd_is_token_by_token_skd(sel, gamma, new):
+    """Blocks of gamma against the enumerated token-by-token distribution (student at T 0.8,
+    teacher at 1.2), also with sequences longer than a block (rounds after a fully accepted one);
+    the negative control keeps the drafts after the first rejection and fails."""
     student, teacher = tiny_lm(1, 6.0), tiny_lm(0, 6.0)
     reps = 3000
-    exact = [exact_skd(student, teacher, p, 3, sel.get("k"), sel.get("top_p"), 0.8, 1.2) for p in PROMPTS]
-    counts, stats = skd_counts(student, teacher, PROMPTS, reps, temperature=0.8, teacher_temperature=1.2, **sel)
+    exact = [exact_skd(student, teacher, p, new, sel.get("k"), sel.get("top_p"), 0.8, 1.2) for p in PROMPTS]
+    counts, stats = skd_counts(student, teacher, PROMPTS, reps, gamma=gamma, new=new, temperature=0.8,
+                               teacher_temperature=1.2, **sel)
     assert 0.1 < stats.acceptance_rate < 0.9  # accepted runs and replacements both happen
     for c, e in zip(counts, exact, strict=True):
         assert chi_square_p(c, e, reps) > 1e-3
@@ -96,7 +98,8 @@ def test_block_wise_skd_is_token_by_token_skd(sel):
         tokens[rows, at] = v.tokens[rows, at]  # the replacement, then the drafts it invalidated
         return Verdict(tokens, torch.full_like(v.n_ok, drafts.shape[1]), v.n_ok)
 
-    counts, _ = skd_counts(student, teacher, PROMPTS, reps, rule=keep_drafts_after_rejection, temperature=0.8)
+    counts, _ = skd_counts(student, teacher, PROMPTS, reps, gamma=gamma, new=new, rule=keep_drafts_after_rejection,
+                           temperature=0.8)
     assert min(chi_square_p(c, e, reps) for c, e in zip(counts, exact, strict=True)) < 1e-6
 
 

@@ -27,11 +27,14 @@ from distill.tracking import MetricsLog
 
 def test_schedules():
     assert value_at(Schedule(0.3), 50, 100) == 0.3
-    assert value_at(Schedule(1.0, 0.0, "linear"), 25, 100) == pytest.approx(0.75)
+    assert value_at(Schedule(1.0, 0.0, "linear"), 25, 101) == pytest.approx(0.75)  # steps 0 .. 100
     assert value_at(Schedule(1.0, 0.0, "linear", steps=50), 80, 100) == 0.0  # stays at the end
-    assert value_at(Schedule(1.0, 0.0, "cosine"), 50, 100) == pytest.approx(0.5)
-    assert value_at(Schedule(1.0, 0.0, "cosine"), 25, 100) == pytest.approx(0.8536, abs=1e-4)
+    assert value_at(Schedule(1.0, 0.0, "cosine"), 50, 101) == pytest.approx(0.5)
+    assert value_at(Schedule(1.0, 0.0, "cosine"), 25, 101) == pytest.approx(0.8536, abs=1e-4)
     assert [value_at(Schedule(8, 2, "step", steps=3), s, 10) for s in (0, 2, 3, 9)] == [8, 8, 2, 2]
+    # Without steps: the run's last step (total - 1) is at the end value, for every kind.
+    for kind in ("linear", "cosine", "step"):
+        assert value_at(Schedule(1.0, 0.0, kind), 99, 100) == 0.0, kind
 
 
 def test_the_draw_follows_the_weights_and_depends_only_on_seed_and_step():
@@ -95,6 +98,21 @@ def test_sampling_is_seeded_in_eval_mode_and_restores_state(teacher_dir, tokeniz
     assert greedy[0] == ref[: len(greedy[0])]
 
 
+def test_sampling_ignores_the_models_generation_defaults(teacher_dir, tokenizer_dir):
+    """A generation_config.json with a repetition penalty and min_new_tokens (as instruct models
+    ship them) must not shape the samples: they come from the model's distribution."""
+    model = load_model(_cfg_model(teacher_dir), "t", torch.device("cpu"))
+    tok = load_tokenizer(tokenizer_dir)
+    prompts = [tok("Write 12 in words.").input_ids, tok("Tom has 3 apples.").input_ids] * 4
+    args = dict(pad_id=tok.pad_token_id, stops=[tok.eos_token_id], seed=5, vocab=len(tok))
+    plain = [sample(model, prompts, SamplingConfig(**kw, max_new_tokens=16), **args)
+             for kw in (dict(), dict(greedy=True))]
+    model.generation_config.repetition_penalty, model.generation_config.min_new_tokens = 5.0, 15
+    assert [sample(model, prompts, SamplingConfig(**kw, max_new_tokens=16), **args)
+            for kw in (dict(), dict(greedy=True))] == plain
+    assert model.generation_config.repetition_penalty == 5.0  # put back
+
+
 def _cfg_model(path):
     from distill.config import ModelConfig
 
@@ -143,18 +161,23 @@ def test_the_loss_is_normalised_by_the_generated_token_count(teacher_dir, studen
     rows = [r for r in MetricsLog.read(run.run_dir / "metrics.jsonl") if r["split"] == "train"]
     assert [r["loss"] for r in rows] == [1.0, 1.0] and all(r["source_student"] == 1.0 for r in rows)
     assert all(r["response_length"] <= 3 for r in rows)
+    # The step trained on the generated responses (8 of them a step), not the dataset's.
+    assert rows[0]["response_tokens"] == pytest.approx(8 * rows[0]["response_length"])
 
 
-@pytest.mark.parametrize("weights", [
-    dict(dataset=Schedule(0.5), student=Schedule(0.5)),
-    dict(dataset=Schedule(0.0), skd=Schedule(1.0), teacher=Schedule(0.5)),
+@pytest.mark.parametrize("weights,cache", [
+    (dict(dataset=Schedule(0.5), student=Schedule(0.5)), True),
+    (dict(dataset=Schedule(0.0), skd=Schedule(1.0), teacher=Schedule(0.5)), True),
+    (dict(dataset=Schedule(0.0), teacher=Schedule(1.0)), False),
 ])
-def test_a_killed_mixture_run_resumes_exactly(teacher_dir, student_dir, tmp_path, monkeypatch, weights):
-    """kill during step 5 of a run that generates (on-policy; SKD and SeqKD), resume: the same
-    metrics and weights as the run that was not killed."""
+def test_a_killed_mixture_run_resumes_exactly(teacher_dir, student_dir, tmp_path, monkeypatch, weights, cache):
+    """kill during step 5 of a run that generates (on-policy; SKD and SeqKD; SeqKD without the
+    teacher cache, so the resumed run samples the teacher again), resume: the same metrics and
+    weights as the run that was not killed."""
     def cfg():
         c = make_cfg(teacher_dir, student_dir)
         c.sources.weights = SourceWeights(**weights)
+        c.sources.teacher_cache = None if cache else "none"
         c.sources.skd.k = Schedule(8.0, 2.0, "linear")
         for s in (c.sources.student, c.sources.teacher):
             s.max_new_tokens = 8
@@ -182,8 +205,8 @@ def test_a_killed_mixture_run_resumes_exactly(teacher_dir, student_dir, tmp_path
     # responses (the same losses below), but no teacher forwards for them.
     cached = ("teacher_forwards_per_token", "teacher_cache_hits")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in WALL_CLOCK + cached} for r in rows]  # noqa: E731
-    if weights.get("teacher"):
-        assert any(r.get("teacher_cache_hits") for r in MetricsLog.read(resumed.run_dir / "metrics.jsonl"))
+    hits = any(r.get("teacher_cache_hits") for r in MetricsLog.read(resumed.run_dir / "metrics.jsonl"))
+    assert hits == bool(weights.get("teacher") and cache)
     assert strip(MetricsLog.read(full.run_dir / "metrics.jsonl")) == strip(
         MetricsLog.read(resumed.run_dir / "metrics.jsonl"))
     wa, wb = final_weights(full.run_dir), final_weights(resumed.run_dir)
@@ -208,13 +231,14 @@ def test_the_teacher_cache_reuses_responses_and_refuses_a_bad_file(teacher_dir, 
     cpu = torch.device("cpu")
     teacher = load_model(cfg.teacher, "t", cpu)
     pairs = train_mod.TrainData(cfg.data, tok, seed=0).next_pairs(4)
+    cache_key = dict(stops=[tok.eos_token_id], vocab=len(tok), dtype="float32")
 
     def run(cache, these=pairs, seed=1):
         return source_pairs("teacher", these, cfg.sources, student=teacher, teacher=teacher, skd_k=1,
                             pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=96, vocab=len(tok),
                             seed=seed, teacher_cache=cache)[:2]
 
-    cache = TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher)
+    cache = TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher, **cache_key)
     first, stats = run(cache)
     assert calls == [4] and stats.cached == 0 and stats.teacher_forwards > 0
     again, stats = run(cache, seed=2)  # greedy: the seed does not matter
@@ -222,9 +246,9 @@ def test_the_teacher_cache_reuses_responses_and_refuses_a_bad_file(teacher_dir, 
     part, _ = run(cache, these=pairs[:2] + train_mod.TrainData(cfg.data, tok, seed=9).next_pairs(1))
     assert calls == [4, 1] and part[:2] == first[:2]  # only the new prompt is generated
     cache.save()
-    assert run(TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher))[0] == first and calls == [4, 1]
+    assert run(TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher, **cache_key))[0] == first and calls == [4, 1]
     # Other settings, other teacher weights: other files.
-    other = TeacherCache(tmp_path, teacher_dir, SamplingConfig(greedy=True, max_new_tokens=7))
+    other = TeacherCache(tmp_path, teacher_dir, SamplingConfig(greedy=True, max_new_tokens=7), **cache_key)
     assert other.path != cache.path and not other.entries
     changed = tmp_path / "teacher2"
     shutil.copytree(teacher_dir, changed)
@@ -232,24 +256,28 @@ def test_the_teacher_cache_reuses_responses_and_refuses_a_bad_file(teacher_dir, 
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    assert TeacherCache(tmp_path, changed, cfg.sources.teacher).path != cache.path
+    assert TeacherCache(tmp_path, changed, cfg.sources.teacher, **cache_key).path != cache.path
+    for other_key in (dict(cache_key, stops=[tok.eos_token_id, 7]), dict(cache_key, vocab=150),
+                      dict(cache_key, dtype="bfloat16")):
+        assert TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher, **other_key).path != cache.path
     # A tampered entry fails the checksum: warned about, not used, rebuilt on save.
     saved = json.loads(cache.path.read_text())
     key = next(iter(saved["entries"]))
     saved["entries"][key] = [5, 5, 5]
     cache.path.write_text(json.dumps(saved))
     with pytest.warns(RuntimeWarning, match="checksum does not match"):
-        tampered = TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher)
+        tampered = TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher, **cache_key)
     assert not tampered.entries
     cache.path.write_text("{not json")
     with pytest.warns(RuntimeWarning, match="cannot be read"):
-        assert not TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher).entries
+        assert not TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher, **cache_key).entries
 
 
 def test_a_sampled_batch_is_reused_whole_or_not_at_all(tmp_path, teacher_dir):
     from distill.sources.teacher_cache import TeacherCache
 
-    cache = TeacherCache(tmp_path, teacher_dir, SamplingConfig(temperature=0.7))
+    cache = TeacherCache(tmp_path, teacher_dir, SamplingConfig(temperature=0.7), stops=[2], vocab=200,
+                         dtype="float32")
     batch = [[1, 2], [3, 4], [5]]
     cache.store(batch, 7, [[9], [8], [7]], batch)
     assert cache.lookup(batch, 7) == [[9], [8], [7]]
@@ -315,3 +343,21 @@ def test_a_distillspec_run_ends_with_its_draft_measured(teacher_dir, student_dir
     draft = AutoModelForCausalLM.from_pretrained(run.run_dir / "draft")
     assert draft.config.vocab_size == AutoModelForCausalLM.from_pretrained(teacher_dir).config.vocab_size
     assert (run.run_dir / "draft_eval" / "draft_eval.png").is_file()
+
+
+def test_teacher_hidden_is_refused_for_a_soft_capped_teacher():
+    """The head's output is not a Gemma-2 teacher's logits (soft-capping after it): hidden states
+    from SKD cannot stand in for its forward, and the loss says so instead of computing nonsense."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from distill.config import LossConfig
+    from distill.objective import batch_loss
+
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           final_logit_softcapping=30.0))
+    batch = collate([([1, 2, 3], [4, 5])], 0)
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        batch_loss(LossConfig(kind="fkl"), gemma, gemma, batch, bf16=False, vocab=64, fused=False,
+                   teacher_hidden=torch.zeros(1, 4, 32))

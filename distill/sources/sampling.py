@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from distill.config import SamplingConfig
 from distill.data import left_pad
+from distill.models import plain_model
 from distill.sharding import full_shape
 
 
@@ -42,7 +43,8 @@ def sample(model: PreTrainedModel, prompts: list[list[int]], cfg: SamplingConfig
            stops: list[int], seed: int, vocab: int | None = None) -> list[list[int]]:
     """A response per prompt: sampled at ``cfg.temperature`` with top-k / top-p filtering, or greedy;
     up to ``cfg.max_new_tokens``, through the first stop token; never a token id at or above
-    ``vocab`` (the model's padding rows). The same seed gives the same responses; the global random
+    ``vocab`` (the model's padding rows). Nothing else shapes the distribution (the model's own
+    generation defaults are set aside). The same seed gives the same responses; the global random
     state is left as it was."""
     device = next(model.parameters()).device
     ids, mask = (x.to(device) for x in left_pad(prompts, pad_id))
@@ -51,8 +53,15 @@ def sample(model: PreTrainedModel, prompts: list[list[int]], cfg: SamplingConfig
     rows = full_shape(model.get_output_embeddings().weight)[0]
     if vocab is not None and rows > vocab:
         kwargs["suppress_tokens"] = list(range(vocab, rows))
-    with generating(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                             eos_token_id=stops, pad_token_id=pad_id, **kwargs)
+    # Only these settings: the model's own generation_config.json may hold a repetition penalty,
+    # min_new_tokens, ..., and then the samples would not come from the model's distribution.
+    plain = plain_model(model)
+    saved, plain.generation_config = plain.generation_config, GenerationConfig()
+    try:
+        with generating(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                                 eos_token_id=stops, pad_token_id=pad_id, **kwargs)
+    finally:
+        plain.generation_config = saved
     return responses(out[:, ids.shape[1]:], stops)

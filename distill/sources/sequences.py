@@ -28,13 +28,15 @@ class SourceStats:
     sequences: int = 0
     tokens: int = 0  # generated response tokens
     teacher_forwards: int = 0  # teacher forwards per sequence, summed (SKD's verification rounds)
+    teacher_tokens: int = 0  # tokens of the sources whose generation runs the teacher (teacher, skd)
     drafted: int = 0  # SKD: drafts the teacher judged, and accepted
     accepted: int = 0
     cached: int = 0  # teacher responses taken from the cache
     counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: SourceStats) -> None:
-        for name in ("seconds", "sequences", "tokens", "teacher_forwards", "drafted", "accepted", "cached"):
+        for name in ("seconds", "sequences", "tokens", "teacher_forwards", "teacher_tokens", "drafted", "accepted",
+                     "cached"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def metrics(self) -> dict[str, float]:
@@ -46,8 +48,8 @@ class SourceStats:
                "response_length": self.tokens / self.sequences}
         if self.drafted:
             out["skd_acceptance"] = self.accepted / self.drafted
-        if self.teacher_forwards:
-            out["teacher_forwards_per_token"] = self.teacher_forwards / max(self.tokens, 1)
+        if self.teacher_tokens:
+            out["teacher_forwards_per_token"] = self.teacher_forwards / self.teacher_tokens
         if self.cached:
             out["teacher_cache_hits"] = self.cached / self.sequences
         return out
@@ -105,11 +107,14 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
     else:
         raise ValueError(f"unknown source {source!r}")
     stats.seconds = time.perf_counter() - t0
-    stats.tokens = sum(map(len, got))
     room = [max(max_length - len(p), 1) for p in prompts]
     if hidden is not None:
         hidden = [h[:n] for h, n in zip(hidden, room, strict=True)]
-    return [(p, r[:n]) for p, r, n in zip(prompts, got, room, strict=True)], stats, hidden
+    out_pairs = [(p, r[:n]) for p, r, n in zip(prompts, got, room, strict=True)]
+    stats.tokens = sum(len(r) for _, r in out_pairs)  # what the loss counts
+    if source in ("teacher", "skd"):
+        stats.teacher_tokens = sum(map(len, got))
+    return out_pairs, stats, hidden
 
 
 def aligned_hidden(pairs: Pairs, hidden: list[torch.Tensor], batch: Batch) -> torch.Tensor:

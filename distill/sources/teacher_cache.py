@@ -1,12 +1,13 @@
 """The teacher's responses on disk (the ``teacher`` source, SeqKD), reused across runs and recipes.
 
-One JSON file per teacher and sampling settings, named by a hash of both. The teacher is
-identified by its weights: a SHA-256 of its config and weight files (memoised per file path, size
-and modification time, so a large teacher is read once). Entries are keyed by the prompt's token
-ids, and for sampled (not greedy) responses also by the generation seed and the whole batch, since
-a sample depends on both: a sampled batch is reused whole or regenerated whole. Files are written
-atomically; a file that does not parse, fails its checksum or names another teacher or other
-settings is never used (a warning says so, and it is rebuilt).
+One JSON file per teacher, dtype, sampling settings, stop tokens and vocabulary, named by a hash
+of them all. The teacher is identified by its weights: a SHA-256 of its config and weight files
+(memoised per file path, size and modification time, so a large teacher is read once). Entries
+are keyed by the prompt's token ids, and for sampled (not greedy) responses also by the
+generation seed and the whole batch, since a sample depends on both: a sampled batch is reused
+whole or regenerated whole. Files are written atomically; a file that does not parse, fails its
+checksum or names another teacher or other settings is never used (a warning says so, and it is
+rebuilt).
 """
 
 from __future__ import annotations
@@ -60,13 +61,21 @@ def teacher_fingerprint(model_dir: str | Path, root: Path) -> str:
     return total.hexdigest()
 
 
+def _through_first_stop(response: list[int], stops: list[int]) -> list[int]:
+    return next((response[: i + 1] for i, t in enumerate(response) if t in stops), response)
+
+
 class TeacherCache:
     """Responses of one teacher under one ``SamplingConfig``; ``save()`` writes new entries."""
 
-    def __init__(self, root: str | Path, teacher_dir: str | Path, sampling: SamplingConfig) -> None:
+    def __init__(self, root: str | Path, teacher_dir: str | Path, sampling: SamplingConfig, *, stops: list[int],
+                 vocab: int, dtype: str) -> None:
         root = Path(root)
-        self.header = {"format": FORMAT, "teacher": teacher_fingerprint(teacher_dir, root),
-                       "sampling": dataclasses.asdict(sampling)}
+        self.stops = list(stops)
+        # Everything a response depends on: the weights (and the dtype they run in), the sampling
+        # settings, where a response ends (stop tokens) and which ids may be sampled (vocab).
+        self.header = {"format": FORMAT, "teacher": teacher_fingerprint(teacher_dir, root), "dtype": dtype,
+                       "sampling": dataclasses.asdict(sampling), "stops": self.stops, "vocab": vocab}
         self.path = root / "teacher" / f"{_digest(self.header)[:32]}.json"
         self.greedy = sampling.greedy
         self.entries: dict[str, list[int]] = {}
@@ -99,6 +108,7 @@ class TeacherCache:
         """The cached response of each prompt of a batch, or None. A sampled batch hits whole or
         not at all (its samples depend on the whole batch and the seed)."""
         found = [self.entries.get(self._key(p, seed, prompts)) for p in prompts]
+        found = [None if r is None else _through_first_stop(r, self.stops) for r in found]
         if not self.greedy and None in found:
             found = [None] * len(prompts)
         hits = sum(r is not None for r in found)

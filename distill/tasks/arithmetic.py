@@ -27,8 +27,9 @@ def final_answer(text: str) -> str | None:
     return found[-1] if found else None
 
 
-# difficulty -> (min steps, max steps, largest start value, largest operand)
-LEVELS = {"easy": (1, 1, 49, 9), "medium": (1, 2, 99, 20), "hard": (2, 3, 99, 99)}
+# difficulty -> (min steps, max steps, largest start value, largest operand). Every level is a part
+# of the hardest one, so a teacher trained on "hard" (the shipped one) knows them all.
+LEVELS = {"easy": (2, 2, 99, 9), "medium": (2, 2, 99, 30), "hard": (2, 3, 99, 99)}
 
 
 class ArithmeticTask(Task):
