@@ -1,6 +1,6 @@
 """The recipe study: which recipe distils the shipped teacher best into the same student.
 
-    python benchmarks/recipes.py [--steps 200] [--seeds 0 1 2] [--difficulty medium] [--out benchmarks/results]
+    python benchmarks/recipes.py [--steps 200] [--seeds 0 1 2] [--difficulty easy] [--init-steps 220]
 
 1. makes the starting point once: the student trained by SFT on the built-in tasks
    (``recipe=sft_student``, ``--init-steps`` steps, at ``--difficulty``) unless it exists;
@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def divergence_on_own_samples(model_dir: Path, teacher_dir: str, difficulty: str
 
 
 def run_one(name: str, seed: int, init: Path, args: argparse.Namespace) -> dict:
-    out = args.out / "recipes" / f"{name}-seed{seed}"
+    out = args.work / f"{name}-seed{seed}"
     cfg = recipe_config(name, [
         f"student.path={init}", f"data.difficulty={args.difficulty}", f"trainer.steps={args.steps}",
         f"trainer.warmup_steps={max(1, args.steps // 10)}", f"trainer.seed={seed}", "trainer.eval_every=100000",
@@ -169,19 +170,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--difficulty", default="medium")
-    ap.add_argument("--init-steps", type=int, default=600)
+    ap.add_argument("--difficulty", default="easy")
+    ap.add_argument("--init-steps", type=int, default=220)
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
     ap.add_argument("--draft-prompts", type=int, default=32)
     ap.add_argument("--divergence-prompts", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "distill-recipes",
+                    help="run directories and the finished runs (runs-*.jsonl: an interrupted study goes on)")
     args = ap.parse_args()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    init = sft_init(args.out / "recipes" / f"sft-init-{args.difficulty}-{args.init_steps}", args.difficulty,
-                    args.init_steps)
-    runs_path = args.out / "recipes" / "runs.jsonl"
+    args.work.mkdir(parents=True, exist_ok=True)
+    init = sft_init(args.work / f"sft-init-{args.difficulty}-{args.init_steps}", args.difficulty, args.init_steps)
+    runs_path = args.work / f"runs-{args.difficulty}-{args.init_steps}-{args.steps}.jsonl"
     done = {(r["recipe"], r["seed"]): r for r in map(json.loads, runs_path.read_text().splitlines())} \
         if runs_path.is_file() else {}
     runs = []
