@@ -1,6 +1,6 @@
 """The recipe study: which recipe distils the shipped teacher best into the same student.
 
-    python benchmarks/recipes.py [--steps 200] [--seeds 0 1 2] [--difficulty easy] [--init-steps 220]
+    python benchmarks/recipes.py [--steps 200] [--seeds 0 1 2] [--difficulty easy] [--init-steps 300]
 
 1. makes the starting point once: the student trained by SFT on the built-in tasks
    (``recipe=sft_student``, ``--init-steps`` steps, at ``--difficulty``) unless it exists;
@@ -73,6 +73,7 @@ def divergence_on_own_samples(model_dir: Path, teacher_dir: str, difficulty: str
 def run_one(name: str, seed: int, init: Path, args: argparse.Namespace) -> dict:
     out = args.work / f"{name}-seed{seed}"
     cfg = recipe_config(name, [
+        "teacher=shipped",  # also for sft: it is evaluated beside the student and measures the draft
         f"student.path={init}", f"data.difficulty={args.difficulty}", f"trainer.steps={args.steps}",
         f"trainer.warmup_steps={max(1, args.steps // 10)}", f"trainer.seed={seed}", "trainer.eval_every=100000",
         f"trainer.save_every={args.steps}", "trainer.progress=false", "draft.enabled=true",
@@ -171,7 +172,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--difficulty", default="easy")
-    ap.add_argument("--init-steps", type=int, default=220)
+    ap.add_argument("--init-steps", type=int, default=300)
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
     ap.add_argument("--draft-prompts", type=int, default=32)
     ap.add_argument("--divergence-prompts", type=int, default=64)
