@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_train import WALL_CLOCK, Killed, final_weights, make_cfg
+from test_train import WALL_CLOCK, final_weights, make_cfg, train_killed_in_step_5
 
 import distill.train as train_mod
 from distill.config import DistillConfig, SamplingConfig, Schedule, SourceWeights
@@ -187,19 +187,7 @@ def test_a_killed_mixture_run_resumes_exactly(teacher_dir, student_dir, tmp_path
     full = train_mod.train(cfg(), tmp_path / "full")
     rows = [r for r in MetricsLog.read(full.run_dir / "metrics.jsonl") if r["split"] == "train"]
     assert sum(r.get("gen_seconds", 0) > 0 for r in rows) >= 2  # generating steps happened
-    real_next = train_mod.TrainData.next_pairs
-    calls = {"n": 0}
-
-    def dying_next(self, size):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise Killed
-        return real_next(self, size)
-
-    monkeypatch.setattr(train_mod.TrainData, "next_pairs", dying_next)
-    with pytest.raises(Killed):
-        train_mod.train(cfg(), tmp_path / "cut")
-    monkeypatch.setattr(train_mod.TrainData, "next_pairs", real_next)
+    train_killed_in_step_5(cfg(), tmp_path / "cut", monkeypatch)
     resumed = train_mod.train(DistillConfig(resume=str(tmp_path / "cut")), tmp_path / "ignored")
     # The later runs read the teacher's responses from the cache the first one wrote: the same
     # responses (the same losses below), but no teacher forwards for them.

@@ -120,10 +120,9 @@ class Killed(BaseException):
 WALL_CLOCK = ("tokens_per_s", "train_seconds", "gen_seconds", "gen_tokens_per_s")  # differ between runs
 
 
-def test_resume_after_kill_matches_uninterrupted(teacher_dir, student_dir, tmp_path, monkeypatch):
-    full = train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "full")
-
-    # Die while drawing the data of step 5: the last checkpoint is step 4, step 5 is lost.
+def train_killed_in_step_5(cfg: DistillConfig, run_dir, monkeypatch) -> None:
+    """Train ``cfg`` (grad_accum 1) and die while drawing the data of step 5, as a kill would:
+    the last checkpoint is step 4 (save_every 2), step 5 is lost."""
     real_next = train_mod.TrainData.next_pairs
     calls = {"n": 0}
 
@@ -135,8 +134,13 @@ def test_resume_after_kill_matches_uninterrupted(teacher_dir, student_dir, tmp_p
 
     monkeypatch.setattr(train_mod.TrainData, "next_pairs", dying_next)
     with pytest.raises(Killed):
-        train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "cut")
+        train_mod.train(cfg, run_dir)
     monkeypatch.setattr(train_mod.TrainData, "next_pairs", real_next)
+
+
+def test_resume_after_kill_matches_uninterrupted(teacher_dir, student_dir, tmp_path, monkeypatch):
+    full = train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "full")
+    train_killed_in_step_5(make_cfg(teacher_dir, student_dir), tmp_path / "cut", monkeypatch)
     assert not (tmp_path / "cut" / "model").exists()
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-0000002", "step-0000004"]
 
