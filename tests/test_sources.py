@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +64,20 @@ def test_the_draw_is_the_same_in_another_process():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     w = SourceWeights(dataset=Schedule(0.5), student=Schedule(0.25), skd=Schedule(0.25))
     assert other.split(",") == [draw_source(w, 3, s, 200) for s in range(200)]
+
+
+def test_the_draw_is_the_same_on_two_ranks():
+    """Two gloo ranks (processes) draw each step's source alike: no rank flips its own coin."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    script = str(Path(__file__).with_name("two_rank_draw.py"))
+    procs = [subprocess.Popen([sys.executable, script, port, str(rank)], stdout=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and outs[0].strip() == "same", outs
 
 
 def test_responses_end_at_the_first_stop():
