@@ -40,12 +40,14 @@ def responses(new_tokens: torch.Tensor, stops: list[int]) -> list[list[int]]:
 
 
 def sample(model: PreTrainedModel, prompts: list[list[int]], cfg: SamplingConfig, *, pad_id: int,
-           stops: list[int], seed: int, vocab: int | None = None) -> list[list[int]]:
+           stops: list[int], seed: int, vocab: int | None = None, hidden: list | None = None) -> list[list[int]]:
     """A response per prompt: sampled at ``cfg.temperature`` with top-k / top-p filtering, or greedy;
     up to ``cfg.max_new_tokens``, through the first stop token; never a token id at or above
     ``vocab`` (the model's padding rows). Nothing else shapes the distribution (the model's own
     generation defaults are set aside). The same seed gives the same responses; the global random
-    state is left as it was."""
+    state is left as it was. With ``hidden`` (a list) the model's final hidden states before each
+    response token are appended to it, one ``[len(response), H]`` tensor per prompt, taken from the
+    decoding steps themselves (the decoder's output at each step's last position)."""
     device = next(model.parameters()).device
     ids, mask = (x.to(device) for x in left_pad(prompts, pad_id))
     kwargs = dict(do_sample=False) if cfg.greedy else dict(
@@ -57,6 +59,11 @@ def sample(model: PreTrainedModel, prompts: list[list[int]], cfg: SamplingConfig
     # min_new_tokens, ..., and then the samples would not come from the model's distribution.
     plain = plain_model(model)
     saved, plain.generation_config = plain.generation_config, GenerationConfig()
+    steps: list[torch.Tensor] = []
+    hook = None
+    if hidden is not None:  # each decoding step's last position predicts that step's token
+        hook = plain.get_decoder().register_forward_hook(
+            lambda module, args, output: steps.append(output.last_hidden_state[:, -1]))
     try:
         with generating(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -64,4 +71,10 @@ def sample(model: PreTrainedModel, prompts: list[list[int]], cfg: SamplingConfig
                                  eos_token_id=stops, pad_token_id=pad_id, **kwargs)
     finally:
         plain.generation_config = saved
-    return responses(out[:, ids.shape[1]:], stops)
+        if hook is not None:
+            hook.remove()
+    got = responses(out[:, ids.shape[1]:], stops)
+    if hidden is not None:
+        per_step = torch.stack(steps[: out.shape[1] - ids.shape[1]], 1)  # [B, new, H]
+        hidden += [per_step[i, : len(r)] for i, r in enumerate(got)]
+    return got

@@ -63,9 +63,10 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
     ``dataset``; for the others their prompts with generated responses, cut to ``max_length``
     tokens in all; ``vocab`` is the shared tokenizer's length. ``seed`` fixes the generation (the
     trainer derives it from seed and step). The teacher's responses come from ``teacher_cache``
-    where it has them. With ``keep_teacher_hidden`` the SKD source also returns, per pair, the
-    teacher's final hidden states before each response token, from its verification forwards
-    (None for the other sources: the loss then runs the teacher itself)."""
+    where it has them. With ``keep_teacher_hidden`` the SKD and teacher sources also return, per
+    pair, the teacher's final hidden states before each response token, from SKD's verification
+    forwards or the teacher's decoding steps (None otherwise, e.g. for cached teacher responses:
+    the loss then runs the teacher itself)."""
     if source == "dataset":
         return pairs, SourceStats(), None
     prompts = [p for p, _ in pairs]
@@ -79,7 +80,10 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
         missing = [i for i, r in enumerate(found) if r is None]
         if missing:
             asked = [prompts[i] for i in missing]
-            new = sample(teacher, asked, cfg.teacher, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab)
+            # The hidden states come with a fresh batch only: cached responses would need a forward.
+            hidden = [] if keep_teacher_hidden and len(missing) == len(prompts) else None
+            new = sample(teacher, asked, cfg.teacher, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab,
+                         hidden=hidden)
             if teacher_cache is not None:
                 teacher_cache.store(asked, seed, new, prompts)
             for i, r in zip(missing, new, strict=True):
