@@ -65,8 +65,8 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
     trainer derives it from seed and step). The teacher's responses come from ``teacher_cache``
     where it has them. With ``keep_teacher_hidden`` the SKD and teacher sources also return, per
     pair, the teacher's final hidden states before each response token, from SKD's verification
-    forwards or the teacher's decoding steps (None otherwise, e.g. for cached teacher responses:
-    the loss then runs the teacher itself)."""
+    forwards or the teacher's decoding steps (None otherwise, also for the teacher source with a
+    cache: the loss then runs the teacher itself)."""
     if source == "dataset":
         return pairs, SourceStats(), None
     prompts = [p for p, _ in pairs]
@@ -80,8 +80,10 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
         missing = [i for i, r in enumerate(found) if r is None]
         if missing:
             asked = [prompts[i] for i in missing]
-            # The hidden states come with a fresh batch only: cached responses would need a forward.
-            hidden = [] if keep_teacher_hidden and len(missing) == len(prompts) else None
+            # Kept only without a cache: with one, whether a batch was cached would decide how its
+            # teacher hidden states were computed (decoding steps or a forward, equal to ~1e-7), and
+            # a resumed run would then differ from the uninterrupted one in the last bits.
+            hidden = [] if keep_teacher_hidden and teacher_cache is None else None
             new = sample(teacher, asked, cfg.teacher, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab,
                          hidden=hidden)
             if teacher_cache is not None:
