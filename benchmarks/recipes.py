@@ -126,7 +126,8 @@ def markdown(summary: dict[str, dict], meta: dict) -> str:
     pm = lambda s, f="{:.3f}": f"{f.format(s['mean'])} ± {f.format(s['std'])}"  # noqa: E731
     lines = [
         f"Every recipe from the same SFT student ({meta['init_steps']} SFT steps), {meta['steps']} optimizer steps, "
-        f"seeds {meta['seeds']}, built-in tasks at difficulty `{meta['difficulty']}`, {meta['machine']}. "
+        f"seeds {meta['seeds']}, built-in tasks at difficulty `{meta['difficulty']}`, {meta['machine']}; the "
+        f"{sum(s['seeds'] for s in summary.values())} runs took {meta['runs_minutes']:.0f} minutes in all. "
         "Mean ± standard deviation over seeds. Accuracy on the test split; divergence: forward KL(teacher || "
         "student) per token on the student's own samples; alpha and tau (gamma 4) of the result as a draft for "
         "the teacher; seconds of generation and of training (whole run); teacher forwards per generated token.", "",
@@ -198,7 +199,8 @@ def main() -> None:
                 print(f"{name} seed {seed}: accuracy {done[(name, seed)]['test']['accuracy']:.3f}", flush=True)
             runs.append(done[(name, seed)])
     meta = {"steps": args.steps, "seeds": args.seeds, "difficulty": args.difficulty, "init_steps": args.init_steps,
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"}
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads",
+            "runs_minutes": sum(r["wall_seconds"] for r in runs) / 60}
     summary = summarise(runs)
     (args.out / "recipes.json").write_text(json.dumps({**meta, "summary": summary, "runs": runs}, indent=2) + "\n")
     (args.out / "recipes.md").write_text(markdown(summary, meta))

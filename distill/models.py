@@ -156,10 +156,14 @@ def head_forward(model: PreTrainedModel, forward: Callable[..., Any]) -> Iterato
             head.forward = prior
 
 
-def _fp32_linear(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` in fp32 (inputs, weights, accumulation) whatever the autocast or dtypes."""
     with torch.autocast(x.device.type, enabled=False):
-        bias = None if head.bias is None else head.bias.float()
-        return F.linear(x.float(), head.weight.float(), bias)
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+
+
+def _fp32_linear(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return fp32_linear(x, head.weight, head.bias)
 
 
 @contextmanager

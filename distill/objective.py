@@ -9,13 +9,20 @@ ce_weight * CE`` per counted token (``loss.ce_weight`` 0 by default: distillatio
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from distill.config import LossConfig
 from distill.data import Batch
 from distill.losses import LossTerms, cross_entropy, divergence, fused_linear_loss
-from distill.models import final_hidden, fused_head_problem, head_forward, lm_head, lm_logits, logit_transforms
+from distill.models import (
+    final_hidden,
+    fp32_linear,
+    fused_head_problem,
+    head_forward,
+    lm_head,
+    lm_logits,
+    logit_transforms,
+)
 
 
 def batch_loss(
@@ -78,7 +85,7 @@ def batch_loss(
                 t = lm_logits(teacher, ids, mask, bf16, vocab)
             else:  # the teacher's fp32 head on the given hidden states
                 with lm_head(teacher, vocab) as (w_t, b_t):
-                    t = F.linear(teacher_hidden.float(), w_t.float(), None if b_t is None else b_t.float())
+                    t = fp32_linear(teacher_hidden, w_t, b_t)
         div = divergence(s if trains_div else s.detach(), t, labels, reduction="sum", backend=loss.backend, **kd)
     if div is None or not trains_div:
         objective = ce

@@ -269,6 +269,7 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
                 row.update(evaluate(model, tokenizer, records, on_batch=advance, **gen_args))
         return row
 
+    stops = stop_ids(tokenizer)  # where a response ends: sampling, the export's generation config
     step, tokens_seen = 0, 0
     resumed = load_latest_checkpoint(run_dir) if cfg.resume is not None else None
     metrics = None
@@ -322,11 +323,10 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
                 metrics.log("validation", 0, before)
             _loop(cfg, run_dir, progress, student, teacher, data, optimizer, scheduler,
                   metrics, result, params, step, tokens_seen, bf16=bf16, vocab=vocab, fused=fused, device=device,
-                  stops=stop_ids(tokenizer),
+                  stops=stops,
                   validate_now=lambda: measure(progress, "validation", student, val_records, with_teacher=True)
                   if val_records else None)
             metrics.close()  # flushed for the plot
-            stops = stop_ids(tokenizer)
             export_model(result.model_dir, lambda d: (save_model(student, d, stops if len(stops) > 1 else None),
                                                       tokenizer.save_pretrained(d)))
             plot_curves(metrics.path, run_dir / "curves.png")
@@ -416,17 +416,16 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
                     elapsed = time.perf_counter() - t_start
                     tps = tokens_window / max(elapsed, 1e-9)
                     mean_loss = float(torch.stack(loss_window).mean())
-                    window_steps = sum(drawn.values())
+                    window_steps, gen = sum(drawn.values()), generation.metrics()
                     metrics.log("train", step, {
                         "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                         "response_tokens": tokens_seen, "tokens_per_s": tps, "train_seconds": elapsed,
-                        **{f"source_{n}": drawn.get(n, 0) / window_steps for n in SOURCES},
-                        **generation.metrics(),
+                        **{f"source_{n}": drawn.get(n, 0) / window_steps for n in SOURCES}, **gen,
                     })
-                    gen = generation.metrics()
-                    note = "" if not gen else (f"{'+'.join(sorted(drawn))}: gen {gen['gen_tokens_per_s']:,.0f} tok/s"
-                                               + (f", SKD accepts {gen['skd_acceptance']:.2f}" if "skd_acceptance"
-                                                  in gen else ""))
+                    note = ""
+                    if gen:  # the sources of the interval, how fast they generated
+                        note = f"{'+'.join(sorted(drawn))}: gen {gen['gen_tokens_per_s']:,.0f} tok/s"
+                        note += f", SKD accepts {gen['skd_acceptance']:.2f}" if "skd_acceptance" in gen else ""
                     progress.update(task, loss=mean_loss, tps=tps, note=note)
                     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
                     drawn, generation = {}, SourceStats()

@@ -5,8 +5,9 @@ denominator) is taken after generation."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -32,12 +33,10 @@ class SourceStats:
     drafted: int = 0  # SKD: drafts the teacher judged, and accepted
     accepted: int = 0
     cached: int = 0  # teacher responses taken from the cache
-    counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: SourceStats) -> None:
-        for name in ("seconds", "sequences", "tokens", "teacher_forwards", "teacher_tokens", "drafted", "accepted",
-                     "cached"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def metrics(self) -> dict[str, float]:
         """For the metrics log: generation time, generated tokens/s, mean response length, and for

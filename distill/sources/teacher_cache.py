@@ -22,7 +22,7 @@ from pathlib import Path
 from distill.checkpoint import atomic_write_text
 from distill.config import SamplingConfig
 
-FORMAT = 1
+FORMAT = 2
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
@@ -101,13 +101,15 @@ class TeacherCache:
             return {}
         return data["entries"]
 
-    def _key(self, prompt: list[int], seed: int, batch: list[list[int]]) -> str:
-        return _digest([prompt] if self.greedy else [prompt, seed, batch])
+    def _keys(self, prompts: list[list[int]], seed: int, batch: list[list[int]]) -> list[str]:
+        """Each prompt's entry key; a sampled one also names the seed and the batch (hashed once)."""
+        context = [] if self.greedy else [seed, _digest(batch)]
+        return [_digest([p, *context]) for p in prompts]
 
     def lookup(self, prompts: list[list[int]], seed: int) -> list[list[int] | None]:
         """The cached response of each prompt of a batch, or None. A sampled batch hits whole or
         not at all (its samples depend on the whole batch and the seed)."""
-        found = [self.entries.get(self._key(p, seed, prompts)) for p in prompts]
+        found = [self.entries.get(k) for k in self._keys(prompts, seed, prompts)]
         found = [None if r is None else _through_first_stop(r, self.stops) for r in found]
         if not self.greedy and None in found:
             found = [None] * len(prompts)
@@ -117,8 +119,8 @@ class TeacherCache:
 
     def store(self, prompts: list[list[int]], seed: int, responses: list[list[int]], batch: list[list[int]]) -> None:
         """Keep responses to ``prompts``, generated as part of ``batch`` (the prompts asked for)."""
-        for p, r in zip(prompts, responses, strict=True):
-            self.entries[self._key(p, seed, batch)] = list(r)
+        for k, r in zip(self._keys(prompts, seed, batch), responses, strict=True):
+            self.entries[k] = list(r)
         self.dirty = True
 
     def save(self) -> None:
