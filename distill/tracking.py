@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from distill.checkpoint import atomic_write_text
+
 
 class MetricsLog:
     """Append-only ``metrics.jsonl`` plus TensorBoard scalars under ``tensorboard/``."""
@@ -14,8 +16,9 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # Drop what was logged after the checkpoint we resume from: it will be logged again.
-            kept = [r for r in self.read(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            # A run killed mid-write leaves a torn last line; it is after the checkpoint too.
+            kept = [r for r in self.read(self.path, torn_tail=True) if r["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter
 
@@ -34,8 +37,13 @@ class MetricsLog:
             self._tb.close()
 
     @staticmethod
-    def read(path: Path) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    def read(path: Path, torn_tail: bool = False) -> list[dict[str, Any]]:
+        """The records of ``path``; with ``torn_tail`` a last line cut short by a kill is left out."""
+        text = Path(path).read_text()
+        lines = [line for line in text.splitlines() if line.strip()]
+        if torn_tail and lines and not text.endswith("\n"):
+            lines.pop()
+        return [json.loads(line) for line in lines]
 
 
 def _panel_name(lines: list[tuple[str, str]]) -> str:

@@ -4,9 +4,12 @@ training on a mixture (post-generation token counts, exact resume)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -367,3 +370,44 @@ def test_teacher_hidden_is_refused_for_a_soft_capped_teacher():
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
         batch_loss(LossConfig(kind="fkl"), gemma, gemma, batch, bf16=False, vocab=64, fused=False,
                    teacher_hidden=torch.zeros(1, 4, 32))
+
+
+def test_kill_9_during_an_on_policy_run_then_resume(teacher_dir, student_dir, tmp_path):
+    """A real ``kill -9`` of the ``distill`` process in the middle of a GKD run (lambda 0.5), then
+    ``distill resume=DIR``: the same metrics, test results and weights as a run that was not
+    killed. Unlike the tests above nothing is planted: the kill lands wherever the process is,
+    possibly inside a checkpoint or a metrics line."""
+    overrides = [
+        f"teacher.path={teacher_dir}", f"student.path={student_dir}", "loss.kind=gjsd",
+        "sources.weights.dataset.start=0.5", "sources.weights.student.start=0.5", "sources.student.max_new_tokens=8",
+        "data.num_train=24", "data.num_validation=4", "data.num_test=4", "data.max_length=96",
+        "trainer.steps=40", "trainer.batch_size=4", "trainer.lr=3e-3", "trainer.warmup_steps=1",
+        "trainer.eval_every=20", "trainer.save_every=3", "trainer.log_every=1", "trainer.max_new_tokens=6",
+        "trainer.progress=false",
+    ]
+    cli = [sys.executable, "-m", "distill"]
+    subprocess.run([*cli, *overrides, f"output_dir={tmp_path / 'full'}"], check=True, cwd=tmp_path,
+                   capture_output=True, timeout=600)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*cli, *overrides, f"output_dir={cut}"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = cut / "metrics.jsonl"
+        if log.exists() and '"step": 10,' in log.read_text():  # a few checkpoints in, far from the end
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "model").exists()
+    subprocess.run([*cli, f"resume={cut}"], check=True, cwd=tmp_path, capture_output=True, timeout=600)
+
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]  # noqa: E731
+    full_rows = MetricsLog.read(tmp_path / "full" / "metrics.jsonl")
+    assert sum(r.get("source_student", 0) for r in full_rows if r["split"] == "train") >= 5  # on-policy steps ran
+    assert strip(full_rows) == strip(MetricsLog.read(cut / "metrics.jsonl"))
+    report = lambda d: json.loads((d / "report.json").read_text())["test"]  # noqa: E731
+    assert report(tmp_path / "full") == report(cut)
+    wa, wb = final_weights(tmp_path / "full"), final_weights(cut)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

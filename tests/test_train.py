@@ -352,3 +352,12 @@ def test_objective_names():
     assert train_mod.objective_name(LossConfig(kind="ce", temperature=2.0)) == "ce"
     assert train_mod.objective_name(LossConfig(kind="gjsd", beta=0.3, temperature=2.0, ce_weight=0.25)) == \
         "0.75 * gjsd(beta=0.3) at temperature 2.0 + 0.25 * ce"
+
+
+def test_resuming_drops_a_metrics_line_torn_by_a_kill(tmp_path):
+    """A kill while a metrics line is written leaves half a line; resuming drops it with the rows
+    after the checkpoint instead of failing to parse the file."""
+    rows = [{"split": "train", "step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"split": "tr')
+    MetricsLog(tmp_path, resume_step=2).close()
+    assert MetricsLog.read(tmp_path / "metrics.jsonl") == rows[:2]
