@@ -35,6 +35,7 @@ from distill.losses import divergence
 from distill.models import check_same_tokenizer, load_tokenizer, resolve_device
 from distill.progress import progress_display, showing
 from distill.speculative import SpeculativeStats, cache_kwargs, check_draft_vocab, speculative_generate
+from distill.tasks import DIFFICULTIES, TASKS
 
 
 @dataclass
@@ -45,6 +46,9 @@ class DraftEvalConfig:
     draft: str = str(ASSETS / "student")
     name: str | None = None  # what the draft is, for the report (default: its directory)
     prompts: str | None = None  # JSONL/csv/parquet with prompts; default: the built-in test split
+    # Without prompts: the built-in tasks and arithmetic difficulty whose test split is used.
+    tasks: list[str] = field(default_factory=lambda: list(DataConfig().tasks))
+    difficulty: str = DataConfig().difficulty
     num_prompts: int = 64
     max_new_tokens: int = 48
     gammas: list[int] = field(default_factory=lambda: list(range(1, 9)))
@@ -69,12 +73,19 @@ class DraftEvalConfig:
                 raise DistillError(f"{key} must be >= 1; got {getattr(self, key)}")
         if not self.temperature > 0:
             raise DistillError(f"temperature must be > 0; got {self.temperature}")
+        if self.prompts is None:
+            unknown = sorted(set(self.tasks) - set(TASKS))
+            if unknown or not self.tasks:
+                raise DistillError(f"tasks: {unknown or 'none given'}; built-in tasks are {sorted(TASKS)}")
+            if self.difficulty not in DIFFICULTIES:
+                raise DistillError(f"difficulty {self.difficulty!r}: one of {', '.join(DIFFICULTIES)}")
 
 
 def _prompts(cfg: DraftEvalConfig, tokenizer, room: int) -> list[list[int]]:
     """Token ids of the prompts, tokenized as training does; each must leave ``room`` positions."""
     if cfg.prompts is None:
-        records = builtin_records(DataConfig(), "test", cfg.num_prompts)
+        records = builtin_records(DataConfig(tasks=list(cfg.tasks), difficulty=cfg.difficulty), "test",
+                                  cfg.num_prompts)
     else:
         records = read_records(Path(cfg.prompts), DataConfig(), tokenizer, require_completion=False)[: cfg.num_prompts]
     if not records:

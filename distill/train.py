@@ -119,7 +119,8 @@ def _draft_report(cfg: DistillConfig, result: RunResult, device: torch.device) -
     export_draft(result.model_dir, cfg.teacher.path, result.run_dir / "draft")
     out = evaluate_draft(DraftEvalConfig(
         target=cfg.teacher.path, draft=str(result.run_dir / "draft"), name="distilled student",
-        prompts=cfg.data.test, num_prompts=d.num_prompts, max_new_tokens=d.max_new_tokens, gammas=list(d.gammas),
+        prompts=cfg.data.test, tasks=list(cfg.data.tasks), difficulty=cfg.data.difficulty,
+        num_prompts=d.num_prompts, max_new_tokens=d.max_new_tokens, gammas=list(d.gammas),
         repeats=d.repeats, seed=cfg.trainer.seed, device=str(device), out=str(result.run_dir / "draft_eval"),
         progress=cfg.trainer.progress,
     ))

@@ -259,3 +259,13 @@ def test_prompts_without_completions(tmp_path, tokenizer_dir, teacher_dir):
     f.write_text(json.dumps({"prompt": "Write 5 in words."}) + "\n" + json.dumps({"prompt": "Write 7 in words."}))
     ids = draft_eval._prompts(DraftEvalConfig(prompts=str(f)), tok, room=100)
     assert ids == [tok("Write 5 in words.").input_ids, tok("Write 7 in words.").input_ids]
+
+
+def test_eval_draft_names_an_unknown_task_or_difficulty(teacher_dir, student_dir):
+    cfg = DraftEvalConfig(target=str(teacher_dir), draft=str(student_dir), tasks=["arithmetic", "poetry"])
+    with pytest.raises(DistillError, match=r"tasks: \['poetry'\]; built-in tasks are"):
+        cfg.validate()
+    cfg = DraftEvalConfig(target=str(teacher_dir), draft=str(student_dir), difficulty="brutal")
+    with pytest.raises(DistillError, match="difficulty 'brutal': one of easy, medium, hard"):
+        cfg.validate()
+    assert cli._typed_options(DraftEvalConfig, ["tasks=[spelling]", "difficulty=easy"]).tasks == ["spelling"]

@@ -333,13 +333,20 @@ def test_generation_keeps_the_teachers_hidden_states_for_the_loss(teacher_dir, s
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-9
 
 
-def test_a_distillspec_run_ends_with_its_draft_measured(teacher_dir, student_dir, tmp_path):
+def test_a_distillspec_run_ends_with_its_draft_measured(teacher_dir, student_dir, tmp_path, monkeypatch):
     """draft.enabled: the run exports the student as a draft for the teacher (vocabulary padded to
-    the teacher's, loadable) and its report holds alpha and tau by gamma from eval-draft."""
+    the teacher's, loadable) and its report holds alpha and tau by gamma from eval-draft, measured
+    on the test prompts of the run's own tasks and difficulty."""
     from transformers import AutoModelForCausalLM
 
+    import distill.draft_eval
+
+    asked = []
+    real = distill.draft_eval.builtin_records
+    monkeypatch.setattr(distill.draft_eval, "builtin_records", lambda c, *a: asked.append(c) or real(c, *a))
     cfg = make_cfg(teacher_dir, student_dir, steps=2, eval_every=100)
     cfg.final_eval = False
+    cfg.data.tasks, cfg.data.difficulty = ["arithmetic"], "easy"
     cfg.sources.weights = SourceWeights(dataset=Schedule(0.0), student=Schedule(1.0))
     cfg.sources.student.max_new_tokens = 8
     cfg.draft.enabled, cfg.draft.gammas, cfg.draft.num_prompts = True, [1, 2], 4
@@ -352,6 +359,7 @@ def test_a_distillspec_run_ends_with_its_draft_measured(teacher_dir, student_dir
     draft = AutoModelForCausalLM.from_pretrained(run.run_dir / "draft")
     assert draft.config.vocab_size == AutoModelForCausalLM.from_pretrained(teacher_dir).config.vocab_size
     assert (run.run_dir / "draft_eval" / "draft_eval.png").is_file()
+    assert [(c.tasks, c.difficulty) for c in asked] == [(["arithmetic"], "easy")]
 
 
 def test_teacher_hidden_is_refused_for_a_soft_capped_teacher():
