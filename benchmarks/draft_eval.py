@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import transformers
+from environment import environment
 
 from distill.config import ASSETS
 from distill.draft_eval import DraftEvalConfig, evaluate_draft, plot
@@ -87,7 +88,8 @@ def main() -> None:
             results[key] = evaluate_draft(cfg)
             # The scratch path means nothing once it is gone; the name says what the draft was.
             results[key]["config"].update(draft=f"export-draft of {name}", target="distill/assets/teacher")
-            (args.out / f"draft_eval_{key}" / "draft_eval.json").write_text(json.dumps(results[key], indent=2) + "\n")
+            record = {"environment": environment(), **results[key]}
+            (args.out / f"draft_eval_{key}" / "draft_eval.json").write_text(json.dumps(record, indent=2) + "\n")
             print(f"{key}: alpha {results[key]['alpha']:.3f}, c {results[key]['c']:.3f}", flush=True)
     (args.out / "draft_eval.md").write_text(compare(results["before"], results["distilled"]))
     plot(results, args.out / "draft_eval.png")

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from environment import environment
 
 from distill.losses import divergence, fused_linear_divergence
 
@@ -267,6 +268,7 @@ def main() -> None:
     result = gpu(args) if args.mode == "gpu" else cpu(args)
     tag = "cpu" if args.mode == "cpu" else result["device"].replace(" ", "_")
     args.out.mkdir(parents=True, exist_ok=True)
+    result = {"environment": environment(), **result}
     (args.out / f"fused_loss_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result, args.mode)
     (args.out / f"fused_loss_{tag}.md").write_text(md)

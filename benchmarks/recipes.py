@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from environment import environment
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -237,7 +238,7 @@ def main() -> None:
                         f.write(json.dumps(done[key]) + "\n")
                     print(f"{task} {variant[0]} seed {seed}: accuracy {done[key]['accuracy']:.3f}", flush=True)
                 runs.append(done[key])
-    meta = {"steps": args.steps, "seeds": args.seeds, "difficulty": args.difficulty,
+    meta = {"environment": environment(), "steps": args.steps, "seeds": args.seeds, "difficulty": args.difficulty,
             "init_steps": {t: init_steps[t] for t in args.tasks},
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads",
             "runs_minutes": sum(r["wall_seconds"] for r in runs) / 60}

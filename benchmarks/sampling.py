@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from environment import environment
 from transformers import DynamicCache
 
 from distill.config import ASSETS, DataConfig, ModelConfig
@@ -86,7 +87,8 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         rows[role] = {"same_tokens": same, "generate_s": med["generate"], "lean_s": med["lean"],
                       "lean_over_generate": med["lean"] / med["generate"]}
-    result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    result = {"environment": environment(), "machine": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(),
               "prompts": args.prompts, "new_tokens": args.new, "repeats": args.repeats, "models": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sampling.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from environment import environment
 
 from distill.config import ASSETS, DataConfig, LossConfig, ModelConfig
 from distill.data import TrainData
@@ -71,6 +72,7 @@ def main() -> None:
               for name, t in times.items() for q in [statistics.quantiles(t, n=4) if len(t) > 1 else []]}
     base = rows["ce (fused)"]
     result = {
+        "environment": environment(),
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "batch_tokens": batch.num_tokens,
