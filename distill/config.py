@@ -17,7 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from distill.errors import DistillError
 from distill.losses import BACKENDS, KINDS, check_loss_args
 from distill.metrics import METRICS
-from distill.tasks import DIFFICULTIES
+from distill.tasks import check_builtin
 
 OVERLONG = ("skip", "truncate", "error")  # data.overlong (distill.data.encode)
 
@@ -222,7 +222,8 @@ class SourcesConfig:
 class DraftConfig:
     """After training, the student as a speculative-decoding draft for the teacher (DistillSpec):
     exported with ``export-draft`` to ``RUN/draft`` and measured by ``eval-draft`` on held-out
-    prompts (data.test, or the built-in test split); alpha and tau go into the report."""
+    prompts (data.test, or the test split of the run's built-in tasks and difficulty); alpha and
+    tau go into the report."""
 
     enabled: bool = False
     gammas: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -305,8 +306,7 @@ def validate(cfg: DistillConfig) -> None:
             raise DistillError(f"trainer.{name} must be >= 1; got {getattr(t, name)}")
     if cfg.data.overlong not in OVERLONG:
         raise DistillError(f"data.overlong must be one of {', '.join(OVERLONG)}; got {cfg.data.overlong!r}")
-    if cfg.data.difficulty not in DIFFICULTIES:
-        raise DistillError(f"data.difficulty must be one of {', '.join(DIFFICULTIES)}; got {cfg.data.difficulty!r}")
+    check_builtin(cfg.data.tasks, cfg.data.difficulty, "data.")
     if cfg.data.metric not in METRICS:
         raise DistillError(f"data.metric must be one of {', '.join(METRICS)}; got {cfg.data.metric!r}")
     if cfg.data.max_length < 2:

@@ -35,7 +35,7 @@ from distill.losses import divergence
 from distill.models import check_same_tokenizer, load_tokenizer, resolve_device
 from distill.progress import progress_display, showing
 from distill.speculative import SpeculativeStats, cache_kwargs, check_draft_vocab, speculative_generate
-from distill.tasks import DIFFICULTIES, TASKS
+from distill.tasks import check_builtin
 
 
 @dataclass
@@ -74,11 +74,7 @@ class DraftEvalConfig:
         if not self.temperature > 0:
             raise DistillError(f"temperature must be > 0; got {self.temperature}")
         if self.prompts is None:
-            unknown = sorted(set(self.tasks) - set(TASKS))
-            if unknown or not self.tasks:
-                raise DistillError(f"tasks: {unknown or 'none given'}; built-in tasks are {sorted(TASKS)}")
-            if self.difficulty not in DIFFICULTIES:
-                raise DistillError(f"difficulty {self.difficulty!r}: one of {', '.join(DIFFICULTIES)}")
+            check_builtin(self.tasks, self.difficulty)
 
 
 def _prompts(cfg: DraftEvalConfig, tokenizer, room: int) -> list[list[int]]:

@@ -13,7 +13,7 @@ import pytest
 from test_cli import RECIPES, _one_line_error, run_cli
 
 from distill import cli, draft_eval
-from distill.config import DataConfig, DistillConfig, ModelConfig, validate
+from distill.config import ASSETS, DataConfig, DistillConfig, ModelConfig, validate
 from distill.data import read_records
 from distill.draft_eval import DraftEvalConfig, evaluate_draft
 from distill.errors import DistillError
@@ -269,3 +269,14 @@ def test_eval_draft_names_an_unknown_task_or_difficulty(teacher_dir, student_dir
     with pytest.raises(DistillError, match="difficulty 'brutal': one of easy, medium, hard"):
         cfg.validate()
     assert cli._typed_options(DraftEvalConfig, ["tasks=[spelling]", "difficulty=easy"]).tasks == ["spelling"]
+
+
+def test_a_run_names_an_unknown_task_or_difficulty():
+    cfg = DistillConfig(teacher=ModelConfig(path=None), student=ModelConfig(path=str(ASSETS / "student")))
+    cfg.loss.kind = "ce"
+    cfg.data.tasks = ["arithmetic", "poetry"]
+    with pytest.raises(DistillError, match=r"^data\.tasks: \['poetry'\]; built-in tasks are"):
+        validate(cfg)
+    cfg.data.tasks, cfg.data.difficulty = ["arithmetic"], "brutal"
+    with pytest.raises(DistillError, match="^data.difficulty 'brutal': one of easy, medium, hard"):
+        validate(cfg)

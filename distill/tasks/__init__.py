@@ -5,6 +5,7 @@ prompt to a split by a hash of its text, so train, validation and test never
 overlap and are the same on every machine for a given seed.
 """
 
+from distill.errors import DistillError
 from distill.tasks.arithmetic import ArithmeticTask
 from distill.tasks.base import Example, Task, split_of
 from distill.tasks.spelling import SpellingTask
@@ -18,6 +19,16 @@ TASKS: dict[str, type[Task]] = {
 DIFFICULTIES = ("easy", "medium", "hard")
 
 
+def check_builtin(tasks: list[str], difficulty: str, prefix: str = "") -> None:
+    """One-line errors for unknown built-in task names or difficulty, naming the fields as
+    ``prefix`` + ``tasks`` / ``difficulty``."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise DistillError(f"{prefix}tasks: {unknown or 'none given'}; built-in tasks are {sorted(TASKS)}")
+    if difficulty not in DIFFICULTIES:
+        raise DistillError(f"{prefix}difficulty {difficulty!r}: one of {', '.join(DIFFICULTIES)}")
+
+
 def get_task(name: str, difficulty: str = "hard") -> Task:
     """Return the built-in task called ``name``; ``difficulty`` (easy, medium, hard) sets how many
     steps and how large the numbers of arithmetic are (spelling has one level: fewer digits would
@@ -29,4 +40,7 @@ def get_task(name: str, difficulty: str = "hard") -> Task:
     return ArithmeticTask(difficulty) if name == ArithmeticTask.name else TASKS[name]()
 
 
-__all__ = ["DIFFICULTIES", "Example", "Task", "TASKS", "get_task", "split_of", "ArithmeticTask", "SpellingTask"]
+__all__ = [
+    "DIFFICULTIES", "check_builtin", "Example", "Task", "TASKS", "get_task", "split_of", "ArithmeticTask",
+    "SpellingTask",
+]
