@@ -8,12 +8,12 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test gpu-check lint clean
+.PHONY: demo test bench-ci gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,11 +22,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The ci benchmark suite, then the regression gate against benchmarks/baseline/ci.json.
+bench-ci: $(STAMP)
+	$(BIN)/python -m benchmarks ci
+	$(BIN)/python -m benchmarks compare
+
 # On a CUDA machine (with a CUDA build of torch, see TORCH above): the kernel and fused-loss tests
-# with the compiled kernels on the GPU, then the GPU benchmark (results in benchmarks/results/).
+# with the compiled kernels on the GPU, then the gpu benchmark suite (results in benchmarks/results/gpu/).
 gpu-check: $(STAMP)
 	DISTILL_TEST_DEVICE=cuda $(BIN)/python -m pytest -q tests/test_kernels.py tests/test_fused_loss.py
-	$(BIN)/python benchmarks/fused_loss.py gpu
+	$(BIN)/python -m benchmarks gpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check distill kernels tests benchmarks

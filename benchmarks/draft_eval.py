@@ -1,8 +1,6 @@
 """The default recipe's student as a speculative-decoding draft for the shipped teacher, before and
 after distillation (DistillSpec metrics).
 
-    python benchmarks/draft_eval.py [--run DIR] [--out benchmarks/results] [--repeats 5]
-
 1. trains the embedded default recipe (what ``make demo`` runs) into ``DIR`` unless ``DIR`` already
    holds a finished run;
 2. exports the shipped student and the distilled one as drafts for the teacher (``export-draft``);
@@ -13,16 +11,15 @@ after distillation (DistillSpec metrics).
 
 from __future__ import annotations
 
-import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import transformers
-from environment import environment
 
+from benchmarks.environment import environment
+from benchmarks.metrics import metric, write_json
 from distill.config import ASSETS
 from distill.draft_eval import DraftEvalConfig, evaluate_draft, plot
 from distill.export import export_draft
@@ -67,34 +64,28 @@ def compare(before: dict, after: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, default=None, help="a finished default-recipe run (trained if absent)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+def run(out: Path, seed: int = 0, run_dir: str | None = None, repeats: int = 5) -> dict:
+    """``run_dir``: a finished default-recipe run to evaluate (trained here when absent)."""
     transformers.utils.logging.disable_progress_bar()
-
     teacher = ASSETS / "teacher"
     with tempfile.TemporaryDirectory() as scratch:
-        run = args.run or Path(scratch) / "run"
+        run = Path(run_dir) if run_dir else Path(scratch) / "run"
         students = {"before": (ASSETS / "student", "the shipped student (before distillation)"),
                     "distilled": (train_default(run), "the shipped student distilled by the default recipe")}
         results = {}
         for key, (student, name) in students.items():
             draft = export_draft(student, teacher, Path(scratch) / f"draft_{key}").out_dir
-            cfg = DraftEvalConfig(target=str(teacher), draft=str(draft), name=name, repeats=args.repeats,
-                                  out=str(args.out / f"draft_eval_{key}"))
+            cfg = DraftEvalConfig(target=str(teacher), draft=str(draft), name=name, repeats=repeats, seed=seed,
+                                  out=str(out / f"draft_eval_{key}"))
             results[key] = evaluate_draft(cfg)
             # The scratch path means nothing once it is gone; the name says what the draft was.
             results[key]["config"].update(draft=f"export-draft of {name}", target="distill/assets/teacher")
-            record = {"environment": environment(), **results[key]}
-            (args.out / f"draft_eval_{key}" / "draft_eval.json").write_text(json.dumps(record, indent=2) + "\n")
+            write_json(out / f"draft_eval_{key}" / "draft_eval.json", {"environment": environment(), **results[key]})
             print(f"{key}: alpha {results[key]['alpha']:.3f}, c {results[key]['c']:.3f}", flush=True)
-    (args.out / "draft_eval.md").write_text(compare(results["before"], results["distilled"]))
-    plot(results, args.out / "draft_eval.png")
-    print((args.out / "draft_eval.md").read_text())
-
-
-if __name__ == "__main__":
-    main()
+    (out / "draft_eval.md").write_text(compare(results["before"], results["distilled"]))
+    plot(results, out / "draft_eval.png")
+    after = results["distilled"]
+    metrics = {"distilled alpha": metric(after["alpha"], "higher", "quality", floor=0.005),
+               **{f"distilled tau at gamma {g['gamma']}": metric(g["tau_measured"], "higher", "quality", floor=0.02)
+                  for g in after["by_gamma"]}}
+    return {"before": results["before"], "distilled": after, "metrics": metrics}

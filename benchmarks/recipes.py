@@ -1,26 +1,22 @@
 """The recipe study: which recipe distils the shipped teacher best into the same student.
 
-    python benchmarks/recipes.py [--tasks arithmetic spelling] [--init-steps arithmetic=475 spelling=70]
-                                 [--steps 200] [--seeds 0 1 2] [--difficulty easy]
-                                 [--variant LABEL=RECIPE[,OVERRIDE...]] [--name recipes]
-
 For each task on its own (each task has its own headroom, so each gets its own starting point):
 1. makes the starting point once: the student trained by SFT on that task's fixed training set
-   (``recipe=sft_student``, the task's ``--init-steps``) unless it exists: a competent student that
+   (``recipe=sft_student``, the task's ``init_steps``) unless it exists: a competent student that
    sits in the middle of the accuracy range, not at zero nor at the ceiling;
 2. trains every variant (by default every recipe as shipped) from it for the same number of
    optimizer steps with each seed, in-process through ``distill.train.train`` with the recipe's own
-   config (Hydra composition) plus the variant's overrides, and with ``draft.enabled`` so each
-   result is also measured as a draft for the teacher;
+   config (Hydra composition) plus the variant's overrides (``LABEL=RECIPE,OVERRIDE...``), and
+   with ``draft.enabled`` so each result is also measured as a draft for the teacher;
 3. measures on the test split: accuracy; the teacher-student forward KL on the student's own
    samples (temperature 1); alpha as a draft; wall time split into generation and training;
    teacher forwards per generated token;
 4. writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` (means and spread over seeds, one table per task).
+Finished runs are kept in ``work`` (``runs-*.jsonl``), so an interrupted study goes on.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import shutil
@@ -30,10 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-from environment import environment
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from benchmarks.environment import environment
+from benchmarks.metrics import metric, write_json
 from distill.config import DataConfig, DistillConfig, LossConfig, ModelConfig, SamplingConfig, register
 from distill.data import builtin_records, collate, prompt_ids, stop_ids
 from distill.losses import count_tokens
@@ -91,15 +88,16 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
     return label, recipe, overrides
 
 
-def run_one(task: str, variant: tuple[str, str, list[str]], seed: int, init: Path, args: argparse.Namespace) -> dict:
+def run_one(task: str, variant: tuple[str, str, list[str]], seed: int, init: Path, opts: dict) -> dict:
     label, recipe, extra = variant
-    out = args.work / f"{task}-{label}-seed{seed}"
+    out = opts["work"] / f"{task}-{label}-seed{seed}"
     cfg = recipe_config(recipe, [
         "teacher=shipped",  # also for sft: it is evaluated beside the student and measures the draft
-        f"student.path={init}", f"data.tasks=[{task}]", f"data.difficulty={args.difficulty}",
-        f"trainer.steps={args.steps}", f"trainer.warmup_steps={max(1, args.steps // 10)}", f"trainer.seed={seed}",
-        "trainer.eval_every=100000", f"trainer.save_every={args.steps}", "trainer.progress=false",
-        "draft.enabled=true", f"draft.num_prompts={args.draft_prompts}", "draft.gammas=[4]", "draft.repeats=1",
+        f"student.path={init}", f"data.tasks=[{task}]", f"data.difficulty={opts['difficulty']}",
+        f"trainer.steps={opts['steps']}",
+        f"trainer.warmup_steps={max(1, opts['steps'] // 10)}", f"trainer.seed={seed}",
+        "trainer.eval_every=100000", f"trainer.save_every={opts['steps']}", "trainer.progress=false",
+        "draft.enabled=true", f"draft.num_prompts={opts['draft_prompts']}", "draft.gammas=[4]", "draft.repeats=1",
         f"output_dir={out}", *extra,
     ])
     shutil.rmtree(out, ignore_errors=True)  # a run cut short by an interrupted study starts again
@@ -117,7 +115,7 @@ def run_one(task: str, variant: tuple[str, str, list[str]], seed: int, init: Pat
         "alpha": result.draft["alpha"], "tau_gamma4": result.draft["by_gamma"][0]["tau_measured"],
         "teacher_forwards_per_token": statistics.mean(forwards) if forwards else None,
         "divergence_on_own_samples": divergence_on_own_samples(result.model_dir, cfg.teacher.path, cfg.data,
-                                                               args.divergence_prompts, seed),
+                                                               opts["divergence_prompts"], seed),
     }
 
 
@@ -199,55 +197,59 @@ def plot(summary: dict[str, dict[str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", nargs="+", default=["arithmetic", "spelling"])
-    ap.add_argument("--init-steps", nargs="+", default=[f"{t}={n}" for t, n in INIT_STEPS.items()],
-                    help="TASK=STEPS of SFT for each task's starting point")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--difficulty", default=DIFFICULTY)
-    ap.add_argument("--variant", nargs="+", default=list(RECIPES),
-                    help="LABEL=RECIPE[,OVERRIDE...]: a recipe with Hydra overrides (default: every recipe as is)")
-    ap.add_argument("--draft-prompts", type=int, default=32)
-    ap.add_argument("--divergence-prompts", type=int, default=64)
-    ap.add_argument("--name", default="recipes", help="basename of the result files")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "distill-recipes",
-                    help="run directories and the finished runs (runs-*.jsonl: an interrupted study goes on)")
-    args = ap.parse_args()
+def run(out: Path, seed: int = 0, tasks: list[str] | None = None, init_steps: dict[str, int] | None = None,
+        steps: int = 200, seeds: list[int] | None = None, difficulty: str = DIFFICULTY,
+        variants: list[str] | None = None, draft_prompts: int = 32, divergence_prompts: int = 64,
+        name: str = "recipes", work: str | None = None) -> dict:
+    """The study; ``seeds`` defaults to ``[seed]``, ``variants`` to every recipe as shipped. ``work``:
+    where the starting points and finished runs are kept, so that an interrupted study goes on
+    (None: a temporary directory)."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    init_steps = {**INIT_STEPS, **{t: int(n) for t, n in (x.split("=") for x in args.init_steps)}}
-    variants = [parse_variant(v) for v in args.variant]
-    args.work.mkdir(parents=True, exist_ok=True)
+    tasks, seeds = tasks or list(INIT_STEPS), seeds or [seed]
+    init_steps = {**INIT_STEPS, **(init_steps or {})}
+    parsed = [parse_variant(v) for v in (variants or RECIPES)]
+    if work is None:  # a fresh directory, removed after: nothing measured before is reused
+        with tempfile.TemporaryDirectory(prefix="distill-recipes-") as scratch:
+            return run(out, seed, tasks, init_steps, steps, seeds, difficulty, variants, draft_prompts,
+                       divergence_prompts, name, scratch)
+    work_dir = Path(work)
+    opts = {"work": work_dir, "difficulty": difficulty, "steps": steps, "draft_prompts": draft_prompts,
+            "divergence_prompts": divergence_prompts}
+    work_dir.mkdir(parents=True, exist_ok=True)
     runs = []
-    for task in args.tasks:
-        init = sft_init(args.work / f"sft-init-{task}-{args.difficulty}-{init_steps[task]}", task, args.difficulty,
+    for task in tasks:
+        init = sft_init(work_dir / f"sft-init-{task}-{difficulty}-{init_steps[task]}", task, difficulty,
                         init_steps[task])
-        runs_path = args.work / f"runs-{task}-{args.difficulty}-{init_steps[task]}-{args.steps}.jsonl"
+        runs_path = work_dir / f"runs-{task}-{difficulty}-{init_steps[task]}-{steps}.jsonl"
         done = {(r["recipe"], r["seed"], tuple(r["overrides"])): r
                 for r in map(json.loads, runs_path.read_text().splitlines())} if runs_path.is_file() else {}
-        for variant in variants:
-            for seed in args.seeds:
-                key = (variant[0], seed, tuple(variant[2]))
+        for variant in parsed:
+            for s in seeds:
+                key = (variant[0], s, tuple(variant[2]))
                 if key not in done:  # finished runs are kept: an interrupted study goes on
-                    done[key] = run_one(task, variant, seed, init, args)
+                    done[key] = run_one(task, variant, s, init, opts)
                     with runs_path.open("a") as f:
                         f.write(json.dumps(done[key]) + "\n")
-                    print(f"{task} {variant[0]} seed {seed}: accuracy {done[key]['accuracy']:.3f}", flush=True)
+                    print(f"{task} {variant[0]} seed {s}: accuracy {done[key]['accuracy']:.3f}", flush=True)
                 runs.append(done[key])
-    meta = {"environment": environment(), "steps": args.steps, "seeds": args.seeds, "difficulty": args.difficulty,
-            "init_steps": {t: init_steps[t] for t in args.tasks},
+    meta = {"environment": environment(), "steps": steps, "seeds": seeds, "difficulty": difficulty,
+            "init_steps": {t: init_steps[t] for t in tasks},
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads",
             "runs_minutes": sum(r["wall_seconds"] for r in runs) / 60}
     summary = summarise(runs)
-    (args.out / f"{args.name}.json").write_text(json.dumps({**meta, "summary": summary, "runs": runs}, indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(summary, meta))
-    plot(summary, args.out / f"{args.name}.png")
-    print(markdown(summary, meta))
-
-
-if __name__ == "__main__":
-    main()
+    metrics = {}
+    for task, by_variant in summary.items():
+        for label, v in by_variant.items():
+            at = f"{task} {label}"
+            metrics[f"{at} accuracy"] = metric(v["accuracy"]["mean"], "higher", "quality", floor=0.01)
+            metrics[f"{at} divergence on own samples"] = metric(v["divergence_on_own_samples"]["mean"], "lower",
+                                                                "quality", floor=0.005)
+            metrics[f"{at} alpha"] = metric(v["alpha"]["mean"], "higher", "quality", floor=0.005)
+            metrics[f"{at} tau at gamma 4"] = metric(v["tau_gamma4"]["mean"], "higher", "quality", floor=0.02)
+    result = {**meta, "summary": summary, "runs": runs, "metrics": metrics}
+    write_json(out / f"{name}.json", result)
+    (out / f"{name}.md").write_text(markdown(summary, meta))
+    plot(summary, out / f"{name}.png")
+    return result

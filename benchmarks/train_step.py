@@ -1,28 +1,23 @@
 """Cost of a distillation step against an SFT step, per loss kind, measured in the same run.
 
-    python benchmarks/train_step.py [--steps 40] [--batch-size 32] [--out benchmarks/results]
-
 Uses the shipped teacher and student on built-in task batches. Reports the median time of one
 optimizer step (forward, loss, backward, AdamW; every configuration timed once per round, round
-after round) and its ratio to the SFT step (student forward and
-cross-entropy only, fused as the trainer runs it), so the overhead of the teacher forward and of
-each divergence is visible, for the trainer's default fused loss (LM head + loss in token chunks)
-and for full logits.
+after round) and its ratio to the SFT step (student forward and cross-entropy only, fused as the
+trainer runs it), so the overhead of the teacher forward and of each divergence is visible, for
+the trainer's default fused loss (LM head + loss in token chunks) and for full logits.
 Writes ``train_step.json`` and ``train_step.md``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from environment import environment
 
+from benchmarks.environment import environment
+from benchmarks.metrics import metric, write_json
 from distill.config import ASSETS, DataConfig, LossConfig, ModelConfig
 from distill.data import TrainData
 from distill.losses import KINDS, count_tokens
@@ -42,54 +37,40 @@ def one_step(student, teacher, batch, kind: str, fused: bool, optimizer, vocab: 
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = ap.parse_args()
-
-    device = torch.device("cpu")
+def run(out: Path, seed: int = 0, rounds: int = 40, batch_size: int = 32, kinds: list[str] | None = None,
+        device: str = "cpu") -> dict:
+    kinds = list(KINDS) if kinds is None else kinds
+    dev = torch.device(device)
     tok = load_tokenizer(ASSETS / "teacher")
-    teacher = load_model(ModelConfig(path=str(ASSETS / "teacher")), "teacher", device)
-    student = load_model(ModelConfig(path=str(ASSETS / "student")), "student", device)
-    batch = TrainData(DataConfig(num_train=args.batch_size), tok, seed=0).next_batch(args.batch_size)
+    teacher = load_model(ModelConfig(path=str(ASSETS / "teacher")), "teacher", dev)
+    student = load_model(ModelConfig(path=str(ASSETS / "student")), "student", dev)
+    batch = TrainData(DataConfig(num_train=batch_size), tok, seed=seed).next_batch(batch_size).to(dev)
     # A learning rate of 0 keeps the student identical across kinds while AdamW still does its work.
     optimizer = torch.optim.AdamW(student.parameters(), lr=0.0)
 
     configs = {kind + (" (fused)" if fused else " (full logits)"): (kind, fused)
-               for kind in ("ce", *KINDS) for fused in (True, False)}
+               for kind in ("ce", *kinds) for fused in (True, False)}
     times: dict[str, list[float]] = {name: [] for name in configs}
     # Round-robin: one step of every configuration per round, so that drift of this shared machine
     # hits all alike; the first two rounds warm up allocator and kernels.
-    for i in range(args.steps + 2):
+    for i in range(rounds + 2):
         for name, (kind, fused) in configs.items():
             t = one_step(student, teacher, batch, kind, fused, optimizer, len(tok))
             if i >= 2:
                 times[name].append(t)
     rows = {name: statistics.median(t) for name, t in times.items()}
-    spread = {name: (q[2] - q[0]) / rows[name] if len(t) > 1 else 0.0
-              for name, t in times.items() for q in [statistics.quantiles(t, n=4) if len(t) > 1 else []]}
+    spread = {name: (q[2] - q[0]) / rows[name] for name, t in times.items() for q in [statistics.quantiles(t, n=4)]}
     base = rows["ce (fused)"]
-    result = {
-        "environment": environment(),
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "batch_tokens": batch.num_tokens,
-        "steps": args.steps,
-        "median_step_s": rows,
-        "iqr_over_median": spread,
-        "ratio_to_sft": {k: v / base for k, v in rows.items()},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_step.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Median optimizer-step time of {args.steps} rounds (every configuration once per round), "
-             f"{batch.num_tokens} tokens, {torch.get_num_threads()} CPU threads.", "",
+    ratios = {k: v / base for k, v in rows.items()}
+    metrics = {f"{kind} step over sft step": metric(ratios[f"{kind} (fused)"], "lower", "ratio") for kind in kinds}
+    metrics |= {f"{kind} fused over full logits": metric(rows[f"{kind} (fused)"] / rows[f"{kind} (full logits)"],
+                                                        "lower", "ratio") for kind in ("ce", *kinds)}
+    result = {"environment": environment(), "batch_tokens": batch.num_tokens, "rounds": rounds,
+              "median_step_s": rows, "iqr_over_median": spread, "ratio_to_sft": ratios, "metrics": metrics}
+    write_json(out / "train_step.json", result)
+    lines = [f"Median optimizer-step time of {rounds} rounds (every configuration once per round), "
+             f"{batch.num_tokens} tokens, {device}, {torch.get_num_threads()} CPU threads.", "",
              "| loss | step (ms) | spread (IQR / median) | ratio to SFT |", "|---|---|---|---|"]
     lines += [f"| {k} | {v * 1e3:.1f} | {spread[k]:.2f} | {v / base:.2f} |" for k, v in rows.items()]
-    (args.out / "train_step.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main()
+    (out / "train_step.md").write_text("\n".join(lines) + "\n")
+    return result

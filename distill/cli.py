@@ -334,8 +334,20 @@ def _subcommand(name: str, args: list[str]) -> None:
         _fail(f"{name}: {e}")
 
 
+def _bench(args: list[str]) -> typing.NoReturn:
+    """``distill bench SUITE ...``: the benchmark suite of the source checkout this distill runs from."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        _fail("distill bench runs the benchmark suite of a source checkout (benchmarks/ is not installed with the "
+              "package): clone the repository, pip install -e '.[bench]' and run distill bench there")
+    os.chdir(root)
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *args])
+
+
 def main() -> None:
     """Console-script entry point."""
+    if len(sys.argv) > 1 and sys.argv[1] == "bench":
+        _bench(sys.argv[2:])
     subcommand = len(sys.argv) > 1 and sys.argv[1] in ("eval-draft", "export-draft")
     if not subcommand:
         try:

@@ -372,7 +372,7 @@ def fused_linear_loss(
         # Per logit entry: fp32 student (and teacher) logits, plus a gradient buffer where it cannot
         # overwrite the student logits (Triton: half-precision weights, or both terms sending a
         # gradient), or the autograd temporaries of the reference divergence (PyTorch path: about
-        # 15 fp32 buffers of a chunk's size, benchmarks/results/fused_loss_cpu.md).
+        # 15 fp32 buffers of a chunk's size, benchmarks/results/full/fused_loss_cpu.md).
         half = student_weight.dtype in (torch.float16, torch.bfloat16)
         own_grad = half or (with_kd and with_ce and 0 < ce_weight < 1)
         per_entry = 4 + 4 * with_kd + (student_weight.element_size() if own_grad else 0) if triton_path else 15 * 4

@@ -1,17 +1,32 @@
-"""What the benchmark scripts record beside their numbers."""
+"""The benchmark suite's plumbing and its regression gate, with regressions planted on purpose.
+
+The planted tests run the cheap members' measurements at the ``ci`` suite's options and compare
+them with the committed baseline (``benchmarks/baseline/ci.json``) exactly as ``.ci/run`` does:
+the real tree passes, a wrong divergence, a sampler that ignores its temperature and a slower
+loss path fail.
+"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import distill.losses
+import distill.sources.sampling
+from benchmarks import fused_loss, sampling
+from benchmarks.compare import failed, make_baseline, verdicts
+from benchmarks.environment import environment
+from benchmarks.metrics import metric
+from benchmarks.suite import SUITES, run_suite
+from benchmarks.trl_gkd import distill_config, trl_fields
 
-from environment import environment  # noqa: E402
+ROOT = Path(__file__).parents[1]
+BASELINE = json.loads((ROOT / "benchmarks" / "baseline" / "ci.json").read_text())
 
 
 def test_every_result_names_its_packages_device_and_commit():
@@ -21,3 +36,141 @@ def test_every_result_names_its_packages_device_and_commit():
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     if head:  # a checkout (CI's is one); the commit is HEAD, marked dirty when tracked files changed
         assert env["git_commit"].removesuffix("-dirty") == head
+
+
+def _record(metrics: dict, seed: int = 0) -> dict:
+    return {"suite": "ci", "seed": seed, "metrics": metrics}
+
+
+def test_baseline_takes_the_median_and_twice_the_spread_never_below_the_floor():
+    runs = [_record({"acc": metric(v, "higher", "quality", floor=0.01), "r": metric(w, "lower", "ratio")}, s)
+            for s, (v, w) in enumerate([(0.90, 1.00), (0.86, 1.01), (0.88, 1.02)])]
+    base = make_baseline(runs)["metrics"]
+    assert base["acc"]["value"] == pytest.approx(0.88) and base["acc"]["tolerance"] == pytest.approx(0.08)
+    # The ratios spread by 0.02, under their floor of 2% of the value: the floor holds.
+    assert base["r"]["value"] == pytest.approx(1.01) and base["r"]["tolerance"] == pytest.approx(2 * 0.02)
+
+
+def test_gate_fails_a_metric_worse_than_its_tolerance_in_its_own_direction():
+    baseline = {"metrics": {
+        "acc": {"value": 0.9, "better": "higher", "kind": "quality", "tolerance": 0.02},
+        "time": {"value": 1.0, "better": "lower", "kind": "ratio", "tolerance": 0.1},
+        "gone": {"value": 1.0, "better": "lower", "kind": "ratio", "tolerance": 0.1},
+    }}
+
+    def verdict(acc: float, time: float) -> dict[str, str]:
+        current = {"metrics": {"acc": metric(acc, "higher", "quality"), "time": metric(time, "lower", "ratio"),
+                               "extra": metric(1.0, "lower", "ratio")}}
+        return {r["metric"]: r["verdict"] for r in verdicts(baseline, current)}
+
+    assert verdict(0.89, 1.05) == {"acc": "ok", "time": "ok", "gone": "MISSING", "extra": "new"}
+    assert verdict(0.87, 1.0)["acc"] == "WORSE" and verdict(0.93, 1.0)["acc"] == "better"
+    assert verdict(0.9, 1.11)["time"] == "WORSE" and verdict(0.9, 0.85)["time"] == "better"
+    rows = verdicts(baseline, {"metrics": {"acc": metric(0.9, "higher", "quality"),
+                                           "time": metric(1.0, "lower", "ratio")}})
+    assert [r["metric"] for r in failed(rows)] == ["gone"]
+
+
+def _gate(member: str, metrics: dict) -> list[dict]:
+    """The gate's verdicts on these ``metrics`` of ``member`` (the suite's other metrics left out)."""
+    current = {"metrics": {f"{member}: {k}": v for k, v in metrics.items()}}
+    rows = [r for r in verdicts(BASELINE, current) if r["metric"] in current["metrics"]]
+    assert rows and all(r["verdict"] != "new" for r in rows), "the baseline lacks these metrics"
+    return rows
+
+
+def _fidelity_metrics() -> dict:
+    from distill.config import ASSETS, DataConfig, ModelConfig
+    from distill.data import builtin_records, prompt_ids
+    from distill.models import load_model, load_tokenizer
+
+    opts = SUITES["ci"]["sampling"]
+    tok = load_tokenizer(ASSETS / "teacher")
+    prompts = [prompt_ids(r, tok) for r in builtin_records(DataConfig(), "test", opts.get("prompts", 32))]
+    model = load_model(ModelConfig(path=str(ASSETS / "student")), "student", torch.device("cpu")).eval()
+    fid = sampling.fidelity(model, tok, prompts, opts.get("draws", 8192), seed=0)
+    return {f"tv {name}": metric(v["tv"], "lower", "quality") for name, v in fid.items()}
+
+
+def test_gate_passes_the_sampler_and_fails_one_that_ignores_its_temperature(monkeypatch):
+    assert not failed(_gate("sampling", _fidelity_metrics()))
+    real = distill.sources.sampling.sample
+
+    def at_temperature_one(model, prompts, cfg, **kw):
+        return real(model, prompts, type(cfg)(**{**cfg.__dict__, "temperature": 1.0}), **kw)
+
+    monkeypatch.setattr(distill.sources.sampling, "sample", at_temperature_one)
+    bad = failed(_gate("sampling", _fidelity_metrics()))
+    assert [r["metric"] for r in bad] == ["sampling: tv temperature 0.7, top-p 0.9",
+                                          "sampling: tv temperature 1.5, top-k 20"]
+
+
+def _error_metrics() -> dict:
+    return {f"{k} error vs float64": metric(e, "lower", "quality") for k, e in fused_loss.accuracy(seed=0).items()}
+
+
+def test_gate_passes_the_fused_loss_and_fails_a_wrong_divergence(monkeypatch):
+    assert not failed(_gate("fused_loss", _error_metrics()))
+    real = distill.losses.fused_linear_divergence
+
+    def forward_for_reverse(*args, kind="gjsd", **kw):  # rkl computed as fkl: a wrong divergence
+        return real(*args, kind="fkl" if kind == "rkl" else kind, **kw)
+
+    monkeypatch.setattr(distill.losses, "fused_linear_divergence", forward_for_reverse)
+    assert [r["metric"] for r in failed(_gate("fused_loss", _error_metrics()))] == [
+        "fused_loss: rkl error vs float64"]
+
+
+def test_gate_fails_a_slower_loss_path(monkeypatch):
+    opts = SUITES["ci"]["fused_loss"]
+    real = distill.losses.fused_linear_divergence
+
+    def three_times(*args, **kw):  # the same result, three times the work
+        for _ in range(2):
+            real(*args, **kw).detach()
+        return real(*args, **kw)
+
+    monkeypatch.setattr(distill.losses, "fused_linear_divergence", three_times)
+    times = fused_loss.speed(0, opts["speed_tokens"], 256, 32000, opts["chunks"][0], opts["repeats"])
+    rows = _gate("fused_loss", {"fused over eager time": metric(times["distill-torch"] / times["eager"], "lower",
+                                                                "ratio")})
+    assert [r["verdict"] for r in rows] == ["WORSE"]
+
+
+def test_suite_rejects_unknown_members(tmp_path):
+    with pytest.raises(SystemExit, match="ci has no member 'nope'"):
+        run_suite("ci", tmp_path, only=["nope"])
+    with pytest.raises(SystemExit, match="unknown suite"):
+        run_suite("nightly", tmp_path)
+
+
+def test_trl_gets_distills_recipe_field_by_field():
+    gkd, rows = trl_fields(distill_config("gkd", 300, 1, Path("/tmp/x")))
+    assert (gkd["lmbda"], gkd["beta"], gkd["temperature"], gkd["max_new_tokens"]) == (0.5, 0.5, 1.0, 48)
+    assert (gkd["learning_rate"], gkd["max_steps"], gkd["warmup_steps"], gkd["seed"]) == (1e-3, 300, 30, 1)
+    assert not gkd["bf16"] and not gkd["gradient_checkpointing"]
+    assert ("trainer.batch_size", 32, "per_device_train_batch_size", 32) in rows
+    sup, _ = trl_fields(distill_config("supervised_kd", 300, 0, Path("/tmp/x")))
+    assert (sup["lmbda"], sup["beta"]) == (0.0, 0.0)  # forward KL on the dataset
+    for recipe in ("skd", "seqkd"):
+        with pytest.raises(ValueError, match="TRL's GKD has no such source"):
+            trl_fields(distill_config(recipe, 300, 0, Path("/tmp/x")))
+
+
+def test_trls_gkd_loss_is_distills_divergence_at_the_mapped_beta():
+    """The mapping's premise: TRL's generalized JSD with beta 0, 1 and 0.5 is distill's fkl, rkl and gjsd."""
+    trl_gkd = pytest.importorskip("trl.experimental.gkd")
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 40, generator=g, dtype=torch.float64), torch.randn(3, 5, 40, generator=g,
+                                                                              dtype=torch.float64)
+    labels = torch.ones(3, 5, dtype=torch.long)
+    for kind, beta in (("fkl", 0.0), ("rkl", 1.0), ("gjsd", 0.5)):
+        theirs = trl_gkd.GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta)
+        ours = distill.losses.divergence(s.reshape(15, 40), t.reshape(15, 40), kind=kind, beta=beta, backend="torch")
+        assert float(theirs) == pytest.approx(float(ours), rel=1e-10), kind
+
+
+def test_distill_bench_runs_the_checkouts_suite():
+    out = subprocess.run([sys.executable, "-m", "distill", "bench", "--help"], capture_output=True, text=True,
+                         cwd="/")
+    assert out.returncode == 0 and "ci,full,gpu" in out.stdout
