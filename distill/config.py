@@ -151,6 +151,9 @@ class TrainerConfig:
     max_new_tokens: int = 64
     eval_batch_size: int = 100
     progress: bool = True
+    # Each micro-batch is computed in up to this many groups of similar length, each padded to its
+    # own longest (distill.data.length_buckets): the same loss and gradients, less padding. 1: off.
+    length_buckets: int = 4
 
 
 SOURCES = ("dataset", "teacher", "student", "skd")  # sources of training sequences (distill.sources)
@@ -301,7 +304,7 @@ def validate(cfg: DistillConfig) -> None:
     if t.precision not in PRECISIONS:
         raise DistillError(f"trainer.precision must be one of {PRECISIONS}; got {t.precision!r}")
     for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_checkpoints",
-                 "max_new_tokens", "eval_batch_size"):
+                 "max_new_tokens", "eval_batch_size", "length_buckets"):
         if getattr(t, name) < 1:
             raise DistillError(f"trainer.{name} must be >= 1; got {getattr(t, name)}")
     if cfg.data.overlong not in OVERLONG:

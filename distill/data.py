@@ -300,6 +300,41 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     return Batch(ids, mask, labels)
 
 
+# An extra bucket costs a forward and backward call of its own; it must remove at least this share
+# of the padded positions to pay for it.
+BUCKET_MIN_SAVING = 0.1
+
+
+def length_buckets(lengths: list[int], max_buckets: int) -> list[list[int]]:
+    """Indices of a micro-batch's sequences grouped by length, each group padded to its own longest:
+    the split into at most ``max_buckets`` groups of consecutive sorted lengths with the fewest
+    padded positions (sequences x longest, summed over groups), taking one more group only when it
+    removes at least ``BUCKET_MIN_SAVING`` of them. The loss of a step is a sum over its counted
+    tokens, so the split changes what is computed on padding and nothing else."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    # best[b][j]: fewest padded positions of the first j sorted sequences in b groups; cut[b][j]: where the last begins.
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(max_buckets + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_buckets + 1)]
+    best[0][0] = 0
+    for b in range(1, max_buckets + 1):
+        for j in range(1, n + 1):
+            for i in range(b - 1, j):
+                cost = best[b - 1][i] + (j - i) * sorted_lengths[j - 1]
+                if cost < best[b][j]:
+                    best[b][j], cut[b][j] = cost, i
+    buckets = 1
+    while buckets < min(max_buckets, n) and best[buckets + 1][n] <= (1 - BUCKET_MIN_SAVING) * best[buckets][n]:
+        buckets += 1
+    groups, j = [], n
+    for b in range(buckets, 0, -1):
+        groups.append(order[cut[b][j]:j])
+        j = cut[b][j]
+    return groups[::-1]
+
+
 class EpochSampler:
     """Shuffled passes over ``n`` items, reproducible from (seed, position) for exact resume."""
 

@@ -31,7 +31,7 @@ from distill.checkpoint import (
     set_rng_state,
 )
 from distill.config import SOURCES, DistillConfig, LossConfig, validate
-from distill.data import TrainData, builtin_records, collate, encode_all, load_split, stop_ids
+from distill.data import TrainData, builtin_records, collate, encode_all, length_buckets, load_split, stop_ids
 from distill.errors import DistillError
 from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses
 from distill.losses import count_tokens
@@ -393,8 +393,11 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
                     )
                     generation.add(stats)
                     t_start += stats.seconds  # tokens/s counts training time only
-                    micro.append(collate(pairs, pad_id))
-                    micro_hidden.append(None if hidden is None else aligned_hidden(pairs, hidden, micro[-1]))
+                    for group in length_buckets([len(p) + len(r) for p, r in pairs], tc.length_buckets):
+                        part = [pairs[i] for i in group]
+                        micro.append(collate(part, pad_id))
+                        micro_hidden.append(None if hidden is None else
+                                            aligned_hidden(part, [hidden[i] for i in group], micro[-1]))
                 # The step's denominator: counted tokens of all its micro-batches (after generation),
                 # known before any backward.
                 n_counted = sum(count_tokens(b.labels[:, 1:]) for b in micro)

@@ -17,6 +17,7 @@ from distill.data import (
     collate,
     encode,
     encode_all,
+    length_buckets,
     prompt_ids,
     read_records,
     stop_ids,
@@ -202,3 +203,17 @@ def test_bom_and_null_messages(tmp_path):
     f.write_bytes("\ufeff".encode() + b'{"prompt": "p", "completion": "c", "messages": null}\n')
     (r,) = read_records(f, DataConfig())
     assert (r.prompt, r.completion) == ("p", "c")
+
+
+def test_length_buckets_split_only_where_padding_falls():
+    """Every sequence in exactly one bucket, buckets of consecutive lengths; two length modes make
+    two buckets, similar lengths one, and max_buckets caps the count."""
+    lengths = [10, 60, 12, 58, 11, 61, 9, 59]
+    groups = length_buckets(lengths, 4)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[9, 10, 11, 12], [58, 59, 60, 61]]
+    assert length_buckets([30, 31, 32, 33], 4) == [[0, 1, 2, 3]]  # a split would save under 10%
+    assert length_buckets(lengths, 1) == [[6, 0, 4, 2, 3, 7, 1, 5]]
+    # The fewest padded positions: 3 groups of 9-12 / 40 / 75-80 pad 236 positions, 4 would pad 231 (< 10% less).
+    three = [9, 80, 12, 75, 40, 11]
+    assert [[three[i] for i in g] for g in length_buckets(three, 4)] == [[9, 11, 12], [40], [75, 80]]
