@@ -7,7 +7,8 @@ fails too. Every metric is printed with baseline, current, tolerance and verdict
 A baseline (``benchmarks/baseline/SUITE.json``) is made from several runs of the suite with
 different seeds (``python -m benchmarks baseline``): the value is the median over the runs and the
 tolerance ``SPREAD_FACTOR`` times their range (max - min), never below the metric's floor (its
-resolution: one test example of 200, float32 rounding, 2% of a same-run ratio). The range of the
+resolution, as the measuring code states it in the baseline's runs and in the run compared: a
+few test examples of 200, float32 rounding, 2% of a same-run ratio). The range of the
 runs is run-to-run spread measured on this machine: for quality metrics it is the spread over
 seeds (each seed's run is itself deterministic here), for ratios also the timing noise.
 """
@@ -54,9 +55,11 @@ def verdicts(baseline: dict, current: dict) -> list[dict]:
             rows.append({"metric": name, "baseline": b["value"], "current": None, "tolerance": b["tolerance"],
                          "verdict": "MISSING"})
             continue
+        # The floor is the metric's resolution as the measuring code states it now.
+        tolerance = max(b["tolerance"], c.get("floor", 0.0))
         change = (c["value"] - b["value"]) * (1 if b["better"] == "higher" else -1)  # > 0: an improvement
-        verdict = "WORSE" if change < -b["tolerance"] else "better" if change > b["tolerance"] else "ok"
-        rows.append({"metric": name, "baseline": b["value"], "current": c["value"], "tolerance": b["tolerance"],
+        verdict = "WORSE" if change < -tolerance else "better" if change > tolerance else "ok"
+        rows.append({"metric": name, "baseline": b["value"], "current": c["value"], "tolerance": tolerance,
                      "better": b["better"], "verdict": verdict})
     return rows
 

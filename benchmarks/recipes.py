@@ -243,11 +243,13 @@ def run(out: Path, seed: int = 0, tasks: list[str] | None = None, init_steps: di
     for task, by_variant in summary.items():
         for label, v in by_variant.items():
             at = f"{task} {label}"
-            metrics[f"{at} accuracy"] = metric(v["accuracy"]["mean"], "higher", "quality", floor=0.01)
+            # Floors: what another machine's rounding moves a training run by (one seed's run spreads
+            # by about 0.03 in accuracy over seeds: results/full/recipes.md).
+            metrics[f"{at} accuracy"] = metric(v["accuracy"]["mean"], "higher", "quality", floor=0.03)
             metrics[f"{at} divergence on own samples"] = metric(v["divergence_on_own_samples"]["mean"], "lower",
-                                                                "quality", floor=0.005)
-            metrics[f"{at} alpha"] = metric(v["alpha"]["mean"], "higher", "quality", floor=0.005)
-            metrics[f"{at} tau at gamma 4"] = metric(v["tau_gamma4"]["mean"], "higher", "quality", floor=0.02)
+                                                                "quality", floor=0.02)
+            metrics[f"{at} alpha"] = metric(v["alpha"]["mean"], "higher", "quality", floor=0.01)
+            metrics[f"{at} tau at gamma 4"] = metric(v["tau_gamma4"]["mean"], "higher", "quality", floor=0.1)
     result = {**meta, "summary": summary, "runs": runs, "metrics": metrics}
     write_json(out / f"{name}.json", result)
     (out / f"{name}.md").write_text(markdown(summary, meta))

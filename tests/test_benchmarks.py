@@ -65,6 +65,9 @@ def test_gate_fails_a_metric_worse_than_its_tolerance_in_its_own_direction():
 
     assert verdict(0.89, 1.05) == {"acc": "ok", "time": "ok", "gone": "MISSING", "extra": "new"}
     assert verdict(0.87, 1.0)["acc"] == "WORSE" and verdict(0.93, 1.0)["acc"] == "better"
+    # The measuring code's floor (its resolution now) widens a baseline's narrower tolerance.
+    floored = verdicts(baseline, {"metrics": {"acc": metric(0.87, "higher", "quality", floor=0.05)}})
+    assert floored[0]["verdict"] == "ok" and floored[0]["tolerance"] == 0.05
     assert verdict(0.9, 1.11)["time"] == "WORSE" and verdict(0.9, 0.85)["time"] == "better"
     rows = verdicts(baseline, {"metrics": {"acc": metric(0.9, "higher", "quality"),
                                            "time": metric(1.0, "lower", "ratio")}})
