@@ -92,10 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("options", nargs="*", help="MEMBER.OPTION=VALUE")
     args = ap.parse_intermixed_args(argv)
     out = args.out or ROOT / "results" / args.suite
-    if args.suite != "gpu":
-        import torch
-
-        torch.set_num_threads(2)  # the CPU suites' ratios are measured, and gated, at CI's two threads
     run_suite(args.suite, out, seed=args.seed, only=args.only, options=_options(args.options))
     print(f"results in {out}")
     return 0

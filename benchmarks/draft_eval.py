@@ -25,11 +25,11 @@ from distill.draft_eval import DraftEvalConfig, evaluate_draft, plot
 from distill.export import export_draft
 
 
-def train_default(run: Path) -> Path:
+def train_default(run: Path, seed: int = 0) -> Path:
     """The distilled student of the default recipe (trained here unless ``run`` has it)."""
     model = run / "model"
     if not (model / "config.json").is_file():
-        cmd = [sys.executable, "-m", "distill.cli", f"output_dir={run}"]
+        cmd = [sys.executable, "-m", "distill.cli", f"output_dir={run}", f"trainer.seed={seed}"]
         print("training:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     return model
@@ -71,7 +71,7 @@ def run(out: Path, seed: int = 0, run_dir: str | None = None, repeats: int = 5) 
     with tempfile.TemporaryDirectory() as scratch:
         run = Path(run_dir) if run_dir else Path(scratch) / "run"
         students = {"before": (ASSETS / "student", "the shipped student (before distillation)"),
-                    "distilled": (train_default(run), "the shipped student distilled by the default recipe")}
+                    "distilled": (train_default(run, seed), "the shipped student distilled by the default recipe")}
         results = {}
         for key, (student, name) in students.items():
             draft = export_draft(student, teacher, Path(scratch) / f"draft_{key}").out_dir

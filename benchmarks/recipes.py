@@ -108,6 +108,7 @@ def run_one(task: str, variant: tuple[str, str, list[str]], seed: int, init: Pat
     forwards = [r["teacher_forwards_per_token"] for r in rows if "teacher_forwards_per_token" in r]
     return {
         "task": task, "recipe": label, "seed": seed, "objective": result.objective, "overrides": extra,
+        "commit": environment()["git_commit"],
         "wall_seconds": wall, "generation_seconds": sum(r.get("gen_seconds", 0.0) for r in rows),
         "training_seconds": sum(r.get("train_seconds", 0.0) for r in rows),
         "accuracy": result.test["student after"]["accuracy"],
@@ -225,9 +226,13 @@ def run(out: Path, seed: int = 0, tasks: list[str] | None = None, init_steps: di
         runs_path = work_dir / f"runs-{task}-{difficulty}-{init_steps[task]}-{steps}.jsonl"
         done = {(r["recipe"], r["seed"], tuple(r["overrides"])): r
                 for r in map(json.loads, runs_path.read_text().splitlines())} if runs_path.is_file() else {}
+        commit = environment()["git_commit"]
         for variant in parsed:
             for s in seeds:
                 key = (variant[0], s, tuple(variant[2]))
+                if key in done and done[key].get("commit") != commit:
+                    print(f"warning: {task} {variant[0]} seed {s} is reused from {runs_path}, measured at commit "
+                          f"{done[key].get('commit')} (now {commit}); delete the file to measure it again", flush=True)
                 if key not in done:  # finished runs are kept: an interrupted study goes on
                     done[key] = run_one(task, variant, s, init, opts)
                     with runs_path.open("a") as f:

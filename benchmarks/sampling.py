@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 import distill.sources.sampling as sampling  # through the module: tests plant a broken sampler here
 from benchmarks.environment import environment
-from benchmarks.metrics import metric, write_json
+from benchmarks.metrics import metric, synchronize, write_json
 from distill.config import ASSETS, DataConfig, ModelConfig, SamplingConfig
 from distill.data import builtin_records, left_pad, prompt_ids, stop_ids
 from distill.models import load_model, load_tokenizer
@@ -114,8 +114,10 @@ def speed(model, tok, ids: torch.Tensor, mask: torch.Tensor, new: int, repeats: 
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):  # interleaved: drift on the machine hits all alike
         for name, fn in fns.items():
+            synchronize(ids.device)
             t0 = time.perf_counter()
             fn()
+            synchronize(ids.device)
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"same_tokens": same, "seconds": med,

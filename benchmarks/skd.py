@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.environment import environment
-from benchmarks.metrics import metric, write_json
+from benchmarks.metrics import metric, synchronize, write_json
 from distill.config import ASSETS, DataConfig, ModelConfig
 from distill.data import builtin_records, left_pad, prompt_ids
 from distill.models import load_model, load_tokenizer
@@ -48,8 +48,10 @@ def run(out: Path, seed: int = 0, prompts: int = 32, new: int = 48, k: int = 25,
     stats: dict[int, list] = {g: [] for g in gammas}
     for rep in range(repeats + 1):  # interleaved; the first round warms up
         for gamma in gammas:
+            synchronize(dev)
             t0 = time.perf_counter()
             s = generate(gamma, rep)
+            synchronize(dev)
             if rep:
                 times[gamma].append(time.perf_counter() - t0)
                 stats[gamma].append(s)

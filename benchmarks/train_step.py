@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.environment import environment
-from benchmarks.metrics import metric, write_json
+from benchmarks.metrics import metric, synchronize, write_json
 from distill.config import ASSETS, DataConfig, LossConfig, ModelConfig, TrainerConfig
 from distill.data import TrainData, collate, length_buckets
 from distill.losses import KINDS, count_tokens
@@ -29,6 +29,7 @@ def one_step(student, teacher, batches: list, kind: str, fused: bool, optimizer,
     """Seconds of the trainer's own loss, backward and AdamW step over a micro-batch (``batches``:
     the whole, or its length buckets)."""
     n = sum(count_tokens(b.labels[:, 1:]) for b in batches)
+    synchronize(batches[0].input_ids.device)
     t0 = time.perf_counter()
     for batch in batches:
         loss = batch_loss(LossConfig(kind=kind), student, teacher if kind != "ce" else None, batch, bf16=False,
@@ -36,6 +37,7 @@ def one_step(student, teacher, batches: list, kind: str, fused: bool, optimizer,
         (loss / n).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    synchronize(batches[0].input_ids.device)
     return time.perf_counter() - t0
 
 

@@ -51,7 +51,7 @@ def distill_config(recipe: str, steps: int, seed: int, out: Path):
     return recipe_config(recipe, [
         f"trainer.steps={steps}", f"trainer.warmup_steps={max(1, steps // 10)}", f"trainer.seed={seed}",
         "trainer.eval_every=1000000", f"trainer.save_every={steps}", "trainer.progress=false", "final_eval=false",
-        "data.num_validation=0", f"output_dir={out}",
+        "trainer.device=cpu", "data.num_validation=0", f"output_dir={out}",
     ])
 
 
@@ -65,6 +65,18 @@ def trl_fields(cfg) -> tuple[dict, list[tuple[str, object, str, object]]]:
     if any(getattr(w, n).end not in (None, getattr(w, n).start) and getattr(w, n).kind != "constant"
            for n in ("dataset", "student")):
         raise ValueError("sources.weights: TRL's lambda is a constant")
+    if cfg.student.lora.enabled:
+        raise ValueError("student.lora: the comparison trains every weight in both tools")
+    if {cfg.student.dtype, cfg.teacher.dtype} != {"float32"}:
+        raise ValueError("student.dtype and teacher.dtype: the comparison runs both models in float32")
+    if cfg.data.stream or cfg.data.train is not None:
+        raise ValueError("data: the comparison gives both tools the built-in fixed training set")
+    if tc.weight_decay:
+        raise ValueError("trainer.weight_decay: transformers exempts biases and norms from decay, distill does not")
+    if tc.grad_accum != 1:
+        raise ValueError("trainer.grad_accum: TRL draws lambda per micro-batch, distill per step")
+    if tc.device != "cpu":
+        raise ValueError("trainer.device: the comparison runs both on the CPU")
     lmbda = w.student.start / (w.student.start + w.dataset.start)
     beta = {"fkl": 0.0, "rkl": 1.0, "gjsd": loss.beta}.get(loss.kind)
     if beta is None:
@@ -94,6 +106,7 @@ def trl_fields(cfg) -> tuple[dict, list[tuple[str, object, str, object]]]:
         ("trainer.seed", tc.seed, "seed", tc.seed),
         ("data.max_length", cfg.data.max_length, "max_length", cfg.data.max_length),
         ("trainer.precision", tc.precision, "bf16, fp16", [False, False]),
+        ("trainer.device", tc.device, "use_cpu", True),
         ("(no gradient checkpointing)", False, "gradient_checkpointing", False),
     ]
     if tc.precision != "fp32":
@@ -289,7 +302,8 @@ def run(out: Path, seed: int = 0, steps: int = 300, seeds: list[int] | None = No
         summary[recipe] = row
         metrics[f"{recipe} distill over trl loop time"] = metric(row["loop_ratio"], "lower", "ratio")
         metrics[f"{recipe} distill over trl peak memory"] = metric(row["memory_ratio"], "lower", "memory")
-    result = {"environment": environment(), "trl": trl.__version__, "steps": steps, "seeds": seeds,
+    batch = distill_config(recipes[0], steps, seeds[0], Path(tempfile.gettempdir())).trainer.batch_size
+    result = {"environment": environment(), "trl": trl.__version__, "steps": steps, "seeds": seeds, "batch": batch,
               "mapping": {r: [list(m) for m in rows] for r, rows in mappings.items()}, "trl_cannot": TRL_CANNOT,
               "summary": summary, "runs": runs, "metrics": metrics}
     write_json(out / "trl_gkd.json", result)
@@ -301,10 +315,11 @@ def markdown(result: dict) -> str:
     seeds = result["seeds"]
     lines = [f"The shipped student distilled from the shipped teacher by distill and by TRL {result['trl']}'s "
              f"GKDTrainer: the same recipe, data, {result['steps']} optimizer steps of batch "
-             f"{result['mapping'][next(iter(result['mapping']))][5][1]}, fp32 on the CPU (2 threads), seeds {seeds}; "
+             f"{result['batch']}, fp32 on the CPU (2 threads), seeds {seeds}; "
              "each run a fresh process; means over seeds, ratios are medians of per-seed ratios. Loop: the training "
-             "steps (with generation); process: loading, training and saving. Accuracy: test split (200), greedy, "
-             "scored by the same code for both.", "",
+             "steps (with generation); process: loading, training and saving; peak RSS: the whole process, libraries "
+             "included (TRL's imports more). Accuracy: test split (200), greedy, scored by the same code for both.",
+             "",
              "| recipe | tool | loop (s) | generation (s) | on-policy steps | process (s) | peak RSS (MB) "
              "| accuracy |", "|---|---|---|---|---|---|---|---|"]
     for recipe, row in result["summary"].items():

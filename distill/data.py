@@ -300,17 +300,18 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     return Batch(ids, mask, labels)
 
 
-# An extra bucket costs a forward and backward call of its own; it must remove at least this share
-# of the padded positions to pay for it.
+# An extra bucket costs a forward and backward call of its own; it must cut the positions computed
+# (real and padded) by at least this share to pay for it.
 BUCKET_MIN_SAVING = 0.1
 
 
 def length_buckets(lengths: list[int], max_buckets: int) -> list[list[int]]:
     """Indices of a micro-batch's sequences grouped by length, each group padded to its own longest:
     the split into at most ``max_buckets`` groups of consecutive sorted lengths with the fewest
-    padded positions (sequences x longest, summed over groups), taking one more group only when it
-    removes at least ``BUCKET_MIN_SAVING`` of them. The loss of a step is a sum over its counted
-    tokens, so the split changes what is computed on padding and nothing else."""
+    positions computed (sequences x longest, summed over groups: the real tokens plus the fewest
+    padded ones), taking one more group only when it cuts those positions by at least
+    ``BUCKET_MIN_SAVING``. The loss of a step is a sum over its counted tokens, so the split
+    changes what is computed on padding and nothing else."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     sorted_lengths = [lengths[i] for i in order]
     n = len(order)

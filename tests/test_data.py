@@ -212,8 +212,8 @@ def test_length_buckets_split_only_where_padding_falls():
     groups = length_buckets(lengths, 4)
     assert sorted(i for g in groups for i in g) == list(range(8))
     assert [sorted(lengths[i] for i in g) for g in groups] == [[9, 10, 11, 12], [58, 59, 60, 61]]
-    assert length_buckets([30, 31, 32, 33], 4) == [[0, 1, 2, 3]]  # a split would save under 10%
+    assert length_buckets([30, 31, 32, 33], 4) == [[0, 1, 2, 3]]  # a split would cut under 10% of the positions
     assert length_buckets(lengths, 1) == [[6, 0, 4, 2, 3, 7, 1, 5]]
-    # The fewest padded positions: 3 groups of 9-12 / 40 / 75-80 pad 236 positions, 4 would pad 231 (< 10% less).
+    # Positions computed: 3 groups of 9-12 / 40 / 75-80 make 236, 4 would make 231 (under 10% fewer).
     three = [9, 80, 12, 75, 40, 11]
     assert [[three[i] for i in g] for g in length_buckets(three, 4)] == [[9, 11, 12], [40], [75, 80]]
