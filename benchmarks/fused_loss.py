@@ -298,6 +298,31 @@ def markdown(result: dict, mode: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_memory(rows: list[dict], path: Path) -> None:
+    """Peak memory against N: full logits and the fused path per chunk size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, pick in [("full logits", lambda r: r["method"] == "eager")] + [
+            (f"fused, chunk {c}", lambda r, c=c: r["method"] == "distill-torch" and r["chunk"] == c)
+            for c in sorted({r["chunk"] for r in rows if r["chunk"]})]:
+        pts = sorted((r["N"], r["peak_mb"]) for r in rows if pick(r))
+        ax.plot([n for n, _ in pts], [m for _, m in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens N")
+    ax.set_ylabel("peak memory above inputs (MB)")
+    ax.set_title(f"fwd + bwd of gjsd, H = {rows[0]['H']}, V = {rows[0]['V']}, CPU", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(out: Path, seed: int = 0, mode: str = "cpu", tokens: list[int] | None = None, chunks: list[int] | None = None,
         hidden: int = 256, vocab: int = 32000, speed_tokens: int = 1024, repeats: int = 5, gpu_tokens: int = 8192,
         kinds: list[str] | None = None, dry_run: bool = False, memory: bool = True) -> dict:
@@ -336,6 +361,8 @@ def run(out: Path, seed: int = 0, mode: str = "cpu", tokens: list[int] | None = 
     result = {"environment": environment(), **result, "metrics": metrics}
     write_json(out / f"fused_loss_{tag}.json", result)
     (out / f"fused_loss_{tag}.md").write_text(markdown(result, mode))
+    if mode == "cpu" and result["rows"]:
+        plot_memory(result["rows"], out / f"fused_loss_{tag}.png")
     return result
 
 

@@ -308,7 +308,34 @@ def run(out: Path, seed: int = 0, steps: int = 300, seeds: list[int] | None = No
               "summary": summary, "runs": runs, "metrics": metrics}
     write_json(out / "trl_gkd.json", result)
     (out / "trl_gkd.md").write_text(markdown(result))
+    plot(result, out / "trl_gkd.png")
     return result
+
+
+def plot(result: dict, path: Path) -> None:
+    """Loop time of each tool per recipe, distill's split into its profile's phases."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    phases = list(dict.fromkeys(k for row in result["summary"].values() for k in row["distill_profile"]))
+    for i, row in enumerate(result["summary"].values()):
+        left = 0.0
+        for j, phase in enumerate(phases):
+            v = row["distill_profile"].get(phase, 0.0)
+            ax.barh(2 * i, v, left=left, color=f"C{j}", label=phase if i == 0 else None)
+            left += v
+        ax.barh(2 * i + 0.8, row["trl"]["loop_seconds"], color="0.6", label="TRL (whole loop)" if i == 0 else None)
+    ax.set_yticks([y for i in range(len(result["summary"])) for y in (2 * i, 2 * i + 0.8)],
+                  [f"{r}: {t}" for r in result["summary"] for t in ("distill", "TRL")])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"loop seconds ({result['steps']} steps, mean of seeds {result['seeds']})")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(result: dict) -> str:
