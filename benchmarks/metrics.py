@@ -9,9 +9,9 @@ gated: on a shared 2-core machine they say more about the neighbours than about 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from distill.checkpoint import atomic_write_text
 
 KINDS = ("quality", "ratio", "memory")
 
@@ -31,10 +31,7 @@ def metric(value: float, better: str, kind: str, floor: float | None = None) -> 
 def write_json(path: Path, obj: object) -> None:
     """``obj`` as indented JSON, written atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def peak_rss_mb() -> float:

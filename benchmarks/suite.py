@@ -15,6 +15,7 @@ look, PNG; the suite writes ``suite.json`` (every member's gated metrics and tim
 from __future__ import annotations
 
 import importlib
+import json
 import time
 from pathlib import Path
 
@@ -70,8 +71,6 @@ def run_suite(suite: str, out: Path, seed: int = 0, only: list[str] | None = Non
     record = {"suite": suite, "seed": seed, "environment": environment(), "members": {}, "metrics": {}}
     path = out / "suite.json"
     if only and path.is_file():  # a partial run keeps the other members' results
-        import json
-
         old = json.loads(path.read_text())
         if old.get("suite") == suite and old.get("seed") == seed:
             record["members"] = {k: v for k, v in old["members"].items() if k not in only}

@@ -315,7 +315,7 @@ def length_buckets(lengths: list[int], max_buckets: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     sorted_lengths = [lengths[i] for i in order]
     n = len(order)
-    # best[b][j]: fewest padded positions of the first j sorted sequences in b groups; cut[b][j]: where the last begins.
+    # best[b][j]: fewest positions for the first j sorted sequences in b groups; cut[b][j]: where the last begins.
     inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(max_buckets + 1)]
     cut = [[0] * (n + 1) for _ in range(max_buckets + 1)]
