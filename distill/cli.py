@@ -284,6 +284,8 @@ def _hydra_main(raw: DictConfig) -> None:
         resumed = cfg is not None and cfg.resume is not None  # the run directory is the resumed run's: kept
         _remove_failed_outputs(new, None if resumed else run_dir, hydra_dir)
         _fail(e)
+    if int(os.environ.get("RANK", "0")) != 0:  # several ranks: one reports
+        return
     split = "test" if result.test else "validation"  # user data without a test split: the validation's
     if getattr(result, split):
         console.print(summary_table(getattr(result, split), split))
@@ -346,6 +348,8 @@ def _bench(args: list[str]) -> typing.NoReturn:
 
 def main() -> None:
     """Console-script entry point."""
+    # The deepspeed launcher passes --local_rank=N (also in LOCAL_RANK, which distill reads).
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
         _bench(sys.argv[2:])
     subcommand = len(sys.argv) > 1 and sys.argv[1] in ("eval-draft", "export-draft")

@@ -236,6 +236,35 @@ class DraftConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Data parallelism on DeepSpeed ZeRO, for a run launched on several ranks (``deepspeed`` or
+    ``torchrun``; ``distill.distributed``). ``stage`` 0 replicates the student on every rank, 1
+    also shards its optimizer state, 2 its gradients, 3 its weights. One process at stage 0 runs
+    without DeepSpeed; any other stage runs on DeepSpeed also in one process."""
+
+    stage: int = 0
+    # The optimizer state and its step on the CPU (ZeRO-Offload): slower steps, far less device memory.
+    offload_optimizer: bool = False
+    # Stage 3: the student's and the teacher's partitions on the CPU between uses (ZeRO-Infinity).
+    offload_params: bool = False
+    # On several ranks the teacher is partitioned with ZeRO-3 (inference only, no optimizer state)
+    # whatever the student's stage; false replicates it on every rank (faster when it fits).
+    shard_teacher: bool = True
+
+
+@dataclass
+class PlanConfig:
+    """What ``distill plan`` plans for, and the check every run makes before loading weights."""
+
+    # Ranks (default: the launch's WORLD_SIZE, else 1) and memory per rank in GiB (default: the
+    # visible GPU's, or on the CPU the machine's memory shared by the ranks on it).
+    world_size: int | None = None
+    device_memory_gb: float | None = None
+    # Stop a run whose estimated peak does not fit, before any weights are loaded.
+    check: bool = True
+
+
+@dataclass
 class DistillConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -245,6 +274,8 @@ class DistillConfig:
     # Where each step's sequences come from (distill.sources): by default the dataset alone.
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     # A run directory to continue from its latest checkpoint; outputs then go there.
     resume: str | None = None
     # Where outputs go; defaults to Hydra's run directory.
@@ -319,6 +350,18 @@ def validate(cfg: DistillConfig) -> None:
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise DistillError(f"trainer.betas must be two values in [0, 1) (AdamW's beta1, beta2); got {list(t.betas)}")
     _validate_sources(cfg)
+    ds = cfg.deepspeed
+    if ds.stage not in (0, 1, 2, 3):
+        raise DistillError(f"deepspeed.stage must be 0, 1, 2 or 3 (ZeRO stages; 0: no sharding); got {ds.stage}")
+    if ds.offload_params and ds.stage != 3:
+        raise DistillError(f"deepspeed.offload_params offloads ZeRO-3 partitions; it needs deepspeed.stage=3, "
+                           f"got {ds.stage} (deepspeed=zero3_offload)")
+    if ds.offload_optimizer and ds.stage == 0:
+        raise DistillError("deepspeed.offload_optimizer needs a ZeRO stage (deepspeed.stage=1, 2 or 3)")
+    if cfg.plan.world_size is not None and cfg.plan.world_size < 1:
+        raise DistillError(f"plan.world_size must be >= 1; got {cfg.plan.world_size}")
+    if cfg.plan.device_memory_gb is not None and not cfg.plan.device_memory_gb > 0:
+        raise DistillError(f"plan.device_memory_gb must be > 0; got {cfg.plan.device_memory_gb}")
     if cfg.draft.enabled:
         d = cfg.draft
         if not cfg.teacher.path:
@@ -391,5 +434,5 @@ def register() -> None:
 
 __all__ = [
     "ArchConfig", "LoraConfig", "ModelConfig", "DataConfig", "LossConfig", "TrainerConfig",
-    "DistillConfig", "validate", "register", "MISSING",
+    "DeepSpeedConfig", "PlanConfig", "DistillConfig", "validate", "register", "MISSING",
 ]

@@ -336,6 +336,20 @@ def length_buckets(lengths: list[int], max_buckets: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def split_groups(groups: list[list[int]], lengths: list[int], n: int) -> list[list[int]]:
+    """``groups`` (of ``length_buckets``) split until there are ``n``: the group with the most
+    sequences is halved by length each time, which adds no padding. Sharded ranks compute in as many
+    groups as the rank with the most (their forwards and backwards are collective)."""
+    groups = [sorted(g, key=lambda i: lengths[i]) for g in groups]
+    while len(groups) < n:
+        i = max(range(len(groups)), key=lambda j: len(groups[j]))
+        g = groups[i]
+        if len(g) < 2:
+            raise ValueError(f"cannot split {sum(map(len, groups))} sequences into {n} groups")
+        groups[i: i + 1] = [g[: len(g) // 2], g[len(g) // 2:]]
+    return groups
+
+
 class EpochSampler:
     """Shuffled passes over ``n`` items, reproducible from (seed, position) for exact resume."""
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import ArchConfig, LoraConfig, ModelConfig
 from distill.errors import DistillError
-from distill.sharding import full_numel, full_shape, gathered
+from distill.sharding import full_numel, full_shape, gathered, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +111,11 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:
 
 
 def load_model(
-    cfg: ModelConfig, role: str, device: torch.device, tokenizer: Tokenizer | None = None
+    cfg: ModelConfig, role: str, device: torch.device, tokenizer: Tokenizer | None = None, seed: int | None = None
 ) -> PreTrainedModel:
-    """Load (or build) the model described by ``cfg``; a teacher is frozen and in eval mode."""
+    """Load (or build) the model described by ``cfg``; a teacher is frozen and in eval mode. LoRA
+    adapters are initialised from ``seed`` when given (the same whether or not the weights were
+    partitioned as they were read, which draws random numbers of its own)."""
     if cfg.arch is not None:
         if tokenizer is None:
             raise DistillError(f"{role}.arch needs a tokenizer")
@@ -123,12 +125,15 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=_dtype(cfg.dtype))
         except (OSError, ValueError) as e:
             raise DistillError(f"{role}.path: cannot load a causal LM from {cfg.path}: {e}") from None
-    model = model.to(device=device, dtype=_dtype(cfg.dtype))
+    if not any(is_sharded(p) for p in model.parameters()):  # ZeRO-3 placed the partitions already
+        model = model.to(device=device, dtype=_dtype(cfg.dtype))
     if role == "teacher":
         model.eval()
         model.requires_grad_(False)
         return model
     if cfg.lora.enabled:
+        if seed is not None:
+            torch.manual_seed(seed)
         model = apply_lora(model, cfg.lora)
     model.train()
     return model
@@ -305,10 +310,12 @@ def plain_model(model: PreTrainedModel) -> PreTrainedModel:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def export_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+def export_state_dict(model: PreTrainedModel, keep: bool = True) -> dict[str, torch.Tensor]:
     """The state dict of the plain transformers model on the CPU, LoRA adapters merged into their
     base weights, gathered and copied one module at a time: the model itself is neither copied nor
-    changed on its device. Tied parameters stay one tensor, so ``save_pretrained`` ties them."""
+    changed on its device. Tied parameters stay one tensor, so ``save_pretrained`` ties them.
+    Every rank of a sharded model takes part in the gathering; ranks with ``keep=False`` copy
+    nothing and get an empty dict."""
     from peft.tuners.lora import LoraLayer
 
     out: dict[str, torch.Tensor] = {}
@@ -317,7 +324,7 @@ def export_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     def cpu(p: torch.Tensor) -> torch.Tensor:
         if id(p) not in copies:
             with gathered([p]):
-                copies[id(p)] = p.detach().to("cpu", copy=True)
+                copies[id(p)] = p.detach().to("cpu", copy=True) if keep else None
         return copies[id(p)]
 
     merged_prefixes: list[str] = []
@@ -330,30 +337,35 @@ def export_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
             base = module.get_base_layer()
             with torch.no_grad(), gathered(module.parameters()):
                 weight = base.weight.detach()
-                if not module.merged:
+                if keep and not module.merged:
                     for adapter in module.active_adapters:
                         if adapter in module.lora_A or adapter in getattr(module, "lora_embedding_A", {}):
                             weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
-                out[key + "weight"] = weight.to("cpu", copy=True)
-                if getattr(base, "bias", None) is not None:
-                    out[key + "bias"] = base.bias.detach().to("cpu", copy=True)
+                if keep:
+                    out[key + "weight"] = weight.to("cpu", copy=True)
+                    if getattr(base, "bias", None) is not None:
+                        out[key + "bias"] = base.bias.detach().to("cpu", copy=True)
             continue
         for pname, p in module.named_parameters(recurse=False):
-            out[key + pname] = cpu(p)
-        for bname, b in module.named_buffers(recurse=False):
+            copy = cpu(p)
+            if keep:
+                out[key + pname] = copy
+        for bname, b in module.named_buffers(recurse=False) if keep else ():
             if bname not in module._non_persistent_buffers_set:
                 out[key + bname] = b.detach().to("cpu", copy=True)
     return out
 
 
-def save_model(model: PreTrainedModel, out_dir: str | Path, eos_token_ids: list[int] | None = None) -> None:
-    """``save_pretrained`` of the plain transformers model (LoRA merged) from ``export_state_dict``.
+def save_model(model: PreTrainedModel, out_dir: str | Path, eos_token_ids: list[int] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``save_pretrained`` of the plain transformers model (LoRA merged) from ``export_state_dict``
+    (or ``state_dict``, its result taken already: on several ranks all of them gather it).
     ``eos_token_ids`` go into its generation config (where a chat template ends turns with a token
     other than EOS, so that a plain ``generate()`` stops where the model learnt to)."""
     plain = plain_model(model)
     if eos_token_ids:
         plain.generation_config.eos_token_id = eos_token_ids[0] if len(eos_token_ids) == 1 else list(eos_token_ids)
-    plain.save_pretrained(out_dir, state_dict=export_state_dict(model))
+    plain.save_pretrained(out_dir, state_dict=export_state_dict(model) if state_dict is None else state_dict)
 
 
 def count_parameters(params: Iterable[torch.nn.Parameter]) -> int:

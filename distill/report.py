@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Protocol
 
+from distill.checkpoint import atomic_write_text
+
 
 class Run(Protocol):
     run_dir: Path
@@ -22,6 +24,7 @@ class Run(Protocol):
     validation: dict[str, dict[str, float]]
     data: dict[str, dict[str, int]]
     draft: dict
+    sharding: dict
 
 
 def columns(rows: dict[str, dict[str, float]]) -> list[str]:
@@ -46,7 +49,9 @@ def write_report(run: Run) -> None:
     }
     if run.draft:
         report["draft"] = run.draft
-    (run.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if run.sharding:
+        report["sharding"] = run.sharding
+    atomic_write_text(run.run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     parts = [f"Objective: {run.objective}; {run.steps} steps; model: `{run.model_dir}`."]
     for split in ("validation", "test"):
         rows = getattr(run, split)
@@ -64,4 +69,12 @@ def write_report(run: Run) -> None:
             f"## the student as a draft for the teacher\n\nalpha {run.draft['alpha']:.3f}, c {run.draft['c']:.3f} "
             f"(`draft/`, details in `draft_eval/`)\n\n| gamma | acceptance | tau measured | tau predicted "
             "| speedup predicted | speedup measured |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
-    (run.run_dir / "report.md").write_text("\n\n".join(parts) + "\n")
+    if run.sharding:
+        sh = run.sharding
+        rows = [f"| {i} | {r['student'] / max(sh['student_parameters'], 1):.3f} | "
+                + (f"{r['teacher'] / max(sh['teacher_parameters'], 1):.3f}" if "teacher" in r else "-")
+                + f" | {r['peak_rss_bytes'] / 2**20:,.0f} |" for i, r in enumerate(sh["ranks"])]
+        parts.append(f"## sharding\n\n{sh['world_size']} ranks, ZeRO stage {sh['stage']}, teacher "
+                     f"{'sharded' if sh['shard_teacher'] else 'replicated'}\n\n| rank | student share | teacher share "
+                     "| peak RSS (MiB) |\n|---|---|---|---|\n" + "\n".join(rows))
+    atomic_write_text(run.run_dir / "report.md", "\n\n".join(parts) + "\n")

@@ -22,16 +22,19 @@ from rich.progress import Progress
 from transformers import PreTrainedModel, set_seed
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from distill.checkpoint import (
-    atomic_write_text,
-    export_model,
-    load_latest_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from distill.checkpoint import atomic_write_text, export_model
 from distill.config import SOURCES, DistillConfig, LossConfig, validate
-from distill.data import TrainData, builtin_records, collate, encode_all, length_buckets, load_split, stop_ids
+from distill.data import (
+    TrainData,
+    builtin_records,
+    collate,
+    encode_all,
+    length_buckets,
+    load_split,
+    split_groups,
+    stop_ids,
+)
+from distill.distributed import Engine
 from distill.errors import DistillError
 from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses
 from distill.losses import count_tokens
@@ -39,12 +42,11 @@ from distill.models import (
     check_same_tokenizer,
     check_vocab_rows,
     count_parameters,
+    export_state_dict,
     load_model,
     load_tokenizer,
-    load_trainable_state,
     resolve_device,
     save_model,
-    trainable_state,
 )
 from distill.objective import batch_loss, fused_loss_problem
 from distill.progress import console, progress_display, showing
@@ -73,19 +75,23 @@ class RunResult:
     data: dict[str, dict[str, int]] = field(default_factory=dict)
     # draft.enabled: the student as a draft for the teacher (alpha, c, and tau and speedups by gamma).
     draft: dict = field(default_factory=dict)
+    # Several ranks: world size, ZeRO stage, and each rank's share of each model and peak memory.
+    sharding: dict = field(default_factory=dict)
 
 
-def _tokenizer_for(cfg: DistillConfig, run_dir: Path) -> tuple[Tokenizer, str]:
-    """The student's tokenizer; a scratch model without one gets a tokenizer trained on the task corpus."""
+def _tokenizer_for(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[Tokenizer, str]:
+    """The student's tokenizer; a scratch model without one gets a tokenizer trained on the task
+    corpus (by rank 0, which the others wait for)."""
     s = cfg.student
     if s.tokenizer or s.path:
         path = s.tokenizer or s.path
         return load_tokenizer(path, "student"), str(path)
     out = run_dir / "tokenizer"
-    if not (out / "tokenizer_config.json").exists():
+    if engine.is_main and not (out / "tokenizer_config.json").exists():
         # Train and validation prompts of the built-in tasks; the test split stays unseen.
         corpus = builtin_records(cfg.data, "train", 8000) + builtin_records(cfg.data, "validation", 400)
         train_tokenizer([t for r in corpus for t in (r.prompt, r.completion)], out, s.arch.tokenizer_vocab_size)
+    engine.barrier()
     return load_tokenizer(out, "student"), str(out)
 
 
@@ -149,14 +155,15 @@ def objective_name(loss: LossConfig) -> str:
     return f"{1 - loss.ce_weight:g} * {kd} + {loss.ce_weight:g} * ce"
 
 
-def _warnings(cfg: DistillConfig, student: PreTrainedModel, device: torch.device) -> list[str]:
-    """Settings that run but are probably not what was meant."""
+def _warnings(cfg: DistillConfig, student: PreTrainedModel, device: torch.device, deepspeed: bool = False) -> list[str]:
+    """Settings that run but are probably not what was meant (``deepspeed``: its optimizer keeps an
+    fp32 master copy of bf16 weights)."""
     tc, out = cfg.trainer, []
     if tc.warmup_steps >= tc.steps:
         out.append(f"trainer.warmup_steps={tc.warmup_steps} is not below trainer.steps={tc.steps}: the learning "
                    "rate never reaches trainer.lr")
     trained = [p for p in student.parameters() if p.requires_grad]
-    if any(p.dtype in (torch.bfloat16, torch.float16) for p in trained):
+    if not deepspeed and any(p.dtype in (torch.bfloat16, torch.float16) for p in trained):
         out.append(f"student.dtype={cfg.student.dtype}: AdamW updates the {cfg.student.dtype} weights themselves "
                    "(no fp32 master copy), and steps below their precision are lost; use student.dtype=float32 "
                    "with trainer.precision=bf16")
@@ -207,25 +214,31 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     if cfg.resume is not None:
         cfg, run_dir = _saved_config(Path(cfg.resume), cfg, steps), Path(cfg.resume)
     validate(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tc = cfg.trainer
-    device = resolve_device(tc.device)
+    engine = Engine(cfg, resolve_device(tc.device))
+    device = engine.device
+    # Every rank writes into rank 0's run directory (Hydra's time-stamped one may differ by a second).
+    run_dir = Path(engine.broadcast(str(run_dir)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console.quiet = not engine.is_main  # one rank reports
 
     # Models and tokenizers, checked before any compute.
-    tokenizer, tok_path = _tokenizer_for(cfg, run_dir)
+    tokenizer, tok_path = _tokenizer_for(cfg, run_dir, engine)
     teacher = None
     if cfg.teacher.path:
         teacher_tok = load_tokenizer(cfg.teacher.tokenizer or cfg.teacher.path, "teacher")
         check_same_tokenizer(teacher_tok, tokenizer, cfg.teacher.tokenizer or cfg.teacher.path, tok_path)
-        teacher = load_model(cfg.teacher, "teacher", device)
+        with engine.loading("teacher"):
+            teacher = load_model(cfg.teacher, "teacher", device)
         check_vocab_rows(teacher, tokenizer, f"teacher {cfg.teacher.path}")
+        teacher = engine.wrap_teacher(teacher)
     # Seed right before the student: loading a teacher may consume random numbers, and a student
     # built from scratch must get the same initial weights with or without one.
     set_seed(tc.seed)
-    student = load_model(cfg.student, "student", device, tokenizer)
+    with engine.loading("student"):
+        student = load_model(cfg.student, "student", device, tokenizer, seed=tc.seed)
     check_vocab_rows(student, tokenizer, f"student {cfg.student.path or 'from arch'}")
-    for warning in _warnings(cfg, student, device):
+    for warning in _warnings(cfg, student, device, engine.uses_deepspeed):
         console.print(f"[yellow]warning: {warning}[/yellow]")
 
     result = RunResult(run_dir, run_dir / "model", tc.steps, objective=objective_name(cfg.loss))
@@ -243,6 +256,7 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     val_records, test_records = splits["validation"], splits.get("test", [])
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    student = engine.wrap_student(student, optimizer)
     scheduler = cosine_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     bf16, vocab = tc.precision == "bf16", len(tokenizer)
     for s in range(tc.steps):  # each step must have a source to draw from
@@ -261,42 +275,42 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
 
     def measure(progress: Progress, what: str, model: PreTrainedModel, records: list, with_teacher: bool,
                 generate: bool = True) -> dict[str, float]:
-        """Losses (and, with ``generate``, generation metrics) of ``model`` on ``records``, with a progress row."""
+        """Losses (and, with ``generate``, generation metrics) of ``model`` on ``records``, with a
+        progress row. Every rank measures all the records (in step: sharded forwards are collective)."""
         passes = 1 + (generate and needs_generation(records, cfg.data.metric))
         with showing(progress, what, passes * batch_count(records, tc.eval_batch_size)) as advance:
             row = reference_losses(model, teacher if with_teacher else None, tokenizer, records, cfg.loss,
                                    fused=fused, on_batch=advance, **eval_args)
             if generate:
-                row.update(evaluate(model, tokenizer, records, on_batch=advance, **gen_args))
+                with engine.generation(model):
+                    row.update(evaluate(model, tokenizer, records, on_batch=advance, **gen_args))
         return row
 
     stops = stop_ids(tokenizer)  # where a response ends: sampling, the export's generation config
     step, tokens_seen = 0, 0
-    resumed = load_latest_checkpoint(run_dir) if cfg.resume is not None else None
     metrics = None
     try:
-        with progress_display(tc.progress) as progress:
-            if resumed is not None:
-                weights, state = resumed
+        with progress_display(tc.progress and engine.is_main) as progress:
+            state = engine.load_checkpoint(run_dir, student) if cfg.resume is not None else None
+            if state is not None:
                 step = state["step"]
                 if step >= tc.steps and (run_dir / "report.json").exists():
                     raise DistillError(f"resume: {run_dir} finished at step {step} (trainer.steps={tc.steps}); "
                                        f"to train further, raise it: distill resume={run_dir} trainer.steps=N")
-                load_trainable_state(student, weights, f"resume {run_dir}")
-                optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
                 if tc.steps > scheduler.lr_lambdas[0].total:  # extended: the rate goes on from where it stands
                     scheduler.lr_lambdas[0].extend(tc.steps, step)
-                    _save_config(run_dir, cfg)  # a later resume continues the extended run
+                    if engine.is_main:
+                        _save_config(run_dir, cfg)  # a later resume continues the extended run
                 data.load_state_dict(state["data"])
-                set_rng_state(state["rng"])
                 tokens_seen, result.test = state["tokens_seen"], state["test"]
                 result.validation = state.get("validation", {})
                 console.print(f"resuming {run_dir} from step {step} of {tc.steps}")
             else:
                 if cfg.resume is not None:
                     console.print(f"no checkpoint in {run_dir}: starting from step 0")
-                _save_config(run_dir, cfg)
+                if engine.is_main:
+                    _save_config(run_dir, cfg)
                 # The "before" point: the teacher's own cross-entropy and the student before training.
                 if val_records:
                     if teacher is not None:
@@ -314,42 +328,75 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
                 f"student: {count_parameters(params):,} trainable of {count_parameters(student.parameters()):,} "
                 "parameters" + (f"; teacher: {count_parameters(teacher.parameters()):,}" if teacher is not None else "")
                 + f"; {len(data.examples) or 'streamed'} training examples; objective {result.objective}; "
-                f"device {device}"
+                f"device {device}" + (f"; {engine.world} ranks, ZeRO stage {engine.stage}" if engine.uses_deepspeed
+                                      else "")
             )
-            metrics = MetricsLog(run_dir, resume_step=step if cfg.resume is not None else None)
-            if resumed is None and result.validation:
-                before = dict(result.validation["student before"])
-                if "teacher" in result.validation:
-                    before["teacher_ce"] = result.validation["teacher"]["ce"]
-                metrics.log("validation", 0, before)
-            _loop(cfg, run_dir, progress, student, teacher, data, optimizer, scheduler,
+            if engine.is_main:
+                metrics = MetricsLog(run_dir, resume_step=step if cfg.resume is not None else None)
+                if state is None and result.validation:
+                    before = dict(result.validation["student before"])
+                    if "teacher" in result.validation:
+                        before["teacher_ce"] = result.validation["teacher"]["ce"]
+                    metrics.log("validation", 0, before)
+            _loop(cfg, run_dir, progress, engine, student, teacher, data, scheduler,
                   metrics, result, params, step, tokens_seen, bf16=bf16, vocab=vocab, fused=fused, device=device,
                   stops=stops,
                   validate_now=lambda: measure(progress, "validation", student, val_records, with_teacher=True)
                   if val_records else None)
-            metrics.close()  # flushed for the plot
-            export_model(result.model_dir, lambda d: (save_model(student, d, stops if len(stops) > 1 else None),
-                                                      tokenizer.save_pretrained(d)))
-            plot_curves(metrics.path, run_dir / "curves.png")
+            if metrics is not None:
+                metrics.close()  # flushed for the plot
+            _export(engine, student, result.model_dir, tokenizer, stops)
+            if engine.is_main:
+                plot_curves(metrics.path, run_dir / "curves.png")
             if test_records:
                 result.test["student after"] = measure(progress, "test: student", student, test_records,
                                                        with_teacher=True)
-            if cfg.draft.enabled:
+            if engine.uses_deepspeed:
+                result.sharding = _sharding_report(engine, student, teacher)
+            if cfg.draft.enabled and engine.is_main:  # one process measures the exported draft
                 result.draft = _draft_report(cfg, result, device)
     finally:
         if metrics is not None:
             metrics.close()
-    write_report(result)
+    if engine.is_main:
+        write_report(result)
+    engine.barrier()
     return result
 
 
-def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTrainedModel,
-          teacher: PreTrainedModel | None, data: TrainData, optimizer, scheduler, metrics: MetricsLog,
+def _export(engine: Engine, student: PreTrainedModel, out: Path, tokenizer: Tokenizer, stops: list[int]) -> None:
+    """The student in Hugging Face format at ``out`` (written atomically by rank 0): LoRA merged,
+    gathered one module at a time from every rank where it is sharded."""
+    state = export_state_dict(student, keep=engine.is_main)  # collective under ZeRO-3
+    if engine.is_main:
+        export_model(out, lambda d: (save_model(student, d, stops if len(stops) > 1 else None, state_dict=state),
+                                     tokenizer.save_pretrained(d)))
+    engine.barrier()
+
+
+def _sharding_report(engine: Engine, student: PreTrainedModel, teacher: PreTrainedModel | None) -> dict:
+    """Ranks, stage, and the parameter elements each rank holds of each model and its peak memory."""
+    from distill.plan import peak_rss_bytes
+
+    mine = {"student": engine.held_parameters(student), "peak_rss_bytes": peak_rss_bytes()}
+    if teacher is not None:
+        mine["teacher"] = engine.held_parameters(teacher)
+    if device_peak := (torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None):
+        mine["peak_device_bytes"] = device_peak
+    return {"world_size": engine.world, "stage": engine.stage, "shard_teacher": engine.shard_teacher,
+            "student_parameters": count_parameters(student.parameters()),
+            "teacher_parameters": count_parameters(teacher.parameters()) if teacher is not None else 0,
+            "ranks": engine.all_gather(mine)}
+
+
+def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, engine: Engine, student: PreTrainedModel,
+          teacher: PreTrainedModel | None, data: TrainData, scheduler, metrics: MetricsLog | None,
           result: RunResult, params: list, step: int, tokens_seen: int, *, bf16: bool, vocab: int, fused: bool,
           device: torch.device, stops: list[int], validate_now: Callable[[], dict[str, float] | None]) -> None:
     """The optimizer steps from ``step`` to ``trainer.steps``, with logging, validation and checkpoints.
     Each step draws its source (``sources.weights``); ``teacher`` generates for the teacher and SKD
-    sources and is the loss's teacher unless the loss is SFT's cross-entropy."""
+    sources and is the loss's teacher unless the loss is SFT's cross-entropy. On several ranks each
+    computes its share of every micro-batch (``engine``); all of them log and save through rank 0."""
     tc = cfg.trainer
     loss_teacher = teacher if cfg.loss.kind != "ce" else None
     pad_id = data.tokenizer.pad_token_id
@@ -363,14 +410,16 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
     def checkpoint() -> None:
         nonlocal last_saved
         state = {
-            "step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "data": data.state_dict(), "rng": rng_state(), "test": result.test,
-            "validation": result.validation,
+            "step": step, "tokens_seen": tokens_seen, "scheduler": scheduler.state_dict(), "data": data.state_dict(),
+            "test": result.test, "validation": result.validation,
         }
-        save_checkpoint(run_dir, step, trainable_state(student), state, tc.keep_checkpoints)
+        engine.save_checkpoint(run_dir, step, student, state, tc.keep_checkpoints)
         last_saved = step
         if teacher_cache is not None:
-            teacher_cache.save()
+            for entries in engine.all_gather(teacher_cache.entries)[1:]:  # every rank's responses, one file
+                teacher_cache.merge(entries)
+            if engine.is_main:
+                teacher_cache.save()
 
     student.train()
     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
@@ -384,48 +433,58 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
                 drawn[source] = drawn.get(source, 0) + 1
                 skd_k = round(value_at(cfg.sources.skd.k, step, tc.steps))
                 micro, micro_hidden = [], []
+                generating = {"student": (student,), "teacher": (teacher,), "skd": (student, teacher)}.get(source, ())
                 for m in range(tc.grad_accum):
-                    pairs, stats, hidden = source_pairs(
-                        source, data.next_pairs(tc.batch_size), cfg.sources, student=student, teacher=teacher,
-                        skd_k=skd_k, pad_id=pad_id, stops=stops, max_length=cfg.data.max_length, vocab=vocab,
-                        seed=step_seed(tc.seed, step, m), teacher_cache=teacher_cache,
-                        keep_teacher_hidden=loss_teacher is not None and fused,  # plain LM heads only
-                    )
+                    # Each rank generates for its share of the prompts, with its own seed.
+                    with engine.generation(*generating):
+                        pairs, stats, hidden = source_pairs(
+                            source, engine.shard(data.next_pairs(tc.batch_size)), cfg.sources, student=student,
+                            teacher=teacher, skd_k=skd_k, pad_id=pad_id, stops=stops, max_length=cfg.data.max_length,
+                            vocab=vocab, seed=step_seed(tc.seed, step, m * engine.world + engine.rank),
+                            teacher_cache=teacher_cache,
+                            keep_teacher_hidden=loss_teacher is not None and fused,  # plain LM heads only
+                        )
                     generation.add(stats)
                     t_start += stats.seconds  # tokens/s counts training time only
-                    for group in length_buckets([len(p) + len(r) for p, r in pairs], tc.length_buckets):
+                    lengths = [len(p) + len(r) for p, r in pairs]
+                    groups = length_buckets(lengths, tc.length_buckets)
+                    # Sharded forwards and backwards are collective: every rank runs as many.
+                    groups = split_groups(groups, lengths, engine.all_max(len(groups)))
+                    for group in groups:
                         part = [pairs[i] for i in group]
                         micro.append(collate(part, pad_id))
                         micro_hidden.append(None if hidden is None else
                                             aligned_hidden(part, [hidden[i] for i in group], micro[-1]))
-                # The step's denominator: counted tokens of all its micro-batches (after generation),
-                # known before any backward.
-                n_counted = sum(count_tokens(b.labels[:, 1:]) for b in micro)
+                # The step's denominator: counted tokens of all its micro-batches on every rank (after
+                # generation), known before any backward. DeepSpeed averages gradients over the ranks,
+                # so each rank's sum is scaled by world / count.
+                n_counted = engine.all_sum(sum(count_tokens(b.labels[:, 1:]) for b in micro))
+                scale = engine.world / max(n_counted, 1)
                 loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
-                for b, h_t in zip(micro, micro_hidden, strict=True):
+                for i, (b, h_t) in enumerate(zip(micro, micro_hidden, strict=True)):
+                    engine.start_forward()
                     loss = batch_loss(cfg.loss, student, loss_teacher, b.to(device), bf16=bf16, vocab=vocab,
                                       fused=fused, teacher_hidden=h_t).loss
-                    (loss / max(n_counted, 1)).backward()
+                    engine.backward(loss * scale, last=i == len(micro) - 1)
                     loss_sum += loss.detach()
                     tokens_window += b.num_tokens
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-                optimizer.step()
+                grad_norm = engine.step(params, tc.max_grad_norm)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens_seen += n_counted
-                loss_window.append(loss_sum / max(n_counted, 1))
+                loss_window.append(engine.all_sum(loss_sum) / max(n_counted, 1))
 
                 if step % tc.log_every == 0 or step == tc.steps:
                     elapsed = time.perf_counter() - t_start
-                    tps = tokens_window / max(elapsed, 1e-9)
+                    tps = engine.all_sum(tokens_window) / max(elapsed, 1e-9)
                     mean_loss = float(torch.stack(loss_window).mean())
                     window_steps, gen = sum(drawn.values()), generation.metrics()
-                    metrics.log("train", step, {
-                        "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                        "response_tokens": tokens_seen, "tokens_per_s": tps, "train_seconds": elapsed,
-                        **{f"source_{n}": drawn.get(n, 0) / window_steps for n in SOURCES}, **gen,
-                    })
+                    if metrics is not None:
+                        metrics.log("train", step, {
+                            "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                            "response_tokens": tokens_seen, "tokens_per_s": tps, "train_seconds": elapsed,
+                            **{f"source_{n}": drawn.get(n, 0) / window_steps for n in SOURCES}, **gen,
+                        })
                     note = ""
                     if gen:  # the sources of the interval, how fast they generated
                         note = f"{'+'.join(sorted(drawn))}: gen {gen['gen_tokens_per_s']:,.0f} tok/s"
@@ -439,7 +498,8 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, student: PreTra
                     paused = time.perf_counter()
                     val = validate_now()
                     if val is not None:
-                        metrics.log("validation", step, val)
+                        if metrics is not None:
+                            metrics.log("validation", step, val)
                         result.validation["student after"] = val
                         progress.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
                     t_start += time.perf_counter() - paused  # tokens/s counts training time only

@@ -123,6 +123,13 @@ class TeacherCache:
             self.entries[k] = list(r)
         self.dirty = True
 
+    def merge(self, entries: dict[str, list[int]]) -> None:
+        """Add another cache's entries (another rank's responses of this run)."""
+        new = {k: v for k, v in entries.items() if k not in self.entries}
+        if new:
+            self.entries.update(new)
+            self.dirty = True
+
     def save(self) -> None:
         if not self.dirty:
             return

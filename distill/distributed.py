@@ -1,0 +1,327 @@
+"""Data parallelism on DeepSpeed ZeRO: the one module of distill that calls DeepSpeed.
+
+The training loop (``distill.train``) is the same in one process and on many ranks; what differs
+goes through an ``Engine``:
+
+- every rank computes its share of each micro-batch (``shard``) and the token counts of a step are
+  summed over the ranks before any backward, so the step's loss is the mean over every counted
+  token of every rank whatever the world size (DeepSpeed averages gradients over ranks: each rank
+  scales its sum by ``world / count``);
+- ``backward`` and ``step`` are plain PyTorch in one process and DeepSpeed's engine otherwise, with
+  the ZeRO stage of ``deepspeed.*`` and clipping, bf16 and accumulation from the recipe's fields;
+- ``loading`` partitions a model's weights as they are read (ZeRO-3): no rank holds a whole model;
+- ``generation`` gathers a sharded model once for a generation round and takes its ZeRO hooks off,
+  so token-by-token sampling runs without communication and ranks need not finish together;
+- checkpoints are DeepSpeed's per-rank files inside the run's atomic checkpoint directory.
+
+Launch with ``deepspeed --num_gpus N -m distill ...`` or ``torchrun --nproc-per-node N -m distill
+...``: both set RANK, WORLD_SIZE and LOCAL_RANK, which is all this module reads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distill.checkpoint import (
+    atomic_dir,
+    list_checkpoints,
+    load_latest_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from distill.config import DistillConfig
+from distill.errors import DistillError
+from distill.models import load_trainable_state, trainable_state
+from distill.sharding import is_sharded
+
+DEEPSPEED_TAG = "deepspeed"  # the folder of DeepSpeed's files inside a checkpoint
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as ``deepspeed`` and ``torchrun`` set them; (0, 1, 0) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(
+        os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Ranks on this machine (torchrun: LOCAL_WORLD_SIZE, deepspeed: LOCAL_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1"))
+
+
+def _dtype_flags(dtype: str) -> dict[str, Any]:
+    return {"bf16": {"enabled": dtype == "bfloat16"}, "fp16": {"enabled": dtype == "float16"}}
+
+
+class Engine:
+    """How a run's student and teacher are placed, stepped and saved (see the module docstring)."""
+
+    def __init__(self, cfg: DistillConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.rank, self.world, self.local_rank = launch_env()
+        self.stage = cfg.deepspeed.stage
+        self.uses_deepspeed = self.world > 1 or self.stage > 0
+        self.shard_teacher = self.uses_deepspeed and (self.stage == 3 or (cfg.deepspeed.shard_teacher
+                                                                          and self.world > 1))
+        self.device = device
+        if device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        if self.uses_deepspeed:
+            if device.type == "cpu":
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+                # The machine's cores shared by its ranks, not each rank taking all of them.
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
+            import deepspeed
+
+            if not dist.is_initialized():
+                deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl",
+                                           verbose=False)
+        tc = cfg.trainer
+        if tc.batch_size % self.world:
+            raise DistillError(f"trainer.batch_size={tc.batch_size} must be a multiple of the {self.world} ranks "
+                               "(each computes an equal share of every micro-batch)")
+        self.student_engine = None  # DeepSpeed's engine around the student
+        self._offload: dict[int, Any] = {}  # id(model) -> its ZeRO-3 parameter offload (hooks)
+        self._zero3_config: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # --- collectives (no-ops in one process) --------------------------------------------------
+
+    def all_sum(self, value: float | int | torch.Tensor) -> float | int | torch.Tensor:
+        """``value`` summed over the ranks."""
+        if self.world == 1:
+            return value
+        t = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t if torch.is_tensor(value) else type(value)(t.item())
+
+    def all_max(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        t = torch.tensor(value)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def shard(self, items: list) -> list:
+        """This rank's share of a micro-batch: every ``world``-th item from its rank."""
+        return items[self.rank:: self.world]
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def _ds_config(self, dtype: str, stage: int, *, train: bool) -> dict[str, Any]:
+        ds, tc = self.cfg.deepspeed, self.cfg.trainer
+        zero: dict[str, Any] = {"stage": stage}
+        if stage == 3 and ds.offload_params:
+            zero["offload_param"] = {"device": "cpu"}
+        if train and ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        micro = tc.batch_size // self.world
+        return {
+            "train_micro_batch_size_per_gpu": micro,
+            # distill accumulates itself (its micro-batches and length groups), marking the boundary.
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": micro * self.world,
+            "gradient_clipping": tc.max_grad_norm if train else 0.0,
+            "zero_optimization": zero,
+            **_dtype_flags(dtype),
+            "zero_allow_untested_optimizer": True,  # torch's AdamW, the optimizer of the plain path
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 1 << 62,
+        }
+
+    @contextmanager
+    def loading(self, role: str) -> Iterator[None]:
+        """Within the block, ``from_pretrained`` partitions the ``role`` model's weights across the
+        ranks as it reads them (ZeRO-3 for this role), instead of each rank loading all of them."""
+        zero3 = self.stage == 3 if role == "student" else self.shard_teacher
+        if not zero3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        dtype = getattr(self.cfg, role).dtype
+        # transformers reads ZeRO-3 from this object while it lives (a weak reference).
+        self._zero3_config = HfDeepSpeedConfig(self._ds_config(dtype, 3, train=role == "student"))
+        try:
+            yield
+        finally:
+            self._zero3_config = None
+
+    def wrap_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        """The teacher as an inference-only ZeRO-3 engine (no optimizer state) when it is sharded."""
+        if not self.shard_teacher:
+            return teacher
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=teacher, config=self._ds_config(self.cfg.teacher.dtype, 3,
+                                                                                   train=False))
+        self._offload[id(engine.module)] = engine.optimizer  # DeepSpeedZeRoOffload: the hooks
+        engine.module.eval()
+        return engine.module
+
+    def wrap_student(self, student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+        """The student under DeepSpeed's engine with ``optimizer`` (its AdamW) at the chosen stage."""
+        if not self.uses_deepspeed:
+            self.optimizer = optimizer
+            return student
+        import deepspeed
+
+        params = [p for p in student.parameters() if p.requires_grad]
+        engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, model_parameters=params,
+                                          config=self._ds_config(self.cfg.student.dtype, self.stage, train=True))
+        self.student_engine, self.optimizer = engine, optimizer
+        if self.stage == 3:
+            self._offload[id(engine.module)] = engine.optimizer.parameter_offload
+        return engine.module
+
+    def start_forward(self) -> None:
+        """Call before each training forward of the student. distill calls the student's modules,
+        not DeepSpeed's ``engine(...)``, whose forward tells ZeRO-3 that a new micro-batch begins:
+        without it ZeRO-3 keeps only the last micro-batch's gradients of a step."""
+        if self.student_engine is not None and hasattr(self.student_engine.optimizer, "clear_backward_seen_flag"):
+            self.student_engine.optimizer.clear_backward_seen_flag()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Gradients of ``loss`` added to the step's; ``last``: the step's final backward."""
+        if self.student_engine is None:
+            loss.backward()
+            return
+        self.student_engine.set_gradient_accumulation_boundary(last)
+        self.student_engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, params: list[torch.nn.Parameter], max_grad_norm: float) -> float:
+        """Clip, take the optimizer step and zero the gradients; the gradient norm before clipping."""
+        if self.student_engine is None:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
+        self.student_engine.step()
+        norm = self.student_engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    @contextmanager
+    def generation(self, *models: torch.nn.Module | None) -> Iterator[None]:
+        """Within the block every sharded model of ``models`` is whole on each rank, without its ZeRO
+        hooks: one gather for the round, then decoding without communication (each rank samples its
+        own prompts, for as many tokens as they need). Entered and left by every rank together."""
+        sharded = [m for m in dict.fromkeys(m for m in models if m is not None)
+                   if any(is_sharded(p) for p in m.parameters())]
+        if not sharded:
+            yield
+            return
+        import deepspeed
+
+        with ExitStack() as stack:
+            for m in sharded:
+                stack.enter_context(deepspeed.zero.GatheredParameters(list(m.parameters())))
+            offloads = [self._offload[id(m)] for m in sharded]
+            for offload in offloads:
+                for p in offload.module.parameters():
+                    p.ds_active_sub_modules.clear()
+                for hook in (*offload.forward_hooks, *offload.backward_hooks):
+                    hook.remove()
+                offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield
+            finally:
+                for offload in offloads:  # also invalidates the recorded order of module calls
+                    offload._register_deepspeed_module(offload.module)
+
+    def held_parameters(self, model: torch.nn.Module) -> int:
+        """Parameter elements this rank holds of ``model`` (its ZeRO-3 partitions, or all of them)."""
+        return sum(p.ds_tensor.numel() if is_sharded(p) else p.numel() for p in model.parameters())
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self, run_dir: Path, step: int, student: torch.nn.Module, state: dict[str, Any],
+                        keep: int) -> None:
+        """``checkpoints/step-N`` of the run, atomically: the trainer ``state`` and the student's
+        trainable weights and optimizer state (DeepSpeed's files, one set per rank, when sharded)."""
+        if not self.uses_deepspeed:
+            state = {**state, "optimizer": self.optimizer.state_dict(), "rng": rng_state()}
+            save_checkpoint(run_dir, step, trainable_state(student), state, keep)
+            return
+        state = {**state, "world_size": self.world, "stage": self.stage}
+
+        def write(tmp: Path) -> None:
+            # Frozen weights (a LoRA student's base) come from student.path on resume.
+            self.student_engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False,
+                                                exclude_frozen_parameters=True)
+            torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
+            if self.is_main:
+                torch.save(state, tmp / "trainer_state.pt")
+            self.barrier()  # every rank's files are in before rank 0 renames the directory
+
+        final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+        if self.is_main:
+            with atomic_dir(final) as tmp:
+                write(Path(self.broadcast(str(tmp))))
+            for old in list_checkpoints(run_dir)[:-keep]:
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            write(Path(self.broadcast(None)))
+        self.barrier()  # no rank goes on before the checkpoint is in place
+
+    def load_checkpoint(self, run_dir: Path, student: torch.nn.Module) -> dict[str, Any] | None:
+        """Load the newest checkpoint of the run into the student and its optimizer, restore this
+        rank's random state, and return the trainer state (None without a checkpoint)."""
+        ckpts = list_checkpoints(run_dir)
+        if not ckpts:
+            return None
+        latest = ckpts[-1]
+        sharded_ckpt = (latest / DEEPSPEED_TAG).is_dir()
+        if sharded_ckpt != self.uses_deepspeed:
+            raise DistillError(
+                f"resume: {latest} was written {'on DeepSpeed' if sharded_ckpt else 'by one process without DeepSpeed'}"
+                f"; resume it the same way (deepspeed.stage={self.stage}, {self.world} ranks now)")
+        if not self.uses_deepspeed:
+            weights, state = load_latest_checkpoint(run_dir)
+            load_trainable_state(student, weights, f"resume {run_dir}")
+            self.optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+            return state
+        try:
+            state = torch.load(latest / "trainer_state.pt", weights_only=False)
+        except Exception as e:  # a damaged file must not be half-loaded
+            raise DistillError(f"resume: cannot read checkpoint {latest}: {e}") from None
+        if (state["world_size"], state["stage"]) != (self.world, self.stage):
+            raise DistillError(f"resume: {latest} was written by {state['world_size']} ranks at ZeRO stage "
+                               f"{state['stage']}; resume it on as many ranks (now {self.world})")
+        self.student_engine.load_checkpoint(str(latest), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False, load_module_strict=False)
+        set_rng_state(torch.load(latest / f"rng-{self.rank}.pt", weights_only=False))
+        return state
