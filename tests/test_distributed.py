@@ -1,0 +1,122 @@
+"""Two CPU ranks on DeepSpeed (gloo), launched as a user launches them, against one process.
+
+The built-in tasks with the shipped teacher and student, four steps of two micro-batches each:
+step 1 from the dataset, step 2 on-policy (student samples), steps 3-4 SKD. Sampling is greedy
+(SKD with k=1 and a greedy teacher), so that one process and two ranks see the same sequences;
+what is compared is then the sharded arithmetic: ZeRO-3 partitions, token counts all-reduced
+across ranks, accumulation over micro-batches and length groups, gathered generation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+BIN = Path(sys.executable).parent
+STEPS = [
+    "trainer.steps=4", "trainer.batch_size=8", "trainer.grad_accum=2", "trainer.log_every=1", "trainer.save_every=2",
+    "trainer.keep_checkpoints=3", "trainer.eval_every=100", "trainer.progress=false", "final_eval=false",
+    "data.num_validation=20", "sources.teacher_cache=none",
+    # step 0: the dataset; step 1: on-policy; steps 2-3: SKD (weight 1000 against the student's 1)
+    "sources.weights.dataset.end=0", "sources.weights.dataset.kind=step", "sources.weights.dataset.steps=1",
+    "sources.weights.student.end=1", "sources.weights.student.kind=step", "sources.weights.student.steps=1",
+    "sources.weights.skd.end=1000", "sources.weights.skd.kind=step", "sources.weights.skd.steps=2",
+    "sources.student.greedy=true", "sources.skd.k.start=1", "sources.skd.teacher_greedy=true",
+]
+# One process and two ranks sum the same terms in another order: float32 rounding.
+LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def run(ranks: int, *args: str, launcher: str = "deepspeed") -> subprocess.CompletedProcess:
+    """``python -m distill ARGS`` in one process, or on ``ranks`` CPU ranks by ``launcher``."""
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "distill", *args]
+    elif launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module",
+               "distill", *args]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(ranks), "--master-port", str(_free_port()), "-m",
+               "distill", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env())
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    return proc
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One process; two ZeRO-3 ranks; the two-rank run resumed from its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("distributed")
+    run(1, *STEPS, f"output_dir={root / 'one'}")
+    run(2, *STEPS, "deepspeed=zero3", f"output_dir={root / 'zero3'}")
+    shutil.copytree(root / "zero3", root / "resumed")
+    for gone in ("checkpoints/step-0000004", "model", "report.json"):  # as if killed after step 3
+        shutil.rmtree(root / "resumed" / gone) if (root / "resumed" / gone).is_dir() else (
+            root / "resumed" / gone).unlink()
+    run(2, f"resume={root / 'resumed'}")
+    return {name: root / name for name in ("one", "zero3", "resumed")}
+
+
+def test_two_zero3_ranks_train_as_one_process(runs):
+    one, two = train_rows(runs["one"]), train_rows(runs["zero3"])
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    drawn = [next(k for k, v in r.items() if k.startswith("source_") and v == 1.0) for r in two]
+    assert drawn == ["source_dataset", "source_student", "source_skd", "source_skd"]
+    for a, b in zip(one, two, strict=True):
+        # The gradient norm sees a count or scale that is off by the world size, which the loss
+        # does not (and AdamW's first steps barely do).
+        for key in ("loss", "grad_norm", "response_tokens"):
+            assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL), (a["step"], key, a[key], b[key])
+    wa, wb = weights(runs["one"]), weights(runs["zero3"])
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=WEIGHT_ATOL), (k, (wa[k] - wb[k]).abs().max())
+
+
+def test_each_rank_holds_half_of_each_model(runs):
+    sharding = json.loads((runs["zero3"] / "report.json").read_text())["sharding"]
+    assert sharding["world_size"] == 2 and sharding["stage"] == 3 and len(sharding["ranks"]) == 2
+    for rank in sharding["ranks"]:
+        for model in ("student", "teacher"):
+            share = rank[model] / sharding[f"{model}_parameters"]
+            assert 0.49 <= share <= 0.51, (model, share)
+    assert "## sharding" in (runs["zero3"] / "report.md").read_text()
+
+
+def test_resumed_two_rank_run_continues_identically(runs):
+    full, resumed = train_rows(runs["zero3"]), train_rows(runs["resumed"])
+    assert full == [r | {k: full[i][k] for k in r if k.endswith(("_per_s", "seconds"))} for i, r in enumerate(resumed)]
+    wa, wb = weights(runs["zero3"]), weights(runs["resumed"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ckpt = runs["zero3"] / "checkpoints" / "step-0000004"
+    assert (ckpt / "deepspeed").is_dir() and {f"rng-{r}.pt" for r in (0, 1)} <= {p.name for p in ckpt.iterdir()}
