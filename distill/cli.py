@@ -346,12 +346,33 @@ def _bench(args: list[str]) -> typing.NoReturn:
     os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *args])
 
 
+def _plan(args: list[str]) -> typing.NoReturn:
+    """``distill plan [overrides]``: the run's plan, without loading any weights; exit 1 if it does not fit."""
+    from distill.config import validate
+    from distill.plan import advice, make_plan, render
+
+    try:
+        _check_overrides(args)
+        with initialize_config_module("distill.recipes", version_base=None):
+            cfg = OmegaConf.to_object(compose("config", overrides=args))
+        validate(cfg)
+        plan = make_plan(cfg)
+    except (DistillError, OmegaConfBaseException) as e:
+        _fail(f"plan: {e}")
+    print(render(plan))
+    if not plan.fits:
+        print(f"to fit, try {advice(cfg, plan)}")
+    sys.exit(0 if plan.fits else 1)
+
+
 def main() -> None:
     """Console-script entry point."""
     # The deepspeed launcher passes --local_rank=N (also in LOCAL_RANK, which distill reads).
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
         _bench(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "plan":
+        _plan(sys.argv[2:])
     subcommand = len(sys.argv) > 1 and sys.argv[1] in ("eval-draft", "export-draft")
     if not subcommand:
         try:

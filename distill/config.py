@@ -154,6 +154,9 @@ class TrainerConfig:
     # Each micro-batch is computed in up to this many groups of similar length, each padded to its
     # own longest (distill.data.length_buckets): the same loss and gradients, less padding. 1: off.
     length_buckets: int = 4
+    # Keep only each decoder layer's input for backward and recompute the rest (about a third more
+    # compute for the student; activations shrink to one layer's): large students, long sequences.
+    activation_checkpointing: bool = False
 
 
 SOURCES = ("dataset", "teacher", "student", "skd")  # sources of training sequences (distill.sources)

@@ -90,6 +90,9 @@ class Engine:
                                "(each computes an equal share of every micro-batch)")
         self.student_engine = None  # DeepSpeed's engine around the student
         self._offload: dict[int, Any] = {}  # id(model) -> its ZeRO-3 parameter offload (hooks)
+        self._role: dict[int, str] = {}  # id(model) -> student or teacher
+        # Per role: gathered whole for generation (the plan's decision: whether it fits).
+        self.gathers: dict[str, bool] = {}
         self._zero3_config: Any = None
 
     @property
@@ -187,6 +190,7 @@ class Engine:
         engine, *_ = deepspeed.initialize(model=teacher, config=self._ds_config(self.cfg.teacher.dtype, 3,
                                                                                    train=False))
         self._offload[id(engine.module)] = engine.optimizer  # DeepSpeedZeRoOffload: the hooks
+        self._role[id(engine.module)] = "teacher"
         engine.module.eval()
         return engine.module
 
@@ -203,6 +207,7 @@ class Engine:
         self.student_engine, self.optimizer = engine, optimizer
         if self.stage == 3:
             self._offload[id(engine.module)] = engine.optimizer.parameter_offload
+            self._role[id(engine.module)] = "student"
         return engine.module
 
     def start_forward(self) -> None:
@@ -232,14 +237,19 @@ class Engine:
         return float("nan") if norm is None else float(norm)
 
     @contextmanager
-    def generation(self, *models: torch.nn.Module | None) -> Iterator[None]:
+    def generation(self, *models: torch.nn.Module | None) -> Iterator[bool]:
         """Within the block every sharded model of ``models`` is whole on each rank, without its ZeRO
         hooks: one gather for the round, then decoding without communication (each rank samples its
-        own prompts, for as many tokens as they need). Entered and left by every rank together."""
+        own prompts, for as many tokens as they need). Entered and left by every rank together.
+
+        A model the plan found too large to gather (``gathers``) stays sharded: the block yields
+        True, and generation must then be synced (every rank decoding until all are done)."""
         sharded = [m for m in dict.fromkeys(m for m in models if m is not None)
                    if any(is_sharded(p) for p in m.parameters())]
+        synced = self.world > 1 and any(not self.gathers.get(self._role.get(id(m), ""), True) for m in sharded)
+        sharded = [m for m in sharded if self.gathers.get(self._role.get(id(m), ""), True)]
         if not sharded:
-            yield
+            yield synced
             return
         import deepspeed
 
@@ -254,7 +264,7 @@ class Engine:
                     hook.remove()
                 offload.forward_hooks, offload.backward_hooks = [], []
             try:
-                yield
+                yield synced
             finally:
                 for offload in offloads:  # also invalidates the recorded order of module calls
                     offload._register_deepspeed_module(offload.module)

@@ -50,8 +50,11 @@ def generate(
     batch_size: int,
     max_length: int,
     on_batch: OnBatch = None,
+    synced: bool = False,
 ) -> list[str]:
-    """Greedy completions of the records' prompts (batched, KV-cached, left-padded)."""
+    """Greedy completions of the records' prompts (batched, KV-cached, left-padded). ``synced``: the
+    model is sharded and not gathered, so every rank decodes until all are done (each forward
+    gathers layers from all ranks)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -67,6 +70,7 @@ def generate(
                 do_sample=False,
                 eos_token_id=stop_ids(tokenizer),
                 pad_token_id=tokenizer.pad_token_id,
+                synced_gpus=synced,
             )
             out += tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
             if on_batch:
@@ -151,11 +155,12 @@ def evaluate(
     batch_size: int,
     max_length: int,
     on_batch: OnBatch = None,
+    synced: bool = False,
 ) -> dict[str, float]:
     """Scores of ``model``'s greedy completions on ``records`` (nothing is generated when no record
-    needs it: ``data.metric=none`` on the user's data)."""
+    needs it: ``data.metric=none`` on the user's data); ``synced`` as for ``generate``."""
     if not needs_generation(records, metric):
         return {}
     preds = generate(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                     max_length=max_length, on_batch=on_batch)
+                     max_length=max_length, on_batch=on_batch, synced=synced)
     return task_metrics(records, preds, metric)

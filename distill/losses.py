@@ -270,6 +270,17 @@ def divergence(
     return _reduce(per_token, mask, reduction)
 
 
+def chunk_entry_bytes(triton_path: bool, weight_dtype: torch.dtype, with_kd: bool, mixed: bool) -> int:
+    """Bytes per logit entry of a chunk's buffers: fp32 student (and teacher) logits, plus a gradient
+    buffer where it cannot overwrite the student logits (Triton: half-precision weights, or both
+    terms sending a gradient: ``mixed``), or the autograd temporaries of the reference divergence
+    (PyTorch path: about 15 fp32 buffers of a chunk's size, benchmarks/results/full/fused_loss_cpu.md)."""
+    if not triton_path:
+        return 15 * 4
+    own_grad = weight_dtype in (torch.float16, torch.bfloat16) or (with_kd and mixed)
+    return 4 + 4 * with_kd + (weight_dtype.itemsize if own_grad else 0)
+
+
 def auto_chunk_size(rows: int, vocab: int, bytes_per_entry: int, budget_bytes: int) -> int:
     """Rows per chunk: as many as the budget allows for ``bytes_per_entry`` per logit (at least 128),
     then evened out so that the last chunk is not a sliver. Multiples of 64 rows."""
@@ -369,13 +380,7 @@ def fused_linear_loss(
         _check_targets(targets, vocab)
     triton_path = use_triton(backend, s_rows.device, student_weight.dtype)
     if chunk_size is None:
-        # Per logit entry: fp32 student (and teacher) logits, plus a gradient buffer where it cannot
-        # overwrite the student logits (Triton: half-precision weights, or both terms sending a
-        # gradient), or the autograd temporaries of the reference divergence (PyTorch path: about
-        # 15 fp32 buffers of a chunk's size, benchmarks/results/full/fused_loss_cpu.md).
-        half = student_weight.dtype in (torch.float16, torch.bfloat16)
-        own_grad = half or (with_kd and with_ce and 0 < ce_weight < 1)
-        per_entry = 4 + 4 * with_kd + (student_weight.element_size() if own_grad else 0) if triton_path else 15 * 4
+        per_entry = chunk_entry_bytes(triton_path, student_weight.dtype, with_kd, with_ce and 0 < ce_weight < 1)
         budget = CHUNK_BUDGET_BYTES["cuda" if s_rows.is_cuda else "cpu"]
         chunk_size = auto_chunk_size(s_rows.shape[0], vocab, per_entry, budget)
     from distill.chunked_loss import ChunkedLinearLoss, Objective, torch_ce_rows, torch_rows

@@ -78,11 +78,14 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def build_from_arch(arch: ArchConfig, tokenizer: Tokenizer) -> PreTrainedModel:
-    """A freshly initialised Llama-layout model sized for ``tokenizer``."""
+def build_config(arch: ArchConfig, vocab: int, tokenizer: Tokenizer | None = None) -> LlamaConfig:
+    """The Llama-layout config of ``arch`` for a vocabulary of ``vocab`` tokens (rows padded up to
+    ``arch.vocab_multiple``), with ``tokenizer``'s special tokens."""
     m = arch.vocab_multiple
-    config = LlamaConfig(
-        vocab_size=(len(tokenizer) + m - 1) // m * m,
+    special = {} if tokenizer is None else dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaConfig(
+        vocab_size=(vocab + m - 1) // m * m,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size,
         num_hidden_layers=arch.num_layers,
@@ -90,11 +93,13 @@ def build_from_arch(arch: ArchConfig, tokenizer: Tokenizer) -> PreTrainedModel:
         num_key_value_heads=arch.num_kv_heads,
         max_position_embeddings=arch.max_position_embeddings,
         tie_word_embeddings=arch.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special,
     )
-    return LlamaForCausalLM(config)
+
+
+def build_from_arch(arch: ArchConfig, tokenizer: Tokenizer) -> PreTrainedModel:
+    """A freshly initialised Llama-layout model sized for ``tokenizer``."""
+    return LlamaForCausalLM(build_config(arch, len(tokenizer), tokenizer))
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraConfig) -> PreTrainedModel:

@@ -1,16 +1,524 @@
-"""The memory plan of a run: what each rank will hold, estimated from the model configs alone."""
+"""The plan of a run, from its config and the models' ``config.json`` alone: what each step draws
+from, what it minimises and by which kernel path, how the models are placed on the ranks, and the
+memory each rank will need at its peak, for every ZeRO stage.
+
+Model sizes are exact: each model is built on PyTorch's meta device (no memory, no weights), so
+its parameters, LoRA adapters and tied weights are counted as loaded. The activations a training
+forward saves for backward are measured on the meta device too (a forward of the student's decoder
+over one micro-batch of ``data.max_length`` tokens, with autograd's saved-tensor hooks), so they
+follow the architecture and its attention path. The rest is arithmetic, per rank:
+
+- weights: parameters x bytes, divided by the ranks where ZeRO-3 shards them;
+- gradients: trainable parameters x bytes, divided by the ranks from stage 2;
+- optimizer: AdamW's two moments in fp32, plus an fp32 master copy of half-precision weights on
+  DeepSpeed, divided by the ranks from stage 1, or on the CPU with offload;
+- ZeRO-3 working set: the layers gathered around the one computing (DeepSpeed's live-parameter
+  bound), and communication buckets at stages 1-2;
+- the loss: the fused loss's chunk of ``[rows x vocab]`` buffers and its fp32 head-gradient
+  accumulator, or the full logits without it;
+- generation: the models of a round gathered whole (ZeRO-3) and their KV caches for the prompts
+  and the new tokens, the student's for evaluation's greedy decoding too.
+
+The peak is the resident state plus the larger of a training micro-batch and a generation round.
+Not counted: the CUDA context (about 0.5-1 GiB; ``RUNTIME_CUDA``) and allocator fragmentation; on
+the CPU the process's own memory (libraries) at planning time is added.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+
+from distill.config import DistillConfig, ModelConfig
+from distill.errors import DistillError
+
+GIB = 1 << 30
+RUNTIME_CUDA = 1 * GIB  # CUDA context, cuBLAS workspaces: outside torch's allocator statistics
+# DeepSpeed's defaults that bound its buffers (elements).
+ZERO3_MAX_LIVE = 1_000_000_000
+ZERO12_BUCKET = 500_000_000
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory (Linux's VmHWM; 0 where it cannot be read)."""
+    return _status_field("VmHWM")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (VmRSS)."""
+    return _status_field("VmRSS")
+
+
+def _status_field(name: str) -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(name + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs of a model, read from its config."""
+
+    name: str
+    parameters: int
+    trainable: int
+    bytes_per_weight: int
+    largest_block: int  # parameters of its largest repeated block (a decoder layer)
+    hidden: int
+    rows: int  # LM head rows (the vocabulary, padded)
+    kv_bytes_per_token: int  # K and V of every layer for one token
+    trainable_head: bool
+    activations: int = 0  # bytes saved for backward by one training micro-batch (student only)
+
+
+def _meta_model(m: ModelConfig, role: str, vocab: int | None):
+    """The model of ``m`` on the meta device (LoRA applied to a student), and its HF config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distill.models import apply_lora, build_config
+
+    if m.arch is not None:
+        config = build_config(m.arch, vocab or m.arch.tokenizer_vocab_size)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(m.path)
+        except (OSError, ValueError) as e:
+            raise DistillError(f"{role}.path: cannot read a model config from {m.path}: {e}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[m.dtype])
+        if role == "teacher":
+            model.requires_grad_(False)
+        elif m.lora.enabled:
+            model = apply_lora(model, m.lora)
+    return model, config
+
+
+def _largest_block(model: torch.nn.Module) -> int:
+    blocks = [sum(p.numel() for p in child.parameters())
+              for module in model.modules() if isinstance(module, torch.nn.ModuleList) for child in module]
+    return max(blocks, default=max(p.numel() for p in model.parameters()))
+
+
+def _kv_bytes_per_token(config, bytes_per: int) -> int:
+    text = getattr(config, "text_config", None) or config
+    layers = text.num_hidden_layers
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * layers * heads * head_dim * bytes_per
+
+
+def _saved_activations(model: torch.nn.Module, rows: int, length: int) -> int:
+    """Bytes autograd saves in a forward of the decoder over ``[rows, length]`` tokens (meta device)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s._cdata] = max(storages.get(s._cdata, 0), s.nbytes())
+        return t
+
+    from unittest import mock
+
+    ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
+    # No padding mask, and no check for packed sequences: both read values, which meta tensors lack.
+    no_packing = mock.patch("transformers.masking_utils.find_packed_sequence_indices", lambda *a, **k: None)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(), no_packing:
+        model.get_decoder()(input_ids=ids)
+    return sum(storages.values())
+
+
+def model_shape(m: ModelConfig, role: str, *, vocab: int | None = None, rows: int = 0, length: int = 0,
+                bf16: bool = False, checkpointing: bool = False) -> ModelShape:
+    model, config = _meta_model(m, role, vocab)
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    head = model.get_output_embeddings()
+    bytes_per = _DTYPES[m.dtype].itemsize
+    shape = ModelShape(
+        name=m.path or "arch", parameters=sum(p.numel() for p in params),
+        trainable=sum(p.numel() for p in params if p.requires_grad), bytes_per_weight=bytes_per,
+        largest_block=_largest_block(model), hidden=head.weight.shape[1], rows=head.weight.shape[0],
+        kv_bytes_per_token=_kv_bytes_per_token(config, bytes_per),
+        trainable_head=head.weight.requires_grad,
+    )
+    if role == "student" and rows:
+        # bf16 autocast saves most activations in bf16: measured with bf16 weights as a stand-in.
+        if bf16 and m.dtype == "float32":
+            model = model.to(torch.bfloat16)
+        full = _saved_activations(model, rows, length)
+        shape.activations = full
+        if checkpointing:  # the layers' inputs, plus one layer's activations while it is recomputed
+            layers = getattr(config.get_text_config(), "num_hidden_layers", 1)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+            shape.activations = _saved_activations(model, rows, length) + full // layers
+    return shape
+
+
+@dataclass
+class Plan:
+    """Per-rank memory of one placement (ZeRO stage, offload), in bytes, by part and phase."""
+
+    stage: int
+    world: int
+    offload_optimizer: bool
+    offload_params: bool
+    shard_teacher: bool
+    resident: dict[str, int] = field(default_factory=dict)
+    training: dict[str, int] = field(default_factory=dict)  # on top of resident, one micro-batch
+    generation: dict[str, int] = field(default_factory=dict)  # on top of resident, the largest round
+    generation_what: str = ""
+    runtime: int = 0
+    cpu: int = 0  # offloaded per rank (host memory)
+    # Per sharded model (student, teacher): gathered whole for a generation round, or else synced
+    # generation with its layers gathered in turn.
+    gathers: dict[str, bool] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # what makes the placement impossible
+    available: int | None = None  # device memory per rank
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems and (self.available is None or self.peak <= self.available)
+
+    @property
+    def peak(self) -> int:
+        return (sum(self.resident.values()) + max(sum(self.training.values()), sum(self.generation.values()))
+                + self.runtime)
+
+    @property
+    def name(self) -> str:
+        if not self.stage and self.world == 1:
+            return "none"
+        return f"zero{self.stage}" + ("_offload" if self.offload_optimizer or self.offload_params else "")
+
+
+@dataclass
+class RunPlan:
+    """The whole plan of a recipe: what it draws and minimises, and memory per placement."""
+
+    sources: list[str]
+    loss: str
+    kernel: str
+    placement: str
+    rows_per_rank: int
+    length: int
+    student: ModelShape
+    teacher: ModelShape | None
+    chosen: Plan
+    stages: list[Plan]
+    available: int | None  # device memory per rank
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.chosen.fits
+
+
+def _device_type(cfg: DistillConfig) -> str:
+    d = cfg.trainer.device
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if d.startswith("cuda") else "cpu"
+
+
+def _available(cfg: DistillConfig, device: str, world: int) -> int | None:
+    if cfg.plan.device_memory_gb is not None:
+        return int(cfg.plan.device_memory_gb * GIB)
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        from distill.distributed import launch_env
+
+        return torch.cuda.get_device_properties(launch_env()[2]).total_memory
+    from distill.distributed import local_world_size
+
+    try:
+        total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        return None
+    return total // min(world, local_world_size()) if world > 1 else total
+
+
+def _sources(cfg: DistillConfig) -> list[str]:
+    """Each source with a weight, its schedule and its expected share of the run's steps."""
+    from distill.config import SOURCES
+    from distill.sources.mixture import weights_at
+
+    steps = cfg.trainer.steps
+    shares = dict.fromkeys(SOURCES, 0.0)
+    for s in range(steps):
+        w = weights_at(cfg.sources.weights, s, steps)
+        total = sum(w.values())
+        for n in SOURCES:
+            shares[n] += w[n] / total / steps if total else 0.0
+    what = {"dataset": "dataset responses (supervised KD / SFT)", "teacher": "teacher samples (SeqKD)",
+            "student": "student samples (on-policy, GKD)", "skd": "speculative KD (student drafts, teacher top-k)"}
+    out = []
+    for n in SOURCES:
+        sched = getattr(cfg.sources.weights, n)
+        if not shares[n]:
+            continue
+        moves = sched.end is not None and sched.kind != "constant" and sched.end != sched.start
+        weight = f"{sched.start:g} -> {sched.end:g} ({sched.kind}" + (f" by step {sched.steps})" if sched.steps
+                                                                      else ")") if moves else f"{sched.start:g}"
+        out.append(f"{n}: {what[n]}; weight {weight}; about {shares[n]:.0%} of steps")
+    return out
+
+
+def _used_sources(cfg: DistillConfig) -> set[str]:
+    from distill.config import SOURCES
+
+    return {n for n in SOURCES if max(getattr(cfg.sources.weights, n).start, getattr(cfg.sources.weights, n).end
+                                      or 0.0) > 0}
+
+
+def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bool, offload_params: bool,
+               s: ModelShape, t: ModelShape | None, device: str) -> Plan:
+    """Per-rank memory of the run at ZeRO ``stage`` on ``world`` ranks (see the module docstring)."""
+    uses_ds = world > 1 or stage > 0
+    shard_teacher = uses_ds and t is not None and (stage == 3 or (cfg.deepspeed.shard_teacher and world > 1))
+    p = Plan(stage, world, offload_optimizer and stage > 0, offload_params and stage == 3, shard_teacher)
+    w = 1 if stage < 3 else world
+    b = s.bytes_per_weight
+    half = b < 4
+    on_device = 0 if p.offload_params else 1
+    p.resident["student weights"] = s.parameters * b // w * on_device
+    p.resident["gradients"] = s.trainable * b // (world if stage >= 2 else 1)
+    opt = s.trainable * (8 + (4 if half and uses_ds else 0)) if uses_ds else s.trainable * 2 * b
+    opt //= world if stage >= 1 else 1
+    if p.offload_optimizer:
+        p.cpu += opt
+    else:
+        p.resident["optimizer state"] = opt
+    if p.offload_params:
+        p.cpu += s.parameters * b // w
+    if t is not None:
+        tw = t.parameters * t.bytes_per_weight // (world if shard_teacher else 1)
+        if p.offload_params and shard_teacher:
+            p.cpu += tw
+        else:
+            p.resident["teacher weights"] = tw
+    if stage in (1, 2):  # DeepSpeed's reduce and all-gather buckets (at most the partition)
+        p.resident["ZeRO buckets"] = 2 * min(ZERO12_BUCKET, s.trainable) * 4
+    tc, length = cfg.trainer, cfg.data.max_length
+    rows = tc.batch_size // world
+    tokens = rows * length
+    # Training: one micro-batch (the length groups of a micro-batch are smaller still).
+    p.training["activations"] = s.activations
+    gathered = 0
+    if stage == 3:  # layers gathered around the one computing
+        gathered = min(ZERO3_MAX_LIVE, 2 * s.largest_block) * b
+        if t is not None and shard_teacher:
+            gathered = max(gathered, min(ZERO3_MAX_LIVE, 2 * t.largest_block) * t.bytes_per_weight)
+    if shard_teacher and stage < 3 and t is not None:
+        gathered = min(ZERO3_MAX_LIVE, 2 * t.largest_block) * t.bytes_per_weight
+    if gathered:
+        p.training["ZeRO-3 gathered layers"] = gathered
+    kd = cfg.loss.kind != "ce" and t is not None
+    if kd:
+        p.training["teacher hidden states"] = tokens * t.hidden * 4
+    if cfg.loss.fused:
+        from distill.losses import CHUNK_BUDGET_BYTES, auto_chunk_size, chunk_entry_bytes
+
+        triton = device == "cuda" and cfg.loss.backend != "torch"
+        weight_dtype = _DTYPES[cfg.student.dtype]
+        per_entry = chunk_entry_bytes(triton, weight_dtype, kd, cfg.loss.ce_weight not in (0.0, 1.0))
+        vocab = min(s.rows, t.rows) if kd else s.rows
+        chunk = cfg.loss.chunk_size or auto_chunk_size(tokens, vocab, per_entry, CHUNK_BUDGET_BYTES[device])
+        p.training["loss chunk buffers"] = min(chunk, tokens) * vocab * per_entry
+        if s.trainable_head:
+            p.training["loss head-gradient accumulator"] = s.rows * s.hidden * 4
+    else:
+        p.training["full logits"] = tokens * s.rows * 4 * (4 if kd else 2)  # both models, softmax, gradient
+    # Generation: the largest round of the sources in use, and evaluation's greedy decoding. A
+    # sharded model is gathered whole for a round when that fits; otherwise it generates with its
+    # layers gathered one at a time (every rank in step: synced). SKD needs both models whole.
+    p.runtime = RUNTIME_CUDA if device == "cuda" else rss_bytes()
+    p.available = _available(cfg, device, world)
+    used = _used_sources(cfg)
+    prompt = length  # prompts are at most max_length (cut before generation)
+    rounds = []
+    if "student" in used:
+        rounds.append(("student samples", ["student"], rows, prompt + cfg.sources.student.max_new_tokens))
+    if "teacher" in used and t is not None:
+        rounds.append(("teacher samples", ["teacher"], rows, prompt + cfg.sources.teacher.max_new_tokens))
+    if "skd" in used and t is not None:
+        rounds.append(("SKD", ["student", "teacher"], rows, prompt + cfg.sources.skd.max_new_tokens
+                       + cfg.sources.skd.gamma))
+    rounds.append(("evaluation (student)", ["student"], tc.eval_batch_size, prompt + tc.max_new_tokens))
+    if cfg.final_eval and t is not None:
+        rounds.append(("evaluation (teacher)", ["teacher"], tc.eval_batch_size, prompt + tc.max_new_tokens))
+    models = {"student": s, "teacher": t}
+    sharded = {"student": stage == 3, "teacher": shard_teacher}
+    resident = sum(p.resident.values()) + p.runtime
+
+    def whole(role: str) -> int:  # what gathering adds to the rank's own partition (or all of it, offloaded)
+        m = models[role]
+        return m.parameters * m.bytes_per_weight * (world - 1) // world + (
+            m.parameters * m.bytes_per_weight // world if p.offload_params else 0)
+
+    def round_parts(roles: list[str], n: int, positions: int) -> dict[str, int]:
+        parts = {}
+        for role in roles:
+            m = models[role]
+            if sharded[role] and p.gathers.get(role, True):
+                parts[f"{role} gathered"] = whole(role)
+            elif sharded[role]:
+                parts[f"{role} layers gathered in turn"] = min(ZERO3_MAX_LIVE, 2 * m.largest_block) * m.bytes_per_weight
+            parts[f"{role} KV cache"] = n * positions * m.kv_bytes_per_token
+        parts["sampling logits"] = n * max(models[r].rows for r in roles) * 4 * 2
+        return parts
+
+    for role in ("student", "teacher"):
+        if models[role] is not None and sharded[role]:
+            p.gathers[role] = True
+            mine = [r for r in rounds if role in r[1]]
+            need = max((sum(round_parts(r[1], r[2], r[3]).values()) for r in mine), default=0)
+            p.gathers[role] = p.available is None or resident + need <= p.available
+    for what, roles, n, positions in rounds:
+        parts = round_parts(roles, n, positions)
+        if sum(parts.values()) > sum(p.generation.values()):
+            p.generation, p.generation_what = parts, what
+        if what == "SKD" and not all(p.gathers.get(r, True) for r in roles):
+            p.problems.append("SKD generates with both models gathered whole on every rank, which does not fit "
+                              "here; lower sources.weights.skd to 0 or use more ranks")
+    return p
+
+
+def make_plan(cfg: DistillConfig, world: int | None = None) -> RunPlan:
+    """The plan of ``cfg`` on ``world`` ranks (default: plan.world_size, else the launch's)."""
+    from distill.distributed import launch_env
+    from distill.losses import use_triton
+    from distill.train import objective_name
+
+    if world is None:
+        world = cfg.plan.world_size or launch_env()[1]
+    device = _device_type(cfg)
+    tc = cfg.trainer
+    if tc.batch_size % world:
+        raise DistillError(f"trainer.batch_size={tc.batch_size} must be a multiple of the {world} ranks")
+    rows, length = tc.batch_size // world, cfg.data.max_length
+    vocab = None
+    if cfg.student.arch is not None and (cfg.student.tokenizer or cfg.teacher.path):
+        from distill.models import load_tokenizer
+
+        vocab = len(load_tokenizer(cfg.student.tokenizer or cfg.teacher.path, "student"))
+    s = model_shape(cfg.student, "student", vocab=vocab, rows=rows, length=length,
+                    bf16=tc.precision == "bf16", checkpointing=tc.activation_checkpointing)
+    t = model_shape(cfg.teacher, "teacher") if cfg.teacher.path else None
+    if cfg.loss.fused:
+        if device == "cuda" and torch.cuda.is_available():
+            triton = use_triton(cfg.loss.backend, torch.device(device), _DTYPES[cfg.student.dtype])
+        else:  # planned for a GPU from elsewhere: what auto would take there
+            triton = device == "cuda" and cfg.loss.backend != "torch"
+        chunks = f"chunks of {cfg.loss.chunk_size} tokens" if cfg.loss.chunk_size else "chunks by memory budget"
+        kernel = f"fused LM head + loss, {'Triton kernels' if triton else 'chunked PyTorch'}, {chunks}"
+    else:
+        kernel = "full logits, then the loss"
+    ds = cfg.deepspeed
+    stages = [_placement(cfg, world, st, False, False, s, t, device) for st in (0, 1, 2, 3)]
+    stages.append(_placement(cfg, world, 3, True, True, s, t, device))
+    chosen = _placement(cfg, world, ds.stage, ds.offload_optimizer, ds.offload_params, s, t, device)
+    placement = (f"{world} rank{'s' if world > 1 else ''} on {device}; ZeRO stage {ds.stage}"
+                 + (", activation checkpointing" if tc.activation_checkpointing else "")
+                 + (", optimizer state on the CPU" if ds.offload_optimizer else "")
+                 + (", weights on the CPU" if ds.offload_params else "")
+                 + ("" if t is None or world == 1 else "; teacher " + (
+                     "sharded with ZeRO-3 (inference only)" if chosen.shard_teacher else "replicated on every rank")))
+    plan = RunPlan(sources=_sources(cfg), loss=objective_name(cfg.loss), kernel=kernel, placement=placement,
+                   rows_per_rank=rows, length=length, student=s, teacher=t, chosen=chosen, stages=stages,
+                   available=_available(cfg, device, world), device=device)
+    if cfg.deepspeed.stage == 0 and world == 1 and not plan.fits:
+        plan.notes.append("one process holds everything: launch on several ranks with a ZeRO stage")
+    return plan
+
+
+def fmt(n: int) -> str:
+    return f"{n / GIB:,.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:,.1f} MiB"
+
+
+def render(plan: RunPlan) -> str:
+    """The plan as text: sources, loss, placement, the memory table of every stage, the verdict."""
+    s, t = plan.student, plan.teacher
+    lines = ["sources:"] + [f"  {x}" for x in plan.sources]
+    lines += [f"loss: {plan.loss}; {plan.kernel}", f"placement: {plan.placement}",
+              f"micro-batch per rank: {plan.rows_per_rank} sequences x up to {plan.length} tokens",
+              f"student: {s.name}: {s.parameters:,} parameters ({s.trainable:,} trained), "
+              f"{s.bytes_per_weight} bytes each"]
+    if t is not None:
+        lines.append(f"teacher: {t.name}: {t.parameters:,} parameters, {t.bytes_per_weight} bytes each")
+    c = plan.chosen
+    lines.append(f"\nper-rank memory of this run ({c.name}):")
+    for part, n in c.resident.items():
+        lines.append(f"  {part:<34} {fmt(n):>12}")
+    lines.append(f"  training micro-batch (peak of step): {fmt(sum(c.training.values()))}")
+    for part, n in c.training.items():
+        lines.append(f"    {part:<32} {fmt(n):>12}")
+    lines.append(f"  generation round ({c.generation_what}): {fmt(sum(c.generation.values()))}")
+    for part, n in c.generation.items():
+        lines.append(f"    {part:<32} {fmt(n):>12}")
+    for role, whole in c.gathers.items():
+        lines.append(f"    {role}: " + ("gathered whole once per round" if whole else
+                                         "too large to gather: generates with its layers gathered in turn, "
+                                         "every rank in step"))
+    lines.append(f"  {'runtime' + (' (CUDA context)' if plan.device == 'cuda' else ' (this process now)'):<34} "
+                 f"{fmt(c.runtime):>12}")
+    if c.cpu:
+        lines.append(f"  offloaded to the CPU: {fmt(c.cpu)} per rank")
+    avail = f" of {fmt(plan.available)}" if plan.available else ""
+    lines.append(f"  estimated peak: {fmt(c.peak)}{avail} -> " + ("fits" if plan.fits else "DOES NOT FIT"))
+    lines += [f"  {problem}" for problem in c.problems]
+    lines.append("\nestimated peak per rank by placement:")
+    for p in plan.stages:
+        lines.append(f"  {p.name:<15} {fmt(p.peak):>12}  ({'fits' if p.fits else 'does not fit'}"
+                     + (f"; {fmt(p.cpu)} on the CPU" if p.cpu else "") + ")")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def advice(cfg: DistillConfig, plan: RunPlan) -> str:
+    """What to change so that the run fits, tried on the plan: stage, offload, batch, LoRA, chunks."""
+    import dataclasses
+
+    options = list(plan.chosen.problems)
+    for p in plan.stages:
+        if p.fits and p.name != plan.chosen.name:
+            options.append(f"deepspeed={p.name} ({fmt(p.peak)})")
+    if plan.rows_per_rank > 1:
+        half = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, batch_size=cfg.trainer.batch_size // 2,
+                                                                   grad_accum=cfg.trainer.grad_accum * 2))
+        if half.trainer.batch_size % plan.chosen.world == 0:
+            smaller = make_plan(half, plan.chosen.world).chosen
+            if smaller.fits:
+                options.append(f"trainer.batch_size={half.trainer.batch_size} trainer.grad_accum="
+                               f"{half.trainer.grad_accum} ({fmt(smaller.peak)})")
+    if not cfg.student.lora.enabled:
+        options.append("student.lora.enabled=true (trains adapters: no full gradients or optimizer state)")
+    if cfg.loss.fused and "loss chunk buffers" in plan.chosen.training:
+        options.append("a smaller loss.chunk_size")
+    where = plan.chosen.generation_what
+    if sum(plan.chosen.generation.values()) > sum(plan.chosen.training.values()):
+        options.append(f"smaller generation rounds ({where}: trainer.eval_batch_size, sources.*.max_new_tokens)")
+    return "; or ".join(options) if options else "more devices (plan.world_size) or a smaller model"
+
+
+def check(cfg: DistillConfig) -> RunPlan | None:
+    """The plan of a run about to start; raise DistillError when it does not fit, before loading."""
+    if not cfg.plan.check:
+        return None
+    plan = make_plan(cfg)
+    if not plan.fits:
+        raise DistillError(
+            f"the plan does not fit: about {fmt(plan.chosen.peak)} per rank at its peak, "
+            f"{fmt(plan.available) if plan.available else 'unknown'} available ({plan.chosen.name}, "
+            f"{plan.chosen.world} rank(s)); try {advice(cfg, plan)}. "
+            "`distill plan` with the same arguments shows the estimate; plan.check=false runs anyway")
+    return plan
+

@@ -25,6 +25,7 @@ class Run(Protocol):
     data: dict[str, dict[str, int]]
     draft: dict
     sharding: dict
+    memory: dict
 
 
 def columns(rows: dict[str, dict[str, float]]) -> list[str]:
@@ -51,6 +52,8 @@ def write_report(run: Run) -> None:
         report["draft"] = run.draft
     if run.sharding:
         report["sharding"] = run.sharding
+    if run.memory:
+        report["memory"] = run.memory
     atomic_write_text(run.run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     parts = [f"Objective: {run.objective}; {run.steps} steps; model: `{run.model_dir}`."]
     for split in ("validation", "test"):
@@ -69,6 +72,11 @@ def write_report(run: Run) -> None:
             f"## the student as a draft for the teacher\n\nalpha {run.draft['alpha']:.3f}, c {run.draft['c']:.3f} "
             f"(`draft/`, details in `draft_eval/`)\n\n| gamma | acceptance | tau measured | tau predicted "
             "| speedup predicted | speedup measured |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
+    if run.memory.get("planned_peak_bytes"):
+        m = run.memory
+        parts.append(f"## memory\n\nPeak per rank: planned {m['planned_peak_bytes'] / 2**20:,.0f} MiB "
+                     f"({m['placement']}), measured {m['measured_peak_bytes'] / 2**20:,.0f} MiB ({m['measured']}; "
+                     f"{m['error']:+.0%}).")
     if run.sharding:
         sh = run.sharding
         rows = [f"| {i} | {r['student'] / max(sh['student_parameters'], 1):.3f} | "

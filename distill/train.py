@@ -49,6 +49,8 @@ from distill.models import (
     save_model,
 )
 from distill.objective import batch_loss, fused_loss_problem
+from distill.plan import check as check_plan
+from distill.plan import fmt, peak_rss_bytes
 from distill.progress import console, progress_display, showing
 from distill.report import write_report
 from distill.schedule import cosine_scheduler, value_at
@@ -77,6 +79,8 @@ class RunResult:
     draft: dict = field(default_factory=dict)
     # Several ranks: world size, ZeRO stage, and each rank's share of each model and peak memory.
     sharding: dict = field(default_factory=dict)
+    # The plan's estimate of the peak per rank and the measured peak (the largest over the ranks).
+    memory: dict = field(default_factory=dict)
 
 
 def _tokenizer_for(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[Tokenizer, str]:
@@ -221,6 +225,12 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     run_dir = Path(engine.broadcast(str(run_dir)))
     run_dir.mkdir(parents=True, exist_ok=True)
     console.quiet = not engine.is_main  # one rank reports
+    # The memory plan, from the configs alone: a run that cannot fit stops before loading anything.
+    plan = check_plan(cfg)
+    if plan is not None:
+        engine.gathers = plan.chosen.gathers
+        console.print(f"plan: about {fmt(plan.chosen.peak)} per rank at the peak"
+                      + (f" of {fmt(plan.available)}" if plan.available else "") + " (distill plan shows the parts)")
 
     # Models and tokenizers, checked before any compute.
     tokenizer, tok_path = _tokenizer_for(cfg, run_dir, engine)
@@ -237,6 +247,9 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     set_seed(tc.seed)
     with engine.loading("student"):
         student = load_model(cfg.student, "student", device, tokenizer, seed=tc.seed)
+    if tc.activation_checkpointing:
+        # Non-reentrant: no inputs that require grad needed (LoRA, frozen embeddings).
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     check_vocab_rows(student, tokenizer, f"student {cfg.student.path or 'from arch'}")
     for warning in _warnings(cfg, student, device, engine.uses_deepspeed):
         console.print(f"[yellow]warning: {warning}[/yellow]")
@@ -282,8 +295,8 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
             row = reference_losses(model, teacher if with_teacher else None, tokenizer, records, cfg.loss,
                                    fused=fused, on_batch=advance, **eval_args)
             if generate:
-                with engine.generation(model):
-                    row.update(evaluate(model, tokenizer, records, on_batch=advance, **gen_args))
+                with engine.generation(model) as synced:
+                    row.update(evaluate(model, tokenizer, records, on_batch=advance, synced=synced, **gen_args))
         return row
 
     stops = stop_ids(tokenizer)  # where a response ends: sampling, the export's generation config
@@ -353,6 +366,7 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
                                                        with_teacher=True)
             if engine.uses_deepspeed:
                 result.sharding = _sharding_report(engine, student, teacher)
+            result.memory = _memory_report(engine, plan)
             if cfg.draft.enabled and engine.is_main:  # one process measures the exported draft
                 result.draft = _draft_report(cfg, result, device)
     finally:
@@ -374,10 +388,23 @@ def _export(engine: Engine, student: PreTrainedModel, out: Path, tokenizer: Toke
     engine.barrier()
 
 
+def _memory_report(engine: Engine, plan) -> dict:
+    """Planned and measured peak memory per rank (the most of any rank): on a GPU torch's allocator
+    peak (plus the plan's CUDA-context allowance), on the CPU the process's peak resident memory."""
+    if engine.device.type == "cuda":
+        measured = torch.cuda.max_memory_allocated(engine.device) + (plan.chosen.runtime if plan else 0)
+        what = "max_memory_allocated + CUDA context allowance"
+    else:
+        measured, what = peak_rss_bytes(), "peak resident memory (VmHWM)"
+    out = {"measured_peak_bytes": max(engine.all_gather(measured)), "measured": what}
+    if plan is not None:
+        out |= {"planned_peak_bytes": plan.chosen.peak, "placement": plan.chosen.name,
+                "error": out["measured_peak_bytes"] / plan.chosen.peak - 1}
+    return out
+
+
 def _sharding_report(engine: Engine, student: PreTrainedModel, teacher: PreTrainedModel | None) -> dict:
     """Ranks, stage, and the parameter elements each rank holds of each model and its peak memory."""
-    from distill.plan import peak_rss_bytes
-
     mine = {"student": engine.held_parameters(student), "peak_rss_bytes": peak_rss_bytes()}
     if teacher is not None:
         mine["teacher"] = engine.held_parameters(teacher)
@@ -436,13 +463,14 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, engine: Engine,
                 generating = {"student": (student,), "teacher": (teacher,), "skd": (student, teacher)}.get(source, ())
                 for m in range(tc.grad_accum):
                     # Each rank generates for its share of the prompts, with its own seed.
-                    with engine.generation(*generating):
+                    with engine.generation(*generating) as synced:
                         pairs, stats, hidden = source_pairs(
                             source, engine.shard(data.next_pairs(tc.batch_size)), cfg.sources, student=student,
                             teacher=teacher, skd_k=skd_k, pad_id=pad_id, stops=stops, max_length=cfg.data.max_length,
                             vocab=vocab, seed=step_seed(tc.seed, step, m * engine.world + engine.rank),
                             teacher_cache=teacher_cache,
                             keep_teacher_hidden=loss_teacher is not None and fused,  # plain LM heads only
+                            synced=synced,
                         )
                     generation.add(stats)
                     t_start += stats.seconds  # tokens/s counts training time only

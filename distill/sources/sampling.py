@@ -40,14 +40,16 @@ def responses(new_tokens: torch.Tensor, stops: list[int]) -> list[list[int]]:
 
 
 def sample(model: PreTrainedModel, prompts: list[list[int]], cfg: SamplingConfig, *, pad_id: int,
-           stops: list[int], seed: int, vocab: int | None = None, hidden: list | None = None) -> list[list[int]]:
+           stops: list[int], seed: int, vocab: int | None = None, hidden: list | None = None,
+           synced: bool = False) -> list[list[int]]:
     """A response per prompt: sampled at ``cfg.temperature`` with top-k / top-p filtering, or greedy;
     up to ``cfg.max_new_tokens``, through the first stop token; never a token id at or above
     ``vocab`` (the model's padding rows). Nothing else shapes the distribution (the model's own
     generation defaults are set aside). The same seed gives the same responses; the global random
     state is left as it was. With ``hidden`` (a list) the model's final hidden states before each
     response token are appended to it, one ``[len(response), H]`` tensor per prompt, taken from the
-    decoding steps themselves (the decoder's output at each step's last position)."""
+    decoding steps themselves (the decoder's output at each step's last position). ``synced``: the
+    model is sharded and not gathered; every rank decodes until all are done."""
     device = next(model.parameters()).device
     ids, mask = (x.to(device) for x in left_pad(prompts, pad_id))
     kwargs = dict(do_sample=False) if cfg.greedy else dict(
@@ -68,7 +70,7 @@ def sample(model: PreTrainedModel, prompts: list[list[int]], cfg: SamplingConfig
         with generating(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                                 eos_token_id=stops, pad_token_id=pad_id, **kwargs)
+                                 eos_token_id=stops, pad_token_id=pad_id, synced_gpus=synced, **kwargs)
     finally:
         plain.generation_config = saved
         if hook is not None:

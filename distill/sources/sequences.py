@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from distill.config import SourcesConfig
 from distill.data import Batch, left_pad
+from distill.errors import DistillError
 from distill.sources.sampling import generating, responses, sample
 from distill.sources.skd import skd_generate
 from distill.sources.teacher_cache import TeacherCache
@@ -57,7 +58,7 @@ class SourceStats:
 def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreTrainedModel,
                  teacher: PreTrainedModel | None, skd_k: int, pad_id: int, stops: list[int], max_length: int,
                  vocab: int, seed: int, teacher_cache: TeacherCache | None = None, keep_teacher_hidden: bool = False,
-                 ) -> tuple[Pairs, SourceStats, list[torch.Tensor] | None]:
+                 synced: bool = False) -> tuple[Pairs, SourceStats, list[torch.Tensor] | None]:
     """``pairs`` (the dataset's micro-batch) as the source ``source`` makes them: unchanged for
     ``dataset``; for the others their prompts with generated responses, cut to ``max_length``
     tokens in all; ``vocab`` is the shared tokenizer's length. ``seed`` fixes the generation (the
@@ -65,7 +66,8 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
     where it has them. With ``keep_teacher_hidden`` the SKD and teacher sources also return, per
     pair, the teacher's final hidden states before each response token, from SKD's verification
     forwards or the teacher's decoding steps (None otherwise, also for the teacher source with a
-    cache: the loss then runs the teacher itself)."""
+    cache: the loss then runs the teacher itself). ``synced``: the generating model is sharded and
+    not gathered, so every rank generates in step (each forward is collective), cached or not."""
     if source == "dataset":
         return pairs, SourceStats(), None
     prompts = [p for p, _ in pairs]
@@ -73,19 +75,21 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
     stats = SourceStats(sequences=len(prompts))
     hidden = None
     if source == "student":
-        got = sample(student, prompts, cfg.student, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab)
+        got = sample(student, prompts, cfg.student, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab, synced=synced)
     elif source == "teacher":
         found = teacher_cache.lookup(prompts, seed) if teacher_cache is not None else [None] * len(prompts)
         missing = [i for i, r in enumerate(found) if r is None]
-        if missing:
-            asked = [prompts[i] for i in missing]
+        if missing or synced:  # synced: a rank whose batch is cached still takes part (one prompt)
+            asked = [prompts[i] for i in missing] or prompts[:1]
             # Kept only without a cache: with one, whether a batch was cached would decide how its
             # teacher hidden states were computed (decoding steps or a forward, equal to ~1e-7), and
             # a resumed run would then differ from the uninterrupted one in the last bits.
             hidden = [] if keep_teacher_hidden and teacher_cache is None else None
             new = sample(teacher, asked, cfg.teacher, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab,
-                         hidden=hidden)
-            if teacher_cache is not None:
+                         hidden=hidden, synced=synced)
+            if not missing:
+                new, hidden = [], None
+            if teacher_cache is not None and missing:
                 teacher_cache.store(asked, seed, new, prompts)
             for i, r in zip(missing, new, strict=True):
                 found[i] = r
@@ -93,6 +97,9 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
         got = found
         stats.cached = len(prompts) - len(missing)
     elif source == "skd":
+        if synced:
+            raise DistillError("SKD generates with student and teacher gathered whole on every rank, and they do "
+                               "not both fit (distill plan); lower sources.weights.skd to 0 or use more ranks")
         s = cfg.skd
         device = next(student.parameters()).device
         ids, mask = (x.to(device) for x in left_pad(prompts, pad_id))
