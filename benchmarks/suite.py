@@ -3,7 +3,8 @@
 - ``ci``: on the CPU in at most 15 minutes on the 2-core development machine; ``.ci/run`` runs it
   after the tests and gates it against ``benchmarks/baseline/ci.json`` (``benchmarks.compare``).
 - ``full``: on the CPU, every member at full size: the recipe study (every recipe and seed), the
-  TRL head-to-head with three seeds, the draft before and after distillation (about 1.5 hours).
+  TRL head-to-head with three seeds, the draft before and after distillation, the memory plan
+  against measured peaks (about 1.5 hours).
 - ``gpu``: on a CUDA device: the fused-loss kernels at the Llama-3 and Qwen shapes against eager
   PyTorch and Liger-Kernel, sampler and SKD throughput, one recipe end to end.
 
@@ -23,7 +24,7 @@ from benchmarks.environment import environment
 from benchmarks.metrics import write_json
 
 ROOT = Path(__file__).parent
-MEMBERS = ("fused_loss", "train_step", "sampling", "skd", "recipes", "trl_gkd", "draft_eval")
+MEMBERS = ("fused_loss", "train_step", "sampling", "skd", "recipes", "trl_gkd", "draft_eval", "plan_memory")
 
 SUITES: dict[str, dict[str, dict]] = {
     "ci": {
@@ -42,6 +43,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "recipes": {"seeds": [0, 1, 2], "work": "/tmp/distill-recipes"},
         "trl_gkd": {"seeds": [0, 1, 2]},
         "draft_eval": {},
+        "plan_memory": {},
     },
     "gpu": {
         "fused_loss": {"mode": "gpu"},

@@ -60,6 +60,9 @@ class ModelConfig:
     arch: ArchConfig | None = None
     dtype: str = "float32"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Teacher only: the student's own base model with its LoRA adapters disabled, so that one copy
+    # of the weights serves both (teacher.path is then student.path; needs student.lora.enabled).
+    student_base: bool = False
 
 
 @dataclass
@@ -332,6 +335,19 @@ def validate(cfg: DistillConfig) -> None:
             raise _not_a_directory(f"{role}.tokenizer", m.tokenizer, "tokenizer directory",
                                    "a Hugging Face model or tokenizer directory (tokenizer files, e.g. from "
                                    "save_pretrained)")
+    if cfg.student.student_base:
+        raise DistillError("student.student_base is a teacher option (teacher.student_base=true)")
+    if cfg.teacher.student_base:
+        if not cfg.student.lora.enabled:
+            raise DistillError("teacher.student_base uses the student's base model with its LoRA adapters disabled; "
+                               "it needs student.lora.enabled=true")
+        if cfg.teacher.path is None or cfg.student.path is None or (
+                Path(cfg.teacher.path).resolve() != Path(cfg.student.path).resolve()):
+            raise DistillError(f"teacher.student_base: teacher.path must be student.path (the base model both "
+                               f"share); got {cfg.teacher.path} and {cfg.student.path}")
+        if cfg.teacher.dtype != cfg.student.dtype:
+            raise DistillError(f"teacher.student_base: the teacher is the student's weights, so teacher.dtype must be "
+                               f"student.dtype ({cfg.student.dtype}); got {cfg.teacher.dtype}")
     if cfg.student.path is None and cfg.student.arch is None:
         raise DistillError("student.path is not set (a local Hugging Face model directory)")
     t = cfg.trainer

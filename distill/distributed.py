@@ -244,8 +244,9 @@ class Engine:
 
         A model the plan found too large to gather (``gathers``) stays sharded: the block yields
         True, and generation must then be synced (every rank decoding until all are done)."""
-        sharded = [m for m in dict.fromkeys(m for m in models if m is not None)
-                   if any(is_sharded(p) for p in m.parameters())]
+        # A LoRA student's base as the teacher (models.AdaptersDisabled) is the student's weights.
+        models = tuple(getattr(m, "lora_student", m) for m in models if m is not None)
+        sharded = [m for m in dict.fromkeys(models) if any(is_sharded(p) for p in m.parameters())]
         synced = self.world > 1 and any(not self.gathers.get(self._role.get(id(m), ""), True) for m in sharded)
         sharded = [m for m in sharded if self.gathers.get(self._role.get(id(m), ""), True)]
         if not sharded:

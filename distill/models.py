@@ -144,6 +144,61 @@ def load_model(
     return model
 
 
+class AdaptersDisabled(torch.nn.Module):
+    """A LoRA student's base model as a teacher (``teacher.student_base``): one copy of the weights.
+
+    Every call of the model, of its decoder and of ``generate`` runs with the adapters disabled and
+    the model in eval mode (no dropout), then puts both back; the student itself is untouched
+    between calls. Its parameters are the student's frozen ones (not a submodule of this module, so
+    nothing is registered twice); everything else is the student's (config, LM head, ...)."""
+
+    def __init__(self, student: torch.nn.Module) -> None:
+        super().__init__()
+        self.__dict__["lora_student"] = student  # the model whose weights this is (not a submodule)
+
+    @contextmanager
+    def _base(self) -> Iterator[None]:
+        student = self.lora_student
+        was_training = student.training
+        student.eval()
+        try:
+            with student.disable_adapter():
+                yield
+        finally:
+            student.train(was_training)
+
+    def forward(self, *args, **kwargs):
+        with self._base():
+            return self.lora_student(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self._base():
+            return self.lora_student.generate(*args, **kwargs)
+
+    def get_decoder(self) -> torch.nn.Module:
+        view = self
+
+        class _Decoder(torch.nn.Module):  # the student's decoder, called with the adapters disabled
+            def forward(self, *args, **kwargs):
+                with view._base():
+                    return view.lora_student.get_decoder()(*args, **kwargs)
+
+        return _Decoder()
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
+        return (p for n, p in self.lora_student.named_parameters() if "lora_" not in n)
+
+    def train(self, mode: bool = True) -> AdaptersDisabled:
+        self.training = mode  # the student's mode is its own; calls run in eval mode anyway
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["lora_student"], name)
+
+
 @contextmanager
 def head_forward(model: PreTrainedModel, forward: Callable[..., Any]) -> Iterator[torch.nn.Module]:
     """Within the block, calling the model's LM head (the module yielded) runs ``forward(head, *args)``

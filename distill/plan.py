@@ -26,6 +26,7 @@ the CPU the process's own memory (libraries) at planning time is added.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,8 +115,29 @@ def _kv_bytes_per_token(config, bytes_per: int) -> int:
     return 2 * layers * heads * head_dim * bytes_per
 
 
+class _FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel (flash, memory-efficient, PyTorch's CPU flash) keeps for
+    backward: q, k, v, the output and the row log-sum-exp; never the [length x length] scores,
+    which the meta device's own attention (the unfused math) would count."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the meta forward is only measured
+        raise NotImplementedError
+
+
+def _fused_sdpa(q, k, v, *args, **kwargs):
+    return _FusedAttention.apply(q, k, v)
+
+
 def _saved_activations(model: torch.nn.Module, rows: int, length: int) -> int:
-    """Bytes autograd saves in a forward of the decoder over ``[rows, length]`` tokens (meta device)."""
+    """Bytes autograd saves in a forward of the decoder over ``[rows, length]`` tokens (meta device),
+    with fused attention as on a GPU and in PyTorch's CPU kernels."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -125,10 +147,13 @@ def _saved_activations(model: torch.nn.Module, rows: int, length: int) -> int:
 
     from unittest import mock
 
-    ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
+    device = next(model.parameters()).device
+    ids = torch.zeros(rows, length, dtype=torch.long, device=device)
     # No padding mask, and no check for packed sequences: both read values, which meta tensors lack.
     no_packing = mock.patch("transformers.masking_utils.find_packed_sequence_indices", lambda *a, **k: None)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(), no_packing:
+    fused = mock.patch("torch.nn.functional.scaled_dot_product_attention", _fused_sdpa) if device.type == "meta" \
+        else contextlib.nullcontext()  # a real model (tests) runs its real attention
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(), no_packing, fused:
         model.get_decoder()(input_ids=ids)
     return sum(storages.values())
 
@@ -152,11 +177,14 @@ def model_shape(m: ModelConfig, role: str, *, vocab: int | None = None, rows: in
             model = model.to(torch.bfloat16)
         full = _saved_activations(model, rows, length)
         shape.activations = full
-        if checkpointing:  # the layers' inputs, plus one layer's activations while it is recomputed
+        if checkpointing:
+            # What stays outside the checkpointed layers, each layer's input (kept for its
+            # recomputation), and one layer's activations while it is recomputed.
             layers = getattr(config.get_text_config(), "num_hidden_layers", 1)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()
-            shape.activations = _saved_activations(model, rows, length) + full // layers
+            inputs = layers * rows * length * shape.hidden * next(model.parameters()).element_size()
+            shape.activations = _saved_activations(model, rows, length) + inputs + full // layers
     return shape
 
 
@@ -283,44 +311,56 @@ def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bo
                s: ModelShape, t: ModelShape | None, device: str) -> Plan:
     """Per-rank memory of the run at ZeRO ``stage`` on ``world`` ranks (see the module docstring)."""
     uses_ds = world > 1 or stage > 0
-    shard_teacher = uses_ds and t is not None and (stage == 3 or (cfg.deepspeed.shard_teacher and world > 1))
+    shared = cfg.teacher.student_base  # the teacher is the student's base weights: no second copy
+    shard_teacher = uses_ds and t is not None and not shared and (
+        stage == 3 or (cfg.deepspeed.shard_teacher and world > 1))
     p = Plan(stage, world, offload_optimizer and stage > 0, offload_params and stage == 3, shard_teacher)
     w = 1 if stage < 3 else world
-    b = s.bytes_per_weight
-    half = b < 4
+    b, n = s.bytes_per_weight, s.trainable
     on_device = 0 if p.offload_params else 1
     p.resident["student weights"] = s.parameters * b // w * on_device
-    p.resident["gradients"] = s.trainable * b // (world if stage >= 2 else 1)
-    opt = s.trainable * (8 + (4 if half and uses_ds else 0)) if uses_ds else s.trainable * 2 * b
-    opt //= world if stage >= 1 else 1
+    if stage >= 1:
+        # DeepSpeed's own accounting (estimate_zero{2,3}_model_states_mem_needs): the model's
+        # gradients (partitioned from stage 2), an fp32 gradient partition, and the optimizer's
+        # fp32 master copy with AdamW's two moments, partitioned, whatever the weights' dtype.
+        p.resident["gradients"] = n * b // (world if stage >= 2 else 1) + 4 * n // world
+        opt = 12 * n // world
+    elif uses_ds:  # plain data parallelism on DeepSpeed: an fp32 master copy only for half weights
+        p.resident["gradients"] = n * b + (4 * n if b < 4 else 0)
+        opt = (8 + (4 if b < 4 else 0)) * n
+    else:  # torch's AdamW: its moments in the weights' dtype
+        p.resident["gradients"] = n * b
+        opt = 2 * b * n
     if p.offload_optimizer:
         p.cpu += opt
     else:
         p.resident["optimizer state"] = opt
     if p.offload_params:
         p.cpu += s.parameters * b // w
-    if t is not None:
+    if t is not None and not shared:
         tw = t.parameters * t.bytes_per_weight // (world if shard_teacher else 1)
         if p.offload_params and shard_teacher:
             p.cpu += tw
         else:
             p.resident["teacher weights"] = tw
-    if stage in (1, 2):  # DeepSpeed's reduce and all-gather buckets (at most the partition)
-        p.resident["ZeRO buckets"] = 2 * min(ZERO12_BUCKET, s.trainable) * 4
+    if stage in (1, 2):  # DeepSpeed's reduce and all-gather buckets (filled up to the model's size)
+        p.resident["ZeRO buckets"] = 2 * min(ZERO12_BUCKET, n) * b
+    elif stage == 3:  # its gradient reduce bucket
+        p.resident["ZeRO buckets"] = min(ZERO12_BUCKET, n) * b
     tc, length = cfg.trainer, cfg.data.max_length
     rows = tc.batch_size // world
     tokens = rows * length
     # Training: one micro-batch (the length groups of a micro-batch are smaller still).
     p.training["activations"] = s.activations
+    # ZeRO-3 keeps up to stage3_max_live_parameters gathered, and does not release parameters it
+    # will use again soon: up to that bound (or the whole model) beyond the rank's own partition.
     gathered = 0
-    if stage == 3:  # layers gathered around the one computing
-        gathered = min(ZERO3_MAX_LIVE, 2 * s.largest_block) * b
-        if t is not None and shard_teacher:
-            gathered = max(gathered, min(ZERO3_MAX_LIVE, 2 * t.largest_block) * t.bytes_per_weight)
-    if shard_teacher and stage < 3 and t is not None:
-        gathered = min(ZERO3_MAX_LIVE, 2 * t.largest_block) * t.bytes_per_weight
+    if stage == 3:
+        gathered += min(ZERO3_MAX_LIVE, s.parameters) * b * (world - 1) // world
+    if shard_teacher:
+        gathered += min(ZERO3_MAX_LIVE, t.parameters) * t.bytes_per_weight * (world - 1) // world
     if gathered:
-        p.training["ZeRO-3 gathered layers"] = gathered
+        p.training["ZeRO-3 gathered parameters"] = gathered
     kd = cfg.loss.kind != "ce" and t is not None
     if kd:
         p.training["teacher hidden states"] = tokens * t.hidden * 4
@@ -357,6 +397,7 @@ def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bo
         rounds.append(("evaluation (teacher)", ["teacher"], tc.eval_batch_size, prompt + tc.max_new_tokens))
     models = {"student": s, "teacher": t}
     sharded = {"student": stage == 3, "teacher": shard_teacher}
+    owner = {"student": "student", "teacher": "student" if shared else "teacher"}  # whose weights are gathered
     resident = sum(p.resident.values()) + p.runtime
 
     def whole(role: str) -> int:  # what gathering adds to the rank's own partition (or all of it, offloaded)
@@ -367,11 +408,11 @@ def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bo
     def round_parts(roles: list[str], n: int, positions: int) -> dict[str, int]:
         parts = {}
         for role in roles:
-            m = models[role]
-            if sharded[role] and p.gathers.get(role, True):
-                parts[f"{role} gathered"] = whole(role)
-            elif sharded[role]:
-                parts[f"{role} layers gathered in turn"] = min(ZERO3_MAX_LIVE, 2 * m.largest_block) * m.bytes_per_weight
+            m, o = models[role], owner[role]
+            if sharded[o] and p.gathers.get(o, True):
+                parts[f"{o} gathered"] = whole(o)
+            elif sharded[o]:
+                parts[f"{o} layers gathered in turn"] = min(ZERO3_MAX_LIVE, 2 * m.largest_block) * m.bytes_per_weight
             parts[f"{role} KV cache"] = n * positions * m.kv_bytes_per_token
         parts["sampling logits"] = n * max(models[r].rows for r in roles) * 4 * 2
         return parts
@@ -379,14 +420,14 @@ def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bo
     for role in ("student", "teacher"):
         if models[role] is not None and sharded[role]:
             p.gathers[role] = True
-            mine = [r for r in rounds if role in r[1]]
+            mine = [r for r in rounds if role in (owner[x] for x in r[1])]
             need = max((sum(round_parts(r[1], r[2], r[3]).values()) for r in mine), default=0)
             p.gathers[role] = p.available is None or resident + need <= p.available
     for what, roles, n, positions in rounds:
         parts = round_parts(roles, n, positions)
         if sum(parts.values()) > sum(p.generation.values()):
             p.generation, p.generation_what = parts, what
-        if what == "SKD" and not all(p.gathers.get(r, True) for r in roles):
+        if what == "SKD" and not all(p.gathers.get(owner[r], True) for r in roles):
             p.problems.append("SKD generates with both models gathered whole on every rank, which does not fit "
                               "here; lower sources.weights.skd to 0 or use more ranks")
     return p
@@ -405,11 +446,11 @@ def make_plan(cfg: DistillConfig, world: int | None = None) -> RunPlan:
     if tc.batch_size % world:
         raise DistillError(f"trainer.batch_size={tc.batch_size} must be a multiple of the {world} ranks")
     rows, length = tc.batch_size // world, cfg.data.max_length
-    vocab = None
-    if cfg.student.arch is not None and (cfg.student.tokenizer or cfg.teacher.path):
+    vocab = None  # a student from scratch: its tokenizer's, or the one the run trains
+    if cfg.student.arch is not None and cfg.student.tokenizer:
         from distill.models import load_tokenizer
 
-        vocab = len(load_tokenizer(cfg.student.tokenizer or cfg.teacher.path, "student"))
+        vocab = len(load_tokenizer(cfg.student.tokenizer, "student"))
     s = model_shape(cfg.student, "student", vocab=vocab, rows=rows, length=length,
                     bf16=tc.precision == "bf16", checkpointing=tc.activation_checkpointing)
     t = model_shape(cfg.teacher, "teacher") if cfg.teacher.path else None

@@ -33,8 +33,10 @@ def full_numel(param: torch.Tensor) -> int:
 @contextmanager
 def gathered(params: Iterable[torch.Tensor], *, modify: bool = False) -> Iterator[None]:
     """Inside the block the given parameters are whole on every rank. With ``modify``, what rank 0
-    writes into them is partitioned back to every rank on exit (every rank should write the same)."""
-    sharded = [p for p in params if is_sharded(p)]
+    writes into them is partitioned back to every rank on exit (every rank should write the same).
+    A parameter that is whole already (its module is running: a LoRA student's head read as its
+    base teacher's inside the student's head forward) is left to whoever gathered it."""
+    sharded = [p for p in params if is_sharded(p) and (modify or not _available(p))]
     if not sharded:
         yield
         return
@@ -42,3 +44,9 @@ def gathered(params: Iterable[torch.Tensor], *, modify: bool = False) -> Iterato
 
     with deepspeed.zero.GatheredParameters(sharded, modifier_rank=0 if modify else None):
         yield
+
+
+def _available(param: torch.Tensor) -> bool:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status == ZeroParamStatus.AVAILABLE

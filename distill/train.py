@@ -39,6 +39,7 @@ from distill.errors import DistillError
 from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses
 from distill.losses import count_tokens
 from distill.models import (
+    AdaptersDisabled,
     check_same_tokenizer,
     check_vocab_rows,
     count_parameters,
@@ -235,13 +236,14 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     # Models and tokenizers, checked before any compute.
     tokenizer, tok_path = _tokenizer_for(cfg, run_dir, engine)
     teacher = None
-    if cfg.teacher.path:
+    if cfg.teacher.path:  # (teacher.student_base: the student's own weights, below)
         teacher_tok = load_tokenizer(cfg.teacher.tokenizer or cfg.teacher.path, "teacher")
         check_same_tokenizer(teacher_tok, tokenizer, cfg.teacher.tokenizer or cfg.teacher.path, tok_path)
-        with engine.loading("teacher"):
-            teacher = load_model(cfg.teacher, "teacher", device)
-        check_vocab_rows(teacher, tokenizer, f"teacher {cfg.teacher.path}")
-        teacher = engine.wrap_teacher(teacher)
+        if not cfg.teacher.student_base:
+            with engine.loading("teacher"):
+                teacher = load_model(cfg.teacher, "teacher", device)
+            check_vocab_rows(teacher, tokenizer, f"teacher {cfg.teacher.path}")
+            teacher = engine.wrap_teacher(teacher)
     # Seed right before the student: loading a teacher may consume random numbers, and a student
     # built from scratch must get the same initial weights with or without one.
     set_seed(tc.seed)
@@ -270,6 +272,8 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     student = engine.wrap_student(student, optimizer)
+    if cfg.teacher.student_base:
+        teacher = AdaptersDisabled(student)
     scheduler = cosine_scheduler(optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     bf16, vocab = tc.precision == "bf16", len(tokenizer)
     for s in range(tc.steps):  # each step must have a source to draw from

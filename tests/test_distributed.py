@@ -120,3 +120,66 @@ def test_resumed_two_rank_run_continues_identically(runs):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ckpt = runs["zero3"] / "checkpoints" / "step-0000004"
     assert (ckpt / "deepspeed").is_dir() and {f"rng-{r}.pt" for r in (0, 1)} <= {p.name for p in ckpt.iterdir()}
+
+
+SAMPLED = [  # the same schedule as STEPS, sampling at temperature 1 (SKD keeps the teacher's top 5)
+    *[s for s in STEPS if not s.startswith(("sources.student.greedy", "sources.skd"))], "sources.skd.k.start=5"]
+
+
+def test_zero_stages_agree_with_sampled_sources(tmp_path):
+    """A LoRA student on two ranks at ZeRO-1, ZeRO-2 and ZeRO-3 with offloaded optimizer state and
+    weights, with sampled on-policy and SKD steps: each rank samples its share with its own seed
+    whatever the stage, so the runs see the same sequences and train alike; and every rank kept in
+    step through sampling of different lengths."""
+    lora = ["student.lora.enabled=true", "student.lora.r=4", "loss.ce_weight=0.5"]
+    stages = ("zero1", "zero2", "zero3_offload")
+    for stage in stages:
+        run(2, *SAMPLED, *lora, f"deepspeed={stage}", f"output_dir={tmp_path / stage}")
+    a = train_rows(tmp_path / stages[0])
+    wa = weights(tmp_path / stages[0])
+    for stage in stages[1:]:
+        b = train_rows(tmp_path / stage)
+        assert [r["response_length"] for r in a[1:]] == [r["response_length"] for r in b[1:]]
+        for x, y in zip(a, b, strict=True):
+            for key in ("loss", "grad_norm"):
+                assert y[key] == pytest.approx(x[key], rel=LOSS_RTOL), (stage, x["step"], key)
+        wb = weights(tmp_path / stage)
+        assert all(torch.allclose(wa[k], wb[k], atol=WEIGHT_ATOL) for k in wa), stage
+
+
+def test_lora_student_under_zero3_with_its_base_as_teacher(tmp_path):
+    """LoRA adapters trained under ZeRO-3 (torchrun, two ranks) against the student's own base model
+    (adapters disabled: one copy of the weights), half SFT so that the adapters move; resumed
+    exactly (LoRA dropout draws from each rank's random state); exported merged as a plain model
+    that AutoModelForCausalLM loads and export-draft takes."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.config import ASSETS
+
+    base = ASSETS / "student"
+    lora = [*SAMPLED, "deepspeed=zero3", "student.lora.enabled=true", "student.lora.dropout=0.1",
+            f"teacher.path={base}", "teacher.student_base=true", "loss.ce_weight=0.5"]
+    run(2, *lora, f"output_dir={tmp_path / 'lora'}", launcher="torchrun")
+    shutil.copytree(tmp_path / "lora", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-0000004")
+    shutil.rmtree(tmp_path / "resumed" / "model")
+    (tmp_path / "resumed" / "report.json").unlink()
+    run(2, f"resume={tmp_path / 'resumed'}", launcher="torchrun")
+    merged, again = weights(tmp_path / "lora"), weights(tmp_path / "resumed")
+    assert all(torch.equal(merged[k], again[k]) for k in merged)
+    assert train_rows(tmp_path / "lora")[-1]["loss"] == train_rows(tmp_path / "resumed")[-1]["loss"]
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")
+    assert type(model).__name__ == "LlamaForCausalLM" and not any("lora" in k for k in model.state_dict())
+    base_model = AutoModelForCausalLM.from_pretrained(base)
+    before = base_model.state_dict()
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(k.endswith("proj.weight") for k in moved), moved  # the adapted layers, merged
+    report = json.loads((tmp_path / "lora" / "report.json").read_text())
+    # One copy of the weights: the teacher is the student's base (its parameters, not the adapters').
+    assert report["sharding"]["teacher_parameters"] == sum(p.numel() for p in base_model.parameters())
+    proc = subprocess.run([sys.executable, "-m", "distill", "export-draft", f"student={tmp_path / 'lora' / 'model'}",
+                           f"target={ASSETS / 'teacher'}", f"out={tmp_path / 'draft'}"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "draft").config.vocab_size >= model.config.vocab_size

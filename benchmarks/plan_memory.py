@@ -1,0 +1,100 @@
+"""The memory plan against measured peaks, and the README's plan of a 70B -> 8B run.
+
+Each configuration is a real run (``python -m distill``, or two CPU ranks under ``deepspeed``)
+on the built-in tasks, with the shipped teacher and a student built from scratch large enough
+that its state, not the libraries, is most of the memory. Every run checks its plan before
+loading anything and reports the plan's peak beside the measured one (on the CPU the peak
+resident memory of each rank; the largest rank counts). The plan assumes every sequence at
+``data.max_length``: an upper bound, so the runs use a max_length near the tasks' longest.
+
+``llama-3.1-70b-to-8b.txt`` is ``distill plan`` for Llama 3.1 70B -> 8B on 8 x 80 GB GPUs from
+the published configs (``benchmarks/configs/``): the README quotes it, and a test re-renders it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.environment import environment
+from benchmarks.metrics import metric, write_json
+
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+MODEL = ["student=tiny", "student.arch.hidden_size=512", "student.arch.num_layers=8",
+         "student.arch.intermediate_size=1536", "trainer.batch_size=32", "data.max_length=48", "trainer.steps=3",
+         "trainer.eval_every=100", "final_eval=false", "data.num_validation=20", "trainer.progress=false"]
+# name: (ranks, overrides)
+CONFIGS = {
+    "one process": (1, []),
+    "one process, GKD": (1, ["recipe=gkd"]),
+    "2 ranks, ZeRO-2": (2, ["deepspeed=zero2"]),
+    "2 ranks, ZeRO-3": (2, ["deepspeed=zero3"]),
+    "2 ranks, ZeRO-3, GKD": (2, ["deepspeed=zero3", "recipe=gkd"]),
+}
+LLAMA_70B_8B = ["teacher.path=benchmarks/configs/llama-3.1-70b", "student.path=benchmarks/configs/llama-3.1-8b",
+                "teacher.dtype=bfloat16", "student.dtype=bfloat16", "trainer.precision=bf16", "trainer.device=cuda",
+                "plan.world_size=8", "plan.device_memory_gb=80", "deepspeed=zero3", "recipe=gkd",
+                "trainer.batch_size=16", "data.max_length=2048", "trainer.activation_checkpointing=true",
+                "trainer.eval_batch_size=16"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(ranks: int, overrides: list[str], run_dir: Path) -> dict:
+    """One run's report memory (planned, measured, error) and sharding."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "distill"]
+        # One rank of DeepSpeed for a ZeRO stage in one process.
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    else:
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_port()), "--module", "distill"]
+    proc = subprocess.run([*cmd, *MODEL, *overrides, f"output_dir={run_dir}"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=1800)
+    if proc.returncode:
+        raise RuntimeError(f"{overrides}: {proc.stderr[-3000:]}")
+    report = json.loads((run_dir / "report.json").read_text())
+    return {"memory": report["memory"], "sharding": report.get("sharding", {})}
+
+
+def plan_text(overrides: list[str]) -> str:
+    proc = subprocess.run([sys.executable, "-m", "distill", "plan", *overrides], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(proc.stderr[-3000:])
+    return proc.stdout
+
+
+def run(out: Path, seed: int = 0, configs: list[str] | None = None) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in configs or list(CONFIGS):
+            ranks, overrides = CONFIGS[name]
+            got = measure(ranks, [*overrides, f"trainer.seed={seed}"], Path(scratch) / re.sub(r"\W+", "_", name))
+            m = got["memory"]
+            results[name] = {"ranks": ranks, "overrides": overrides, **m}
+            print(f"{name}: planned {m['planned_peak_bytes'] / 2**20:,.0f} MiB, measured "
+                  f"{m['measured_peak_bytes'] / 2**20:,.0f} MiB ({m['error']:+.1%})", flush=True)
+    text = plan_text(LLAMA_70B_8B)
+    (out / "llama-3.1-70b-to-8b.txt").write_text(text)
+    write_json(out / "plan_memory.json", {"environment": environment(), "model": MODEL, "results": results,
+                                          "llama_70b_8b": {"command": "distill plan " + " ".join(LLAMA_70B_8B)}})
+    lines = ["Planned against measured peak memory per rank (CPU, peak resident memory of the largest rank; "
+             f"student arch {' '.join(MODEL[1:4])}).", "",
+             "| run | planned (MiB) | measured (MiB) | error |", "|---|---|---|---|"]
+    lines += [f"| {n} | {r['planned_peak_bytes'] / 2**20:,.0f} | {r['measured_peak_bytes'] / 2**20:,.0f} | "
+              f"{r['error']:+.1%} |" for n, r in results.items()]
+    (out / "plan_memory.md").write_text("\n".join(lines) + "\n")
+    return {"results": results, "metrics": {
+        f"plan error, {n}": metric(abs(r["error"]), "lower", "quality", floor=0.05) for n, r in results.items()}}
