@@ -103,14 +103,22 @@ def save_checkpoint(
     run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int
 ) -> Path:
     """Write ``checkpoints/step-N`` (trainable weights + trainer state) atomically; keep the newest ``keep``."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    final = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+    final = checkpoint_dir(run_dir, step)
     with atomic_dir(final) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
         torch.save(state, tmp / "trainer_state.pt")
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` checkpoints."""
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -5,6 +5,8 @@
     distill loss.kind=rkl trainer.steps=500  # any field of distill.config can be overridden
     distill -m loss.kind=fkl,rkl             # a Hydra multirun sweep
     distill resume=outputs/RUN               # continue an interrupted run
+    distill plan deepspeed=zero3 plan.world_size=8   # the run's plan and per-rank memory, nothing loaded
+    deepspeed --num_gpus 8 --module distill deepspeed=zero3 ...   # or torchrun --nproc-per-node 8 -m distill
 
 Two more commands take ``key=value`` options of their typed configs:
 

@@ -31,8 +31,10 @@ import torch.distributed as dist
 
 from distill.checkpoint import (
     atomic_dir,
+    checkpoint_dir,
     list_checkpoints,
     load_latest_checkpoint,
+    prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -295,14 +297,10 @@ class Engine:
                 torch.save(state, tmp / "trainer_state.pt")
             self.barrier()  # every rank's files are in before rank 0 renames the directory
 
-        final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
         if self.is_main:
-            with atomic_dir(final) as tmp:
+            with atomic_dir(checkpoint_dir(run_dir, step)) as tmp:
                 write(Path(self.broadcast(str(tmp))))
-            for old in list_checkpoints(run_dir)[:-keep]:
-                import shutil
-
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(run_dir, keep)
         else:
             write(Path(self.broadcast(None)))
         self.barrier()  # no rank goes on before the checkpoint is in place
