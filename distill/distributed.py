@@ -107,14 +107,16 @@ class Engine:
         """``value`` summed over the ranks."""
         if self.world == 1:
             return value
-        t = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value, dtype=torch.float64)
+        # On the run's device: NCCL reduces CUDA tensors only.
+        t = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value, dtype=torch.float64,
+                                                                                device=self.device)
         dist.all_reduce(t)
         return t if torch.is_tensor(value) else type(value)(t.item())
 
     def all_max(self, value: int) -> int:
         if self.world == 1:
             return value
-        t = torch.tensor(value)
+        t = torch.tensor(value, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
