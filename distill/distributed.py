@@ -9,7 +9,8 @@ goes through an ``Engine``:
   scales its sum by ``world / count``);
 - ``backward`` and ``step`` are plain PyTorch in one process and DeepSpeed's engine otherwise, with
   the ZeRO stage of ``deepspeed.*`` and clipping, bf16 and accumulation from the recipe's fields;
-- ``loading`` partitions a model's weights as they are read (ZeRO-3): no rank holds a whole model;
+- ``loading`` partitions a model's weights as they are read (ZeRO-3), so no rank holds a whole
+  pretrained model (a student built from ``arch`` is partitioned once built);
 - ``generation`` gathers a sharded model once for a generation round and takes its ZeRO hooks off,
   so token-by-token sampling runs without communication and ranks need not finish together;
 - checkpoints are DeepSpeed's per-rank files inside the run's atomic checkpoint directory.
@@ -20,7 +21,9 @@ Launch with ``deepspeed --num_gpus N -m distill ...`` or ``torchrun --nproc-per-
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -58,6 +61,12 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1"))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _dtype_flags(dtype: str) -> dict[str, Any]:
     return {"bf16": {"enabled": dtype == "bfloat16"}, "fp16": {"enabled": dtype == "float16"}}
 
@@ -77,6 +86,10 @@ class Engine:
             self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)
         if self.uses_deepspeed:
+            if self.world == 1:  # a ZeRO stage in one process started without a launcher
+                for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                                   ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+                    os.environ.setdefault(key, value)
             if device.type == "cpu":
                 os.environ.setdefault("DS_ACCELERATOR", "cpu")
                 # The machine's cores shared by its ranks, not each rank taking all of them.
@@ -84,8 +97,9 @@ class Engine:
             import deepspeed
 
             if not dist.is_initialized():
+                # Rank 0 alone exports the model and evaluates the test split while the others wait.
                 deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl",
-                                           verbose=False)
+                                           verbose=False, timeout=datetime.timedelta(hours=3))
         tc = cfg.trainer
         if tc.batch_size % self.world:
             raise DistillError(f"trainer.batch_size={tc.batch_size} must be a multiple of the {self.world} ranks "
@@ -236,9 +250,11 @@ class Engine:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             return float(norm)
+        # Stage 0 clips without recording the norm: taken here from the averaged gradients.
+        before = float(torch.nn.utils.clip_grad_norm_(params, float("inf"))) if self.stage == 0 else None
         self.student_engine.step()
         norm = self.student_engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
+        return before if norm is None and before is not None else float("nan") if norm is None else float(norm)
 
     @contextmanager
     def generation(self, *models: torch.nn.Module | None) -> Iterator[bool]:
@@ -268,11 +284,18 @@ class Engine:
                 for hook in (*offload.forward_hooks, *offload.backward_hooks):
                     hook.remove()
                 offload.forward_hooks, offload.backward_hooks = [], []
+            # The start-of-forward hook of the root module checks, while ZeRO-3 records the order of
+            # module calls, that every rank calls alike (collectives): off too, so that ranks decoding
+            # different numbers of tokens (or none: a cached batch) cannot fall out of step.
+            starts = [offload.module._forward_pre_hooks[offload.fwd_pre_hook.id] for offload in offloads]
+            for offload in offloads:
+                offload.fwd_pre_hook.remove()
             try:
                 yield synced
             finally:
-                for offload in offloads:  # also invalidates the recorded order of module calls
-                    offload._register_deepspeed_module(offload.module)
+                for offload, start in zip(offloads, starts, strict=True):
+                    offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start, prepend=True)
+                    offload._register_deepspeed_module(offload.module)  # also invalidates the recorded order
 
     def held_parameters(self, model: torch.nn.Module) -> int:
         """Parameter elements this rank holds of ``model`` (its ZeRO-3 partitions, or all of them)."""

@@ -186,7 +186,8 @@ class AdaptersDisabled(torch.nn.Module):
         return _Decoder()
 
     def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
-        return (p for n, p in self.lora_student.named_parameters() if "lora_" not in n)
+        """The student's frozen (base) parameters."""
+        return (p for p in self.lora_student.parameters() if not p.requires_grad)
 
     def train(self, mode: bool = True) -> AdaptersDisabled:
         self.training = mode  # the student's mode is its own; calls run in eval mode anyway

@@ -9,11 +9,13 @@ over one micro-batch of ``data.max_length`` tokens, with autograd's saved-tensor
 follow the architecture and its attention path. The rest is arithmetic, per rank:
 
 - weights: parameters x bytes, divided by the ranks where ZeRO-3 shards them;
-- gradients: trainable parameters x bytes, divided by the ranks from stage 2;
-- optimizer: AdamW's two moments in fp32, plus an fp32 master copy of half-precision weights on
-  DeepSpeed, divided by the ranks from stage 1, or on the CPU with offload;
-- ZeRO-3 working set: the layers gathered around the one computing (DeepSpeed's live-parameter
-  bound), and communication buckets at stages 1-2;
+- gradients and optimizer state as DeepSpeed accounts for them (its estimate_zero*_mem_needs):
+  from stage 1 an fp32 gradient partition and an fp32 master copy beside AdamW's two fp32
+  moments, whatever the weights' dtype, divided by the ranks (the optimizer's share on the CPU
+  with offload); the model's own gradients are divided from stage 2; without ZeRO, torch's AdamW
+  keeps its moments in the weights' dtype;
+- ZeRO buffers: the reduce (and, stages 1-2, all-gather) buckets, and the parameters ZeRO-3
+  keeps gathered (up to its live-parameter bound);
 - the loss: the fused loss's chunk of ``[rows x vocab]`` buffers and its fp32 head-gradient
   accumulator, or the full logits without it;
 - generation: the models of a round gathered whole (ZeRO-3) and their KV caches for the prompts
@@ -550,11 +552,12 @@ def advice(cfg: DistillConfig, plan: RunPlan) -> str:
     return "; or ".join(options) if options else "more devices (plan.world_size) or a smaller model"
 
 
-def check(cfg: DistillConfig) -> RunPlan | None:
-    """The plan of a run about to start; raise DistillError when it does not fit, before loading."""
+def check(cfg: DistillConfig, world: int) -> RunPlan | None:
+    """The plan of a run about to start on ``world`` ranks; raise DistillError when it does not fit,
+    before loading."""
     if not cfg.plan.check:
         return None
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, world)
     if not plan.fits:
         raise DistillError(
             f"the plan does not fit: about {fmt(plan.chosen.peak)} per rank at its peak, "

@@ -227,7 +227,16 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     run_dir.mkdir(parents=True, exist_ok=True)
     console.quiet = not engine.is_main  # one rank reports
     # The memory plan, from the configs alone: a run that cannot fit stops before loading anything.
-    plan = check_plan(cfg)
+    # Rank 0 plans for all (ranks must agree on what they gather for generation).
+    plan = None
+    if engine.is_main:
+        try:
+            plan = check_plan(cfg, engine.world)
+        except DistillError as e:
+            plan = e
+    plan = engine.broadcast(plan)
+    if isinstance(plan, DistillError):
+        raise plan
     if plan is not None:
         engine.gathers = plan.chosen.gathers
         console.print(f"plan: about {fmt(plan.chosen.peak)} per rank at the peak"
@@ -414,7 +423,9 @@ def _sharding_report(engine: Engine, student: PreTrainedModel, teacher: PreTrain
         mine["teacher"] = engine.held_parameters(teacher)
     if device_peak := (torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None):
         mine["peak_device_bytes"] = device_peak
-    return {"world_size": engine.world, "stage": engine.stage, "shard_teacher": engine.shard_teacher,
+    shared = isinstance(teacher, AdaptersDisabled)  # the teacher is the student's base: placed as the student
+    return {"world_size": engine.world, "stage": engine.stage,
+            "shard_teacher": engine.stage == 3 if shared else engine.shard_teacher,
             "student_parameters": count_parameters(student.parameters()),
             "teacher_parameters": count_parameters(teacher.parameters()) if teacher is not None else 0,
             "ranks": engine.all_gather(mine)}
@@ -535,9 +546,11 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, engine: Engine,
                         result.validation["student after"] = val
                         progress.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
                     t_start += time.perf_counter() - paused  # tokens/s counts training time only
-                if step % tc.save_every == 0 or step == tc.steps or stop.requested:
+                # Ctrl-C reaches the ranks at different moments: they stop at the same step boundary.
+                stopping = bool(engine.all_max(int(stop.requested)))
+                if step % tc.save_every == 0 or step == tc.steps or stopping:
                     checkpoint()
-                if stop.requested and step < tc.steps:
+                if stopping and step < tc.steps:
                     raise DistillError(
                         f"interrupted at step {step}; checkpoint saved. Continue with: distill resume={run_dir}"
                     )

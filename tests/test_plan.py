@@ -145,6 +145,9 @@ def test_readme_plan_is_the_committed_one():
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
+    from distill.config import register
+
+    register()
     with initialize_config_module("distill.recipes", version_base=None):
         cfg = OmegaConf.to_object(compose("config", overrides=LLAMA_70B_8B))
     committed = (ROOT / "benchmarks" / "results" / "full" / "llama-3.1-70b-to-8b.txt").read_text()
