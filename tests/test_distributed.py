@@ -87,6 +87,21 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in ("one", "zero3", "resumed")}
 
 
+def test_ranks_stay_in_step_through_uneven_generation_rounds():
+    """A gathered generation round makes no collective calls, however many forwards each rank runs
+    in it (tests/two_rank_generation.py)."""
+    port = str(_free_port())
+    script = str(Path(__file__).with_name("two_rank_generation.py"))
+    procs = [subprocess.Popen([sys.executable, script, port, str(rank)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env()) for rank in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs) and outs[0][0].strip().endswith("in step"), outs[0][1][-3000:]
+
+
 def test_two_zero3_ranks_train_as_one_process(runs):
     one, two = train_rows(runs["one"]), train_rows(runs["zero3"])
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
