@@ -137,20 +137,26 @@ def test_resumed_two_rank_run_continues_identically(runs):
     assert (ckpt / "deepspeed").is_dir() and {f"rng-{r}.pt" for r in (0, 1)} <= {p.name for p in ckpt.iterdir()}
 
 
-SAMPLED = [  # the same schedule as STEPS, sampling at temperature 1 (SKD keeps the teacher's top 5)
-    *[s for s in STEPS if not s.startswith(("sources.student.greedy", "sources.skd"))], "sources.skd.k.start=5"]
+SAMPLED = [  # sampling at temperature 1: dataset, on-policy, SeqKD (the teacher's samples, cached), SKD (top 5)
+    *[s for s in STEPS if not s.startswith(("sources.student.greedy", "sources.skd", "sources.teacher_cache"))],
+    "sources.weights.teacher.end=1000", "sources.weights.teacher.kind=step", "sources.weights.teacher.steps=2",
+    "sources.weights.skd.end=1000000", "sources.weights.skd.kind=step", "sources.weights.skd.steps=3",
+    "sources.skd.k.start=5"]
+SAMPLED_SOURCES = ["source_dataset", "source_student", "source_teacher", "source_skd"]
 
 
 def test_zero_stages_agree_with_sampled_sources(tmp_path):
     """A LoRA student on two ranks at ZeRO-1, ZeRO-2 and ZeRO-3 with offloaded optimizer state and
-    weights, with sampled on-policy and SKD steps: each rank samples its share with its own seed
-    whatever the stage, so the runs see the same sequences and train alike; and every rank kept in
-    step through sampling of different lengths."""
+    weights, with sampled on-policy, SeqKD and SKD steps: each rank samples its share with its own
+    seed whatever the stage, so the runs see the same sequences and train alike (the later runs
+    take the teacher's responses from the cache the first wrote, merged from both ranks); and
+    every rank kept in step through sampling of different lengths."""
     lora = ["student.lora.enabled=true", "student.lora.r=4", "loss.ce_weight=0.5"]
     stages = ("zero1", "zero2", "zero3_offload")
     for stage in stages:
         run(2, *SAMPLED, *lora, f"deepspeed={stage}", f"output_dir={tmp_path / stage}")
     a = train_rows(tmp_path / stages[0])
+    assert [next(k for k, v in r.items() if k.startswith("source_") and v == 1.0) for r in a] == SAMPLED_SOURCES
     wa = weights(tmp_path / stages[0])
     for stage in stages[1:]:
         b = train_rows(tmp_path / stage)
