@@ -35,13 +35,15 @@ def write_json(path: Path, obj: object) -> None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM) in MiB. Not ``getrusage``'s ru_maxrss, which on
-    Linux keeps the peak of the process image before ``exec``: a child of a large parent would
-    report the parent's."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    """This process's peak resident memory (VmHWM) in MiB (``distill.plan.peak_rss_bytes``). Not
+    ``getrusage``'s ru_maxrss, which on Linux keeps the peak of the process image before ``exec``:
+    a child of a large parent would report the parent's."""
+    from distill.plan import peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    if not peak:
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    return peak / 2**20
 
 
 def synchronize(device) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.environment import environment
 from benchmarks.metrics import metric, write_json
+from distill.distributed import free_port
 
 ROOT = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
@@ -45,21 +45,14 @@ LLAMA_70B_8B = ["teacher.path=benchmarks/configs/llama-3.1-70b", "student.path=b
                 "trainer.eval_batch_size=16"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(ranks: int, overrides: list[str], run_dir: Path) -> dict:
     """One run's report memory (planned, measured, error) and sharding."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     if ranks == 1:
         cmd = [sys.executable, "-m", "distill"]
-        # One rank of DeepSpeed for a ZeRO stage in one process.
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_port()), "--module", "distill"]
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module",
+               "distill"]
     proc = subprocess.run([*cmd, *MODEL, *overrides, f"output_dir={run_dir}"], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=1800)
     if proc.returncode:

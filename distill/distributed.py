@@ -61,7 +61,8 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on this machine (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -87,7 +88,7 @@ class Engine:
             torch.cuda.set_device(self.device)
         if self.uses_deepspeed:
             if self.world == 1:  # a ZeRO stage in one process started without a launcher
-                for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                                    ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
                     os.environ.setdefault(key, value)
             if device.type == "cpu":
