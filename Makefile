@@ -2,18 +2,46 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU machines take the CPU build of torch first so that no CUDA packages are pulled in.
-# GPU users: `make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" demo`
-# (or any torch build of theirs, installed into .venv before `make`).
+# Every package at the version that last passed the suite (CPU Linux, Python 3.11): `make lock`.
+LOCK := requirements.lock
+# The CPU build of torch goes in first, so that no CUDA packages are pulled in (README: "Installing
+# for a GPU" for a CUDA build).
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench-ci gpu-check lint clean
+.PHONY: demo test lock bench-ci gpu-check lint clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+# The lock as pip constraints for .venv. A torch already in .venv at the first install is the user's
+# (a CUDA build): it and everything it requires, transitively (triton, nvidia-*, ...), stay as they
+# are and out of the constraints; the lock pins every other package.
+define CONSTRAINTS
+import importlib.metadata as md, pathlib, re, sys
+venv, lock = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+kept_file = venv / "kept.txt"
+if not kept_file.exists():
+    kept, todo = set(), ["torch"]
+    while todo:
+        name = norm(todo.pop())
+        try:
+            requires = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        if name not in kept:
+            kept.add(name)
+            todo += [re.match(r"[\w.-]+", r)[0] for r in requires if "extra ==" not in r]
+    kept_file.write_text("".join(f"{k}\n" for k in sorted(kept)))
+kept = set(kept_file.read_text().split())
+pins = [line for line in lock.read_text().splitlines() if norm(line.split("==")[0]) not in kept]
+(venv / "constraints.txt").write_text("\n".join(pins) + "\n")
+endef
+export CONSTRAINTS
+
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "$$CONSTRAINTS" $(VENV) $(LOCK)
+	grep -q -x torch $(VENV)/kept.txt || $(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt $(TORCH)
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test,bench]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,6 +49,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Re-resolve the newest releases in a scratch environment, run the suite there, and rewrite the lock
+# only if it passes.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet $(TORCH)
+	.venv-lock/bin/python -m pip install --quiet -e ".[test,bench]"
+	.venv-lock/bin/python -m pytest -q
+	{ echo "# Exact versions that passed the test suite (make lock): CPU Linux, Python 3.11."; \
+	  echo "# make demo / make test install from here; torch carries no local tag, so a CUDA build matches."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v -i -E "^(pip)==" \
+	    | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
 
 # The ci benchmark suite, then the regression gate against benchmarks/baseline/ci.json.
 bench-ci: $(STAMP)
@@ -34,7 +77,7 @@ gpu-check: $(STAMP)
 	$(BIN)/python -m benchmarks gpu
 
 lint: $(STAMP)
-	$(BIN)/ruff check distill kernels tests benchmarks
+	$(BIN)/ruff check distill tests benchmarks
 
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) .venv-lock outputs multirun

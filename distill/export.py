@@ -1,6 +1,6 @@
 """Export a distilled student as a draft model that serving stacks take as it is.
 
-What vLLM and transformers' assisted generation require (``algorithms.md``, draft-model export):
+What vLLM and transformers' assisted generation require (``docs/algorithms.md``, "Draft export"):
 the target's tokenizer files; ``config.vocab_size`` equal to the target's (embedding and LM-head
 rows padded when the student's is smaller); the target's eos/bos/pad ids and chat template; a
 plain architecture (no remote code), LoRA merged, safetensors; a ``generation_config.json`` with

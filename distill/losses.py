@@ -1,6 +1,6 @@
 """Token-level divergences between a student and a teacher: the reference implementation.
 
-Conventions (``shared/reference/algorithms.md``): teacher p = softmax(z_T / tau), student
+Conventions (``docs/algorithms.md``, "Divergences per position"): teacher p = softmax(z_T / tau), student
 q = softmax(z_S / tau), computed in fp32 from log-probabilities; gradients reach the student
 only; ``labels[..., i]`` decides whether position i counts (the caller shifts for next-token
 prediction); the mean is over non-ignored positions.

@@ -1,2 +1,2 @@
 """Sources of training sequences: each turns a batch of prompts into sequences for the loss
-(``../shared/reference/algorithms.md``, "Sources of training sequences")."""
+(``docs/algorithms.md``, "Sources of training sequences")."""
