@@ -99,7 +99,9 @@ def read_records(
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    row = json.loads(line)
+                    # Without its line break: an error at the end of the line is then reported at the
+                    # line's last column, not at column 1 of a line that does not exist.
+                    row = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     raise DistillError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
                 records.append(_record_from_row(row, cfg, tokenizer, where, require_completion))

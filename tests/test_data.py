@@ -62,6 +62,17 @@ def test_malformed_line_names_file_and_line(tmp_path, line, message):
         read_records(f, DataConfig())
 
 
+@pytest.mark.parametrize("line,column", [
+    ('{"prompt": "a", "completion": "b"', 34),  # cut short: just past its last character
+    ('{"prompt": "a", completion: "b"}', 17),
+    ('  {"prompt": "a",}', 18),
+])
+def test_malformed_json_names_the_column_of_the_line(tmp_path, line, column):
+    f = write(tmp_path / "bad.jsonl", [json.dumps({"prompt": "p", "completion": "c"}), line, ""])
+    with pytest.raises(DistillError, match=rf"bad\.jsonl:2: malformed JSON \(.* at column {column}\)$"):
+        read_records(f, DataConfig())
+
+
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(DistillError, match="no such data file"):
         read_records(tmp_path / "nope.jsonl", DataConfig())
