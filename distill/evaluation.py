@@ -83,7 +83,8 @@ def generate(
 def task_metrics(records: list[Record], predictions: list[str], metric: str = "auto") -> dict[str, float]:
     """Scores per group of records (``GROUP/name``: a built-in task's exact metrics, or ``metric`` on
     the user's data, group ``data`` or a record's ``task``) and, under each group's first score name
-    (``accuracy``, ``chrf``, ...), its mean over the groups."""
+    (``accuracy``, ``chrf``, ...), its mean over the groups. With one group that mean is the group's
+    own score, which then appears once (``chrf``, not also ``data/chrf``)."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(records):
         groups[r.task or "data"].append(i)
@@ -93,10 +94,10 @@ def task_metrics(records: list[Record], predictions: list[str], metric: str = "a
         preds = [predictions[i] for i in idx]
         refs = [records[i].answer for i in idx]
         scores = TASKS[name]().score(preds, refs) if name in TASKS else text_scores(preds, refs, metric)
-        metrics.update({f"{name}/{k}": v for k, v in scores.items()})
-        if scores:
-            key = next(iter(scores))
-            headline[key].append(scores[key])
+        first = next(iter(scores), None)
+        metrics.update({f"{name}/{k}": v for k, v in scores.items() if len(groups) > 1 or k != first})
+        if first is not None:
+            headline[first].append(scores[first])
     metrics.update({k: sum(v) / len(v) for k, v in headline.items()})
     return metrics
 

@@ -76,3 +76,18 @@ def test_spelling_metric():
     assert perfect["accuracy"] == 1.0 and perfect["bleu"] == pytest.approx(100.0)
     half = task.score(["four thousand seventy-two", "twelve"], refs)
     assert half["accuracy"] == 0.5 and 0 < half["bleu"] < 100
+
+
+def test_task_metrics_name_each_score_once():
+    """One group: its scores once (``chrf``, not also ``data/chrf``); several: per group and the mean."""
+    from distill.data import Record
+    from distill.evaluation import task_metrics
+
+    chat = [Record("p", "", "f:1", task=None, reference="five"), Record("p", "", "f:2", task=None, reference="six")]
+    assert set(task_metrics(chat, ["five", "seven"], "chrf")) == {"chrf"}
+    spelling = [Record("Write 5 in words.", "five", "b", task="spelling")]
+    assert set(task_metrics(spelling, ["five"])) == {"accuracy", "spelling/bleu"}
+    both = spelling + [Record("q", "1 + 1 = 2\n#### 2", "b", task="arithmetic")]
+    got = task_metrics(both, ["five", "#### 3"])
+    assert {"accuracy", "spelling/accuracy", "arithmetic/accuracy", "spelling/bleu"} <= set(got)
+    assert got["accuracy"] == 0.5
