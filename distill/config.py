@@ -331,6 +331,8 @@ def validate(cfg: DistillConfig) -> None:
             raise DistillError(f"{role}: set either {role}.path (pretrained) or {role}.arch (from scratch), not both")
         if m.path is not None and not Path(m.path).is_dir():
             raise _not_a_directory(f"{role}.path", m.path, "model directory", hf_model_dir)
+        if m.path is not None and (problem := gguf_directory_problem(m.path)):
+            raise DistillError(f"{role}.path: {problem}")
         if m.tokenizer is not None and not Path(m.tokenizer).is_dir():
             raise _not_a_directory(f"{role}.tokenizer", m.tokenizer, "tokenizer directory",
                                    "a Hugging Face model or tokenizer directory (tokenizer files, e.g. from "
@@ -394,6 +396,19 @@ def validate(cfg: DistillConfig) -> None:
             raise DistillError(f"data.{split}: no such file: {path}")
     if cfg.resume is not None and not Path(cfg.resume).is_dir():
         raise _not_a_directory("resume", cfg.resume, "run directory", "the run directory of a distill run")
+
+
+def gguf_directory_problem(path: str | Path) -> str | None:
+    """What is wrong with a model directory that holds a GGUF file and no ``config.json`` (a
+    llama.cpp download): transformers would only say that a ``model_type`` key is missing."""
+    path = Path(path)
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if not ggufs or (path / "config.json").exists():
+        return None
+    return (f"{path} holds a GGUF file ({', '.join(ggufs[:3])}) and no config.json: a llama.cpp model, not a "
+            f"Hugging Face one. Convert it first: AutoModelForCausalLM.from_pretrained('{path}', gguf_file="
+            f"'{ggufs[0]}') and AutoTokenizer likewise (needs the gguf package), then save_pretrained(DIR) both and "
+            "use DIR; or take the original Hugging Face model")
 
 
 def _validate_schedule(key: str, sched: Schedule, low: float, high: float = math.inf) -> None:

@@ -28,7 +28,7 @@ import torch
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from distill.config import ASSETS, DataConfig
+from distill.config import ASSETS, DataConfig, gguf_directory_problem
 from distill.data import IGNORE_INDEX, builtin_records, left_pad, prompt_ids, read_records
 from distill.errors import DistillError
 from distill.losses import divergence
@@ -64,6 +64,8 @@ class DraftEvalConfig:
         for role in ("target", "draft"):
             if not Path(getattr(self, role)).is_dir():
                 raise DistillError(f"{role} directory not found: {getattr(self, role)}")
+            if problem := gguf_directory_problem(getattr(self, role)):
+                raise DistillError(f"{role}: {problem}")
         if self.prompts is not None and not Path(self.prompts).is_file():
             raise DistillError(f"prompts file not found: {self.prompts}")
         if not self.gammas or min(self.gammas) < 1:

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from distill.checkpoint import export_model
+from distill.config import gguf_directory_problem
 from distill.errors import DistillError
 from distill.models import check_same_tokenizer, load_tokenizer
 
@@ -87,6 +88,8 @@ def export_draft(
     for role, path in (("student", student_dir), ("target", target_dir)):
         if not path.is_dir():
             raise DistillError(f"{role} directory not found: {path}")
+        if problem := gguf_directory_problem(path):
+            raise DistillError(f"{role}: {problem}")
     if num_assistant_tokens < 1:
         raise DistillError(f"num_assistant_tokens must be >= 1; got {num_assistant_tokens}")
     # As it is (no pad token added): its files are the draft's.

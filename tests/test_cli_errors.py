@@ -131,6 +131,13 @@ def test_a_file_given_for_a_directory_says_what_it_is(tmp_path, student_dir):
     assert "is a file" in message(teacher__tokenizer=str(other))
     assert "is a file" in message(resume=str(other))
     assert "no such model directory" in message(teacher__path=str(tmp_path / "nowhere"))
+    # A folder that holds only a .gguf (a llama.cpp download): said so, with the conversion.
+    folder = tmp_path / "SmolLM2-GGUF"
+    folder.mkdir()
+    gguf.rename(folder / gguf.name)
+    m = message(student__path=str(folder))
+    assert m.startswith("student.path: ") and "holds a GGUF file (model.Q4_K_M.gguf)" in m and "gguf_file=" in m
+    assert "gguf_file=" in str(pytest.raises(DistillError, DraftEvalConfig(target=str(folder)).validate).value)
 
 
 # 5. An unreadable tokenizer.json.
