@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,22 @@ class MetricsLog:
         return [json.loads(line) for line in lines]
 
 
+# Training keys of generating steps only. An interval without generation spent 0 s generating;
+# the others are undefined there and leave a gap, so that no line is drawn across dataset steps.
+ZERO_WITHOUT_GENERATION = ("gen_seconds",)
+
+
+def series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of ``key`` in the ``split`` rows, as ``plot_curves`` draws them: validation
+    where measured; training at every logged step, 0 or NaN (a gap) where the interval lacks it."""
+    rows = [r for r in records if r["split"] == split]
+    if split != "train":
+        rows = [r for r in rows if key in r]
+        return [r["step"] for r in rows], [r[key] for r in rows]
+    fill = 0.0 if key in ZERO_WITHOUT_GENERATION or key.startswith("source_") else math.nan
+    return [r["step"] for r in rows], [r.get(key, fill) for r in rows]
+
+
 def _panel_name(lines: list[tuple[str, str]]) -> str:
     return "share of steps by source" if lines[0][1].startswith("source_") else "seconds per log interval"
 
@@ -81,8 +98,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
     for ax, lines in zip(axes.flat, panels, strict=False):
         for split, key in lines:
-            rows = [r for r in (train if split == "train" else val) if key in r]
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="" if split == "train" else "o",
+            ax.plot(*series(records, split, key), marker="" if split == "train" else "o",
                     label=key.removeprefix("source_"))
         ax.set_title(f"{lines[0][0]} {lines[0][1] if len(lines) == 1 else _panel_name(lines)}")
         ax.set_xlabel("step")
