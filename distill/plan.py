@@ -29,6 +29,7 @@ the CPU the process's own memory (libraries) at planning time is added.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,7 +274,10 @@ def _available(cfg: DistillConfig, device: str, world: int) -> int | None:
                      if line.startswith("MemTotal:"))
     except (OSError, StopIteration):
         return None
-    return total // min(world, local_world_size()) if world > 1 else total
+    # CPU ranks share the machine's memory: as many as the launcher put here, or, planned from an
+    # unlaunched process (distill plan plan.world_size=N), all of them.
+    here = min(world, local_world_size()) if "WORLD_SIZE" in os.environ else world
+    return total // here
 
 
 def _sources(cfg: DistillConfig) -> list[str]:
@@ -394,8 +398,14 @@ def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bo
     if "skd" in used and t is not None:
         rounds.append(("SKD", ["student", "teacher"], rows, prompt + cfg.sources.skd.max_new_tokens
                        + cfg.sources.skd.gamma))
-    rounds.append(("evaluation (student)", ["student"], tc.eval_batch_size, prompt + tc.max_new_tokens))
-    if cfg.final_eval and t is not None:
+    # Evaluation decodes greedily where a split is scored from generations: the student on the
+    # validation and test splits, the teacher on the test split only (validation: its losses).
+    d = cfg.data
+    scored = d.train is None or d.metric != "none"  # the built-in tasks always are
+    has_test = cfg.final_eval and (d.train is None or d.test is not None)
+    if scored and (has_test or d.train is None or d.validation is not None):
+        rounds.append(("evaluation (student)", ["student"], tc.eval_batch_size, prompt + tc.max_new_tokens))
+    if scored and has_test and t is not None:
         rounds.append(("evaluation (teacher)", ["teacher"], tc.eval_batch_size, prompt + tc.max_new_tokens))
     models = {"student": s, "teacher": t}
     sharded = {"student": stage == 3, "teacher": shard_teacher}
@@ -432,6 +442,19 @@ def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bo
         if what == "SKD" and not all(p.gathers.get(owner[r], True) for r in roles):
             p.problems.append("SKD generates with both models gathered whole on every rank, which does not fit "
                               "here; lower sources.weights.skd to 0 or use more ranks")
+    if cfg.draft.enabled and t is not None:
+        # After training rank 0 loads the teacher and the exported student again, whole, beside all
+        # it holds, and measures the draft on batches of prompts (distill.draft_eval).
+        from distill.draft_eval import DraftEvalConfig
+
+        n, dr = DraftEvalConfig.batch_size, cfg.draft
+        positions = prompt + dr.max_new_tokens + max(dr.gammas) + 1
+        parts = {"teacher, loaded again": t.parameters * t.bytes_per_weight,
+                 "draft (the exported student)": s.parameters * s.bytes_per_weight,
+                 "KV caches": n * positions * (t.kv_bytes_per_token + s.kv_bytes_per_token),
+                 "logits for alpha": n * positions * max(t.rows, s.rows) * 4 * 4}  # both models', fp32, softmax
+        if sum(parts.values()) > sum(p.generation.values()):
+            p.generation, p.generation_what = parts, "draft report"
     return p
 
 

@@ -193,3 +193,24 @@ def test_plan_of_an_arch_student_uses_its_tokenizer(teacher_dir):
     assert rows % 64 == 0 and len(load_tokenizer(teacher_dir)) <= rows < len(load_tokenizer(teacher_dir)) + 64
     cfg.student = replace(cfg.student, tokenizer=None)
     assert make_plan(cfg, 1).student.rows == -(-arch.tokenizer_vocab_size // 64) * 64
+
+
+def test_plan_charges_only_the_rounds_that_run(teacher_dir, student_dir, tmp_path, monkeypatch):
+    """The teacher decodes for evaluation only on a test split: user data without one plans no such
+    round. A draft report (draft.enabled) loads teacher and draft again beside everything. CPU ranks
+    planned from an unlaunched process share this machine's memory."""
+    cfg = cfg_for(teacher_dir, student_dir)
+    assert make_plan(cfg, 1).chosen.generation_what == "evaluation (teacher)"  # built-in tasks: a test split
+    f = tmp_path / "train.jsonl"
+    f.write_text('{"prompt": "Write 5 in words.", "completion": "five"}\n')
+    cfg.data = replace(cfg.data, train=str(f), validation=str(f))
+    assert make_plan(cfg, 1).chosen.generation_what == "evaluation (student)"
+    cfg.data = replace(cfg.data, test=str(f))
+    assert make_plan(cfg, 1).chosen.generation_what == "evaluation (teacher)"
+    cfg.draft = replace(cfg.draft, enabled=True)
+    plan = make_plan(cfg, 1).chosen
+    assert plan.generation_what == "draft report"
+    assert plan.generation["teacher, loaded again"] == plan.resident["teacher weights"]
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert make_plan(cfg, 2).available == make_plan(cfg, 1).available // 2
