@@ -38,11 +38,11 @@ from hydra.core.override_parser.types import Override, QuotedString, ValueType
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from rich.console import Console
 from rich.table import Table
 
 from distill.config import DistillConfig, register
 from distill.errors import DistillError
+from distill.progress import make_console
 
 register()
 
@@ -213,6 +213,23 @@ def _check_overrides(argv: list[str]) -> None:
         raise DistillError(_composition_error(e, overrides, keys, groups)) from None
 
 
+def _hydra_writes_nothing(argv: list[str]) -> list[str]:
+    """Overrides that keep Hydra from writing into the working directory when the run's directory
+    is given (``output_dir=`` or ``resume=``, one run): Hydra would otherwise make its time-stamped
+    ``outputs/DATE/TIME/`` and leave it holding only ``.hydra/``. A ``hydra.run.*`` or
+    ``hydra.output_subdir`` of the user's, or a sweep (``-m``), is left as it is."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            args = get_args_parser().parse_args(argv)
+            keys = {o.key_or_group for o in OverridesParser.create().parse_overrides(args.overrides)}
+        except (SystemExit, OverrideParseException):
+            return []
+    if args.multirun or not keys & {"output_dir", "resume"} or any(
+            k.startswith("hydra.run") or k == "hydra.output_subdir" for k in keys):
+        return []
+    return ["hydra.run.dir=.", "hydra.output_subdir=null"]
+
+
 # Hydra's own time-stamped output directories (hydra.run.dir / hydra.sweep.dir + subdir by default),
 # relative to the working directory: the only ones of Hydra's a failed run may remove.
 HYDRA_DEFAULT_DIR = re.compile(r"(outputs|multirun)/\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}(/\d+)?")
@@ -264,7 +281,7 @@ def _override_keys(hydra_cfg) -> list[str]:
 def _hydra_main(raw: DictConfig) -> None:
     from distill.train import train
 
-    console = Console()
+    console = make_console()
     hydra_cfg = HydraConfig.get()
     hydra_dir = Path(hydra_cfg.runtime.output_dir)
     cfg, run_dir, new = None, None, _new_outputs(hydra_dir)
@@ -322,7 +339,7 @@ def _subcommand(name: str, args: list[str]) -> None:
     from distill.export import export_draft
 
     schema = DraftEvalConfig if name == "eval-draft" else ExportDraftConfig
-    console = Console()
+    console = make_console()
     try:
         cfg = _typed_options(schema, args)
         if name == "export-draft":
@@ -381,6 +398,7 @@ def main() -> None:
             _check_overrides(sys.argv[1:])
         except DistillError as e:
             _fail(e)
+        sys.argv += _hydra_writes_nothing(sys.argv[1:])
     import torch
     import transformers
 

@@ -3,6 +3,7 @@ count, optional loss and tokens/s, elapsed and remaining time, on stderr."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -18,7 +19,19 @@ from rich.progress import (
 )
 from rich.text import Text
 
-console = Console(stderr=True)
+# Written to a file or a pipe, rich would wrap every line at 80 columns, mid-phrase.
+UNWRAPPED_WIDTH = 10_000
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console that wraps only on a terminal: to a file or a pipe each line goes whole."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, soft_wrap=True, width=UNWRAPPED_WIDTH)
+
+
+console = make_console(stderr=True)
 
 
 class _StatsColumn(ProgressColumn):

@@ -129,11 +129,18 @@ def test_kd_run_with_files_and_overrides(tmp_path, teacher_dir, student_dir):
     proc = run_cli(f"teacher.path={teacher_dir}", f"student.path={student_dir}", f"data.train={f}",
                    f"data.validation={f}", "loss.kind=rkl", f"output_dir={tmp_path}/run", *SMALL, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    # Not a terminal: no line is wrapped (rich would wrap at 80 columns, mid-phrase).
+    plan_line = next(line for line in proc.stderr.splitlines() if line.startswith("plan: "))
+    assert len(plan_line) > 80 and plan_line.endswith("(distill plan shows the parts)")
     run = tmp_path / "run"
+    # With output_dir Hydra writes nothing of its own: no outputs/DATE/TIME/.hydra/, no cli.log.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "train.jsonl"]
+    assert not list(run.glob("*.log")) and not (run / ".hydra").exists()
     val = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "validation"]
     # Free text is scored by chrF (data.metric=auto); validated before training (step 0) and after.
     assert [r["step"] for r in val] == [0, 2]
-    assert {"ce", "divergence", "chrf", "data/chrf", "teacher_ce"} <= set(val[0]) and "divergence" in val[-1]
+    assert {"ce", "divergence", "chrf", "teacher_ce"} <= set(val[0]) and "divergence" in val[-1]
+    assert "data/chrf" not in val[0]  # one group: its score once, not as two equal columns
     report = json.loads((run / "report.json").read_text())
     assert report["objective"] == "rkl" and set(report["validation"]) == {"teacher", "student before", "student after"}
     assert report["test"] == {}  # no data.test: the validation split is the report's
