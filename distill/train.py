@@ -273,10 +273,14 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
         records = load_split(cfg.data, split, tokenizer)
         splits[split], _, result.data[split] = encode_all(records, tokenizer, cfg.data.max_length, cfg.data.overlong)
     for split, counts in result.data.items():
+        said = []
         if counts.get("skipped") or counts.get("truncated"):
-            console.print(f"[yellow]data.{split}: of {counts['records']} records, {counts['skipped']} skipped and "
-                          f"{counts['truncated']} truncated: prompts of at least data.max_length="
-                          f"{cfg.data.max_length} tokens (data.overlong={cfg.data.overlong})[/yellow]")
+            said.append(f"{counts['skipped']} skipped and {counts['truncated']} truncated: prompts of at least "
+                        f"data.max_length={cfg.data.max_length} tokens (data.overlong={cfg.data.overlong})")
+        if counts.get("cut"):
+            said.append(f"{counts['cut']} completions cut to fit data.max_length={cfg.data.max_length}")
+        if said:
+            console.print(f"[yellow]data.{split}: of {counts['records']} records, {'; '.join(said)}[/yellow]")
     val_records, test_records = splits["validation"], splits.get("test", [])
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
@@ -467,6 +471,7 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, engine: Engine,
     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
     drawn: dict[str, int] = {}
     generation = SourceStats()
+    warned: set[str] = set()  # kinds of generation problems already reported
     task = progress.add_task("train", total=tc.steps, completed=step, loss=math.nan, tps=0.0)
     try:
         with _StopAtStepBoundary() as stop:
@@ -511,6 +516,7 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, engine: Engine,
                     engine.backward(loss * scale, last=i == len(micro) - 1)
                     loss_sum += loss.detach()
                     tokens_window += b.num_tokens
+                lr = scheduler.get_last_lr()[0]  # the rate of this step's update (logged with it)
                 grad_norm = engine.step(params, tc.max_grad_norm)
                 scheduler.step()
                 step += 1
@@ -524,15 +530,17 @@ def _loop(cfg: DistillConfig, run_dir: Path, progress: Progress, engine: Engine,
                     window_steps, gen = sum(drawn.values()), generation.metrics()
                     if metrics is not None:
                         metrics.log("train", step, {
-                            "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                            "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                             "response_tokens": tokens_seen, "tokens_per_s": tps, "train_seconds": elapsed,
                             **{f"source_{n}": drawn.get(n, 0) / window_steps for n in SOURCES}, **gen,
                         })
-                    note = ""
-                    if gen:  # the sources of the interval, how fast they generated
-                        note = f"{'+'.join(sorted(drawn))}: gen {gen['gen_tokens_per_s']:,.0f} tok/s"
-                        note += f", SKD accepts {gen['skd_acceptance']:.2f}" if "skd_acceptance" in gen else ""
+                    # The sources of the interval, what their generation cost and gave.
+                    note = f"{'+'.join(sorted(drawn))}: {generation.note()}" if gen else ""
                     progress.update(task, loss=mean_loss, tps=tps, note=note)
+                    for kind, problem in generation.problems(cfg.data.max_length, stops).items():
+                        if kind not in warned:
+                            warned.add(kind)
+                            progress.console.print(f"[yellow]warning: step {step}: {problem}[/yellow]")
                     t_start, tokens_window, loss_window = time.perf_counter(), 0, []
                     drawn, generation = {}, SourceStats()
                 progress.update(task, completed=step)

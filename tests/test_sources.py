@@ -156,9 +156,43 @@ def test_generated_pairs_replace_the_responses(teacher_dir, student_dir, tokeniz
         assert 1 <= len(r) <= cfg.sources.skd.max_new_tokens and max(r) < len(tok)
         assert tok.eos_token_id not in r[:-1]
     batch = collate(got, tok.pad_token_id)
-    assert count_tokens(batch.labels[:, 1:]) == sum(len(r) for _, r in got) == stats.tokens
+    assert count_tokens(batch.labels[:, 1:]) == sum(len(r) for _, r in got) == stats.tokens == stats.generated
     if source == "skd":
         assert stats.drafted > 0 and 0 < stats.teacher_forwards < stats.tokens
+    # Truncated: reached max_new_tokens (48 for every source here) without a stop token. These random
+    # models seldom stop; with every token a stop, each response ends at its first token.
+    limit = cfg.sources.student.max_new_tokens
+    assert stats.truncated == sum(len(r) == limit and r[-1] != tok.eos_token_id for _, r in got) > 0
+    assert stats.metrics()["gen_truncated"] == stats.truncated / 6 and stats.clipped == 0
+    warned = "truncated" in stats.problems(cfg.data.max_length, [tok.eos_token_id])
+    assert warned == (stats.truncated / 6 > 0.2)
+    every = list(range(len(tok)))
+    short, stats, _ = source_pairs(source, pairs, cfg.sources, student=student, teacher=teacher, skd_k=5,
+                                   pad_id=tok.pad_token_id, stops=every, max_length=cfg.data.max_length,
+                                   vocab=len(tok), seed=1)
+    assert {len(r) for _, r in short} == {1} and stats.truncated == 0
+    # Clipped: prompt and response cut to data.max_length.
+    tight = max(len(p) for p, _ in pairs) + 3
+    _, stats, _ = source_pairs(source, pairs, cfg.sources, student=student, teacher=teacher, skd_k=5,
+                               pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=tight,
+                               vocab=len(tok), seed=1)
+    assert stats.clipped == sum(len(r) > tight - len(p) for (p, _), (_, r) in zip(pairs, got, strict=True)) > 0
+    assert "data.max_length" in stats.problems(tight, [tok.eos_token_id])["clipped"]
+
+
+def test_a_run_whose_samples_never_stop_warns_once(teacher_dir, student_dir, tmp_path, capsys):
+    """On-policy samples of a random student hit max_new_tokens without a stop token: the metric
+    counts them in every logged interval and the console warns once, naming the likely causes."""
+    cfg = make_cfg(teacher_dir, student_dir, steps=3, eval_every=100)
+    cfg.final_eval, cfg.data.num_validation = False, 0
+    cfg.sources.weights = SourceWeights(dataset=Schedule(0.0), student=Schedule(1.0))
+    cfg.sources.student.max_new_tokens = 4
+    result = train_mod.train(cfg, tmp_path / "run")
+    rows = [r for r in MetricsLog.read(result.run_dir / "metrics.jsonl") if r["split"] == "train"]
+    assert len(rows) == 3 and all(r["gen_truncated"] > 0.2 for r in rows)
+    printed = " ".join(capsys.readouterr().err.split())
+    assert printed.count("samples reached max_new_tokens without a stop token") == 1
+    assert "wrong stop token or a base-model student" in printed
 
 
 def test_the_loss_is_normalised_by_the_generated_token_count(teacher_dir, student_dir, tmp_path, monkeypatch):
@@ -249,6 +283,9 @@ def test_the_teacher_cache_reuses_responses_and_refuses_a_bad_file(teacher_dir, 
     assert calls == [4] and stats.cached == 0 and stats.teacher_forwards > 0
     again, stats = run(cache, seed=2)  # greedy: the seed does not matter
     assert calls == [4] and again == first and stats.cached == 4 and stats.teacher_forwards == 0
+    # Hits are shown as hits, not as a generation speed (nothing was generated).
+    assert stats.generated == 0 and "gen_tokens_per_s" not in stats.metrics()
+    assert stats.note().startswith("teacher cache hits 4/4") and "tok/s" not in stats.note()
     part, _ = run(cache, these=pairs[:2] + train_mod.TrainData(cfg.data, tok, seed=9).next_pairs(1))
     assert calls == [4, 1] and part[:2] == first[:2]  # only the new prompt is generated
     cache.save()

@@ -322,10 +322,11 @@ def test_a_finished_run_is_extended_by_raising_steps(teacher_dir, student_dir, t
     (decaying.run_dir / "report.json").unlink()
     train_mod.train(DistillConfig(resume=str(decaying.run_dir)), tmp_path / "ignored", steps=6)
     lrs = [r["lr"] for r in MetricsLog.read(decaying.run_dir / "metrics.jsonl") if r["split"] == "train"]
+    # The row of step s holds the rate its update used: the schedule's value at s - 1.
     curve = CosineSchedule(warmup=1, total=4, min_ratio=0.1)
-    factors = [curve(1), curve(2)]
+    factors = [curve(0), curve(1)]
     curve.extend(6, 2)
-    factors += [curve(i) for i in range(3, 7)]
+    factors += [curve(i) for i in range(2, 6)]
     peak = make_cfg(teacher_dir, student_dir).trainer.lr
     assert lrs == pytest.approx([peak * f for f in factors])  # rebuilt for 6 steps, it jumped up
 
@@ -346,17 +347,21 @@ def test_warnings_for_settings_that_are_probably_wrong(teacher_dir, student_dir,
     assert train_mod._warnings(cfg, student, torch.device("cpu")) == []
 
 
-def test_overlong_training_records_are_counted_in_the_report(teacher_dir, student_dir, tmp_path):
+def test_overlong_training_records_are_counted_in_the_report(teacher_dir, student_dir, tmp_path, capsys):
     f = tmp_path / "train.jsonl"
     rows = [{"prompt": f"Write {i} in words.", "completion": "some words"} for i in range(6)]
     rows[2]["prompt"] = "Write 5 in words. " * 30
+    rows[4]["completion"] = "some words " * 30
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = make_cfg(teacher_dir, student_dir, steps=1)
     cfg.data = DataConfig(train=str(f), validation=str(f), max_length=48)
     result = train_mod.train(cfg, tmp_path / "skip")
-    assert result.data["train"] == {"records": 6, "skipped": 1, "truncated": 0, "cut": 0}
+    assert result.data["train"] == {"records": 6, "skipped": 1, "truncated": 0, "cut": 1}
     assert json.loads((result.run_dir / "report.json").read_text())["data"]["validation"]["skipped"] == 1
     assert "data.train: 1 of 6 records skipped" in (result.run_dir / "report.md").read_text()
+    printed = " ".join(capsys.readouterr().err.split())  # the console wraps at the test's width
+    assert "data.train: of 6 records, 1 skipped and 0 truncated" in printed
+    assert "1 completions cut to fit data.max_length=48" in printed
     cfg.data.overlong = "error"
     with pytest.raises(DistillError, match=r"train.jsonl:3: prompt is \d+ tokens"):
         train_mod.train(cfg, tmp_path / "error")
@@ -376,3 +381,23 @@ def test_resuming_drops_a_metrics_line_torn_by_a_kill(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"split": "tr')
     MetricsLog(tmp_path, resume_step=2).close()
     assert MetricsLog.read(tmp_path / "metrics.jsonl") == rows[:2]
+
+
+def test_curves_leave_no_line_across_steps_without_generation(tmp_path):
+    """Dataset steps between generating ones spent 0 s generating and have no response length:
+    the curve shows 0 and a gap there, not a line from one generating interval to the next."""
+    import math
+
+    from distill.tracking import plot_curves, series
+
+    rows = [{"split": "train", "step": s, "loss": 1.0, "source_dataset": float(s == 2)} for s in (1, 2, 3)]
+    for r in (rows[0], rows[2]):
+        r.update(gen_seconds=2.0, response_length=5.0, source_dataset=0.0, source_student=1.0)
+    rows.append({"split": "validation", "step": 3, "accuracy": 0.5})
+    assert series(rows, "train", "gen_seconds") == ([1, 2, 3], [2.0, 0.0, 2.0])
+    steps, lengths = series(rows, "train", "response_length")
+    assert steps == [1, 2, 3] and lengths[0] == 5.0 and math.isnan(lengths[1])
+    assert series(rows, "validation", "accuracy") == ([3], [0.5])
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_curves(path, tmp_path / "curves.png").stat().st_size > 0

@@ -22,36 +22,75 @@ from distill.sources.teacher_cache import TeacherCache
 Pairs = list[tuple[list[int], list[int]]]
 
 
+# Above this share of samples that reach max_new_tokens without a stop token, the run warns.
+TRUNCATED_WARNING = 0.2
+
+
 @dataclass
 class SourceStats:
     """What generating a step's sequences cost and gave (summed over its micro-batches)."""
 
     seconds: float = 0.0
     sequences: int = 0
-    tokens: int = 0  # generated response tokens
+    tokens: int = 0  # response tokens the loss counts
+    generated: int = 0  # response tokens generated now (not taken from the teacher cache)
     teacher_forwards: int = 0  # teacher forwards per sequence, summed (SKD's verification rounds)
     teacher_tokens: int = 0  # tokens of the sources whose generation runs the teacher (teacher, skd)
     drafted: int = 0  # SKD: drafts the teacher judged, and accepted
     accepted: int = 0
     cached: int = 0  # teacher responses taken from the cache
+    truncated: int = 0  # responses that reached max_new_tokens without a stop token
+    clipped: int = 0  # responses cut so that prompt and response fit data.max_length
 
     def add(self, other: SourceStats) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def metrics(self) -> dict[str, float]:
-        """For the metrics log: generation time, generated tokens/s, mean response length, and for
-        SKD the acceptance rate and teacher forwards per generated token."""
+        """For the metrics log: generation time, generated tokens/s (cache hits excluded), mean
+        response length, the shares of responses ``truncated`` at max_new_tokens and ``clipped``
+        at data.max_length, teacher cache hits, and for SKD the acceptance rate and teacher
+        forwards per generated token."""
         if not self.sequences:
             return {}
-        out = {"gen_seconds": self.seconds, "gen_tokens_per_s": self.tokens / max(self.seconds, 1e-9),
-               "response_length": self.tokens / self.sequences}
+        out = {"gen_seconds": self.seconds, "response_length": self.tokens / self.sequences,
+               "gen_truncated": self.truncated / self.sequences, "gen_clipped": self.clipped / self.sequences}
+        if self.generated:
+            out["gen_tokens_per_s"] = self.generated / max(self.seconds, 1e-9)
         if self.drafted:
             out["skd_acceptance"] = self.accepted / self.drafted
         if self.teacher_tokens:
             out["teacher_forwards_per_token"] = self.teacher_forwards / self.teacher_tokens
         if self.cached:
             out["teacher_cache_hits"] = self.cached / self.sequences
+        return out
+
+    def note(self) -> str:
+        """The progress bar's summary: generation speed, cache hits shown as hits, SKD acceptance."""
+        m, parts = self.metrics(), []
+        if "gen_tokens_per_s" in m:
+            parts.append(f"gen {m['gen_tokens_per_s']:,.0f} tok/s")
+        if self.cached:
+            parts.append(f"teacher cache hits {self.cached}/{self.sequences}")
+        if "skd_acceptance" in m:
+            parts.append(f"SKD accepts {m['skd_acceptance']:.2f}")
+        if self.truncated:
+            parts.append(f"{m['gen_truncated']:.0%} truncated")
+        return ", ".join(parts)
+
+    def problems(self, max_length: int, stops: list[int]) -> dict[str, str]:
+        """Warnings about these samples, by kind (the loop prints each kind once per run)."""
+        out = {}
+        if self.sequences and self.truncated / self.sequences > TRUNCATED_WARNING:
+            out["truncated"] = (
+                f"{self.truncated} of {self.sequences} samples reached max_new_tokens without a stop token "
+                f"(ids {stops}; metric gen_truncated). A model that never stops (length collapse) usually means a "
+                "wrong stop token or a base-model student; otherwise raise sources.*.max_new_tokens")
+        if self.clipped:
+            out["clipped"] = (
+                f"{self.clipped} of {self.sequences} samples were cut so that prompt and response fit "
+                f"data.max_length={max_length} (metric gen_clipped): the loss sees them cut short; raise "
+                "data.max_length or lower sources.*.max_new_tokens")
         return out
 
 
@@ -76,6 +115,7 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
     hidden = None
     if source == "student":
         got = sample(student, prompts, cfg.student, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab, synced=synced)
+        stats.generated, limit = sum(map(len, got)), cfg.student.max_new_tokens
     elif source == "teacher":
         found = teacher_cache.lookup(prompts, seed) if teacher_cache is not None else [None] * len(prompts)
         missing = [i for i, r in enumerate(found) if r is None]
@@ -93,9 +133,9 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
                 teacher_cache.store(asked, seed, new, prompts)
             for i, r in zip(missing, new, strict=True):
                 found[i] = r
-            stats.teacher_forwards = sum(map(len, new))  # one per generated token; none for cached ones
+            stats.teacher_forwards = stats.generated = sum(map(len, new))  # none for cached responses
         got = found
-        stats.cached = len(prompts) - len(missing)
+        stats.cached, limit = len(prompts) - len(missing), cfg.teacher.max_new_tokens
     elif source == "skd":
         if synced:
             raise DistillError("SKD generates with student and teacher gathered whole on every rank, and they do "
@@ -112,6 +152,7 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
                 keep_teacher_hidden=keep_teacher_hidden,
             )
         got = responses(out.sequences[:, ids.shape[1]:], stops)
+        stats.generated, limit = sum(map(len, got)), s.max_new_tokens
         if keep_teacher_hidden:
             hidden = [h[: len(r)] for h, r in zip(out.target_hidden, got, strict=True)]
         stats.teacher_forwards, stats.drafted, stats.accepted = (
@@ -119,7 +160,9 @@ def source_pairs(source: str, pairs: Pairs, cfg: SourcesConfig, *, student: PreT
     else:
         raise ValueError(f"unknown source {source!r}")
     stats.seconds = time.perf_counter() - t0
+    stats.truncated = sum(len(r) >= limit and r[-1] not in stops for r in got)
     room = [max(max_length - len(p), 1) for p in prompts]
+    stats.clipped = sum(len(r) > n for r, n in zip(got, room, strict=True))
     if hidden is not None:
         hidden = [h[:n] for h, n in zip(hidden, room, strict=True)]
     out_pairs = [(p, r[:n]) for p, r, n in zip(prompts, got, room, strict=True)]
