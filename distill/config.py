@@ -94,6 +94,10 @@ class DataConfig:
     # How generated completions are scored on the user's data (distill.metrics): auto (chrf for
     # free text), chrf, bleu, rouge_l, exact or none. The built-in tasks keep their exact metrics.
     metric: str = "auto"
+    # The chat template both models render chat data with: teacher, student or a Jinja file. Unset,
+    # a teacher whose template renders a conversation otherwise than the student's stops the run
+    # (distill.chat_template).
+    chat_template: str | None = None
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     messages_field: str = "messages"
@@ -390,6 +394,12 @@ def validate(cfg: DistillConfig) -> None:
         if not d.gammas or min(d.gammas) < 1 or min(d.num_prompts, d.max_new_tokens, d.repeats) < 1:
             raise DistillError(f"draft: gammas, num_prompts, max_new_tokens and repeats must be >= 1; got "
                                f"{list(d.gammas)}, {d.num_prompts}, {d.max_new_tokens}, {d.repeats}")
+    ct = cfg.data.chat_template
+    if ct is not None and ct not in ("teacher", "student") and not Path(ct).is_file():
+        raise DistillError(f"data.chat_template: {ct} is not a file; expected teacher, student or a Jinja template "
+                           "file")
+    if ct == "teacher" and not cfg.teacher.path:
+        raise DistillError("data.chat_template=teacher: teacher.path is not set")
     for split in ("train", "validation", "test"):
         path = getattr(cfg.data, split)
         if path is not None and not Path(path).exists():

@@ -22,6 +22,7 @@ from rich.progress import Progress
 from transformers import PreTrainedModel, set_seed
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from distill.chat_template import use_one_chat_template
 from distill.checkpoint import atomic_write_text, export_model
 from distill.config import SOURCES, DistillConfig, LossConfig, validate
 from distill.data import (
@@ -244,15 +245,18 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
 
     # Models and tokenizers, checked before any compute.
     tokenizer, tok_path = _tokenizer_for(cfg, run_dir, engine)
-    teacher = None
-    if cfg.teacher.path:  # (teacher.student_base: the student's own weights, below)
-        teacher_tok = load_tokenizer(cfg.teacher.tokenizer or cfg.teacher.path, "teacher")
-        check_same_tokenizer(teacher_tok, tokenizer, cfg.teacher.tokenizer or cfg.teacher.path, tok_path)
-        if not cfg.teacher.student_base:
-            with engine.loading("teacher"):
-                teacher = load_model(cfg.teacher, "teacher", device)
-            check_vocab_rows(teacher, tokenizer, f"teacher {cfg.teacher.path}")
-            teacher = engine.wrap_teacher(teacher)
+    teacher, teacher_tok, teacher_tok_path = None, None, cfg.teacher.tokenizer or cfg.teacher.path
+    if cfg.teacher.path:
+        teacher_tok = load_tokenizer(teacher_tok_path, "teacher")
+        check_same_tokenizer(teacher_tok, tokenizer, teacher_tok_path, tok_path)
+    # The chat template the data is rendered with is the teacher's too (the student's tokenizer
+    # renders the data and is saved with the distilled model).
+    use_one_chat_template(teacher_tok, tokenizer, str(teacher_tok_path), tok_path, cfg.data.chat_template)
+    if cfg.teacher.path and not cfg.teacher.student_base:  # (student_base: the student's own weights, below)
+        with engine.loading("teacher"):
+            teacher = load_model(cfg.teacher, "teacher", device)
+        check_vocab_rows(teacher, tokenizer, f"teacher {cfg.teacher.path}")
+        teacher = engine.wrap_teacher(teacher)
     # Seed right before the student: loading a teacher may consume random numbers, and a student
     # built from scratch must get the same initial weights with or without one.
     set_seed(tc.seed)
