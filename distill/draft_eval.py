@@ -46,6 +46,9 @@ class DraftEvalConfig:
     draft: str = str(ASSETS / "student")
     name: str | None = None  # what the draft is, for the report (default: its directory)
     prompts: str | None = None  # JSONL/csv/parquet with prompts; default: the built-in test split
+    # The fields of a prompts file (as data.prompt_field and data.messages_field of a run).
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"
     # Without prompts: the built-in tasks and arithmetic difficulty whose test split is used.
     tasks: list[str] = field(default_factory=lambda: list(DataConfig().tasks))
     difficulty: str = DataConfig().difficulty
@@ -85,7 +88,8 @@ def _prompts(cfg: DraftEvalConfig, tokenizer, room: int) -> list[list[int]]:
         records = builtin_records(DataConfig(tasks=list(cfg.tasks), difficulty=cfg.difficulty), "test",
                                   cfg.num_prompts)
     else:
-        records = read_records(Path(cfg.prompts), DataConfig(), tokenizer, require_completion=False)[: cfg.num_prompts]
+        fields = DataConfig(prompt_field=cfg.prompt_field, messages_field=cfg.messages_field)
+        records = read_records(Path(cfg.prompts), fields, tokenizer, require_completion=False)[: cfg.num_prompts]
     if not records:
         raise DistillError(f"no prompts in {cfg.prompts or 'the built-in test split'}")
     ids = [prompt_ids(r, tokenizer) for r in records]
@@ -96,6 +100,13 @@ def _prompts(cfg: DraftEvalConfig, tokenizer, room: int) -> list[list[int]]:
                 f"and gamma={max(cfg.gammas)} the models' context leaves room for {room}"
             )
     return ids
+
+
+def prompts_source(cfg: DraftEvalConfig) -> str:
+    """Where the prompts come from, in words (the report names them)."""
+    if cfg.prompts is not None:
+        return f"{cfg.prompts}"
+    return f"the built-in test split ({', '.join(cfg.tasks)}; difficulty {cfg.difficulty})"
 
 
 def _batches(prompts: list[list[int]], size: int, pad_id: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -235,7 +246,8 @@ def evaluate_draft(cfg: DraftEvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     with progress_display(cfg.progress, auto_refresh=False) as progress:  # it times code: no drawing thread
         result = _measure(cfg, target, draft, batches, pad_id, eos, device, progress)
-    result.update(config=asdict(cfg), name=cfg.name or cfg.draft, device=str(device), prompts=len(prompts))
+    result.update(config=asdict(cfg), name=cfg.name or cfg.draft, device=str(device), prompts=len(prompts),
+                  prompts_from=prompts_source(cfg))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "draft_eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -304,7 +316,8 @@ def markdown(result: dict) -> str:
     """The report as Markdown: alpha, c and a row per gamma."""
     cfg = result["config"]
     lines = [
-        f"Draft: {result['name']}. Target: `{Path(cfg['target']).name}`. {result['prompts']} prompts, "
+        f"Draft: {result['name']}. Target: `{Path(cfg['target']).name}`. {result['prompts']} prompts from "
+        f"{result.get('prompts_from', 'the built-in test split')}, "
         f"{cfg['max_new_tokens']} new tokens, temperature {cfg['temperature']}, batches of {cfg['batch_size']}, "
         f"{result['device']}; wall-clock times are medians of {cfg['repeats']} runs.", "",
         f"- alpha (mean 1 - TVD over target samples): **{result['alpha']:.3f}**",

@@ -70,8 +70,9 @@ def write_report(run: Run) -> None:
                 f"| {r['speedup_predicted']:.2f} | {r['speedup_measured']:.2f} |" for r in run.draft["by_gamma"]]
         parts.append(
             f"## the student as a draft for the teacher\n\nalpha {run.draft['alpha']:.3f}, c {run.draft['c']:.3f} "
-            f"(`draft/`, details in `draft_eval/`)\n\n| gamma | acceptance | tau measured | tau predicted "
-            "| speedup predicted | speedup measured |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
+            f"on {run.draft['prompts']} (`draft/`, details in `draft_eval/`)\n\n"
+            "| gamma | acceptance | tau measured | tau predicted | speedup predicted | speedup measured |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows))
     if run.memory.get("planned_peak_bytes"):
         m = run.memory
         parts.append(f"## memory\n\nPeak per rank: planned {m['planned_peak_bytes'] / 2**20:,.0f} MiB "

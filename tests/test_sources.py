@@ -388,8 +388,19 @@ def test_a_distillspec_run_ends_with_its_draft_measured(teacher_dir, student_dir
     cfg.sources.student.max_new_tokens = 8
     cfg.draft.enabled, cfg.draft.gammas, cfg.draft.num_prompts = True, [1, 2], 4
     cfg.draft.max_new_tokens, cfg.draft.repeats = 6, 1
+    # The report's measured peak includes the draft report's (here a 256 MiB buffer it fills).
+    from distill.plan import rss_bytes
+
+    real_report, during = train_mod._draft_report, []
+
+    def heavy_report(*args):
+        during.append(rss_bytes() + torch.ones(1 << 26).numel() * 4)  # resident now + the buffer
+        return real_report(*args)
+
+    monkeypatch.setattr(train_mod, "_draft_report", heavy_report)
     run = train_mod.train(cfg, tmp_path / "run")
     report = json.loads((run.run_dir / "report.json").read_text())
+    assert report["memory"]["measured_peak_bytes"] >= 0.95 * during[0]
     assert 0 <= report["draft"]["alpha"] <= 1 and [r["gamma"] for r in report["draft"]["by_gamma"]] == [1, 2]
     assert all(1 <= r["tau_measured"] <= r["gamma"] + 1 for r in report["draft"]["by_gamma"])
     assert "the student as a draft for the teacher" in (run.run_dir / "report.md").read_text()
@@ -397,6 +408,37 @@ def test_a_distillspec_run_ends_with_its_draft_measured(teacher_dir, student_dir
     assert draft.config.vocab_size == AutoModelForCausalLM.from_pretrained(teacher_dir).config.vocab_size
     assert (run.run_dir / "draft_eval" / "draft_eval.png").is_file()
     assert [(c.tasks, c.difficulty) for c in asked] == [(["arithmetic"], "easy")]
+    assert report["draft"]["prompts"] == "4 prompts of the built-in test split (arithmetic; difficulty easy)"
+
+
+def test_a_draft_report_on_user_data_uses_the_runs_own_prompts(teacher_dir, student_dir, tmp_path, monkeypatch):
+    """distillspec on user data without data.test: the draft is measured on data.validation's
+    prompts (never the built-in tasks), and the report names them. Without either split the run
+    is refused before it starts."""
+    import distill.draft_eval
+
+    read = []
+    real = distill.draft_eval.read_records
+    monkeypatch.setattr(distill.draft_eval, "read_records", lambda path, *a, **k: read.append(path) or
+                        real(path, *a, **k))
+    monkeypatch.setattr(distill.draft_eval, "builtin_records", lambda *a: pytest.fail("built-in prompts used"))
+    train_file, val_file = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    for f, numbers in ((train_file, range(8)), (val_file, range(20, 26))):
+        f.write_text("".join(json.dumps({"question": f"Write {i} in words.", "completion": "words"}) + "\n"
+                             for i in numbers))
+    cfg = make_cfg(teacher_dir, student_dir, steps=1, eval_every=100)
+    cfg.data.train, cfg.data.validation, cfg.data.prompt_field = str(train_file), str(val_file), "question"
+    cfg.data.metric = "none"
+    cfg.draft.enabled, cfg.draft.gammas, cfg.draft.num_prompts = True, [1], 4
+    cfg.draft.max_new_tokens, cfg.draft.repeats = 4, 1
+    run = train_mod.train(cfg, tmp_path / "run")
+    assert read == [val_file]
+    report = json.loads((run.run_dir / "report.json").read_text())
+    assert report["draft"]["prompts"] == f"4 prompts of data.validation ({val_file})"
+    assert f"on 4 prompts of data.validation ({val_file})" in (run.run_dir / "report.md").read_text()
+    cfg.data.validation = None
+    with pytest.raises(DistillError, match="draft.enabled measures the draft on the run's held-out prompts"):
+        train_mod.train(cfg, tmp_path / "refused")
 
 
 def test_teacher_hidden_is_refused_for_a_soft_capped_teacher():
