@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -386,6 +387,9 @@ def _plan(args: list[str]) -> typing.NoReturn:
 
 def main() -> None:
     """Console-script entry point."""
+    # FutureWarnings tell the authors of the calling code (DeepSpeed's collectives, PEFT's checks)
+    # about deprecations: nothing a user of distill can act on. The test suite still shows them.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     # The deepspeed launcher passes --local_rank=N (also in LOCAL_RANK, which distill reads).
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     if len(sys.argv) > 1 and sys.argv[1] == "bench":

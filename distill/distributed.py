@@ -22,10 +22,11 @@ Launch with ``deepspeed --num_gpus N -m distill ...`` or ``torchrun --nproc-per-
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,10 @@ class Engine:
 
             if not dist.is_initialized():
                 # Rank 0 alone exports the model and evaluates the test split while the others wait.
-                deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl",
-                                           verbose=False, timeout=datetime.timedelta(hours=3))
+                # On the CPU DeepSpeed builds its shared-memory collectives here and prints so.
+                with redirect_stdout(io.StringIO()):
+                    deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl",
+                                               verbose=False, timeout=datetime.timedelta(hours=3))
         tc = cfg.trainer
         if tc.batch_size % self.world:
             raise DistillError(f"trainer.batch_size={tc.batch_size} must be a multiple of the {self.world} ranks "

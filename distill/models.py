@@ -144,6 +144,16 @@ def load_model(
     return model
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Keep only each decoder layer's input for backward and recompute the rest. Non-reentrant:
+    no input needs to require grad (LoRA, frozen embeddings). transformers 5.25 renamed the method."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class AdaptersDisabled(torch.nn.Module):
     """A LoRA student's base model as a teacher (``teacher.student_base``): one copy of the weights.
 

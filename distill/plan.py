@@ -183,8 +183,10 @@ def model_shape(m: ModelConfig, role: str, *, vocab: int | None = None, rows: in
         if checkpointing:
             # What stays outside the checkpointed layers, each layer's input (kept for its
             # recomputation), and one layer's activations while it is recomputed.
+            from distill.models import enable_activation_checkpointing
+
             layers = getattr(config.get_text_config(), "num_hidden_layers", 1)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             model.train()
             inputs = layers * rows * length * shape.hidden * next(model.parameters()).element_size()
             shape.activations = _saved_activations(model, rows, length) + inputs + full // layers

@@ -44,6 +44,7 @@ from distill.models import (
     check_same_tokenizer,
     check_vocab_rows,
     count_parameters,
+    enable_activation_checkpointing,
     export_state_dict,
     load_model,
     load_tokenizer,
@@ -269,8 +270,7 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     with engine.loading("student"):
         student = load_model(cfg.student, "student", device, tokenizer, seed=tc.seed)
     if tc.activation_checkpointing:
-        # Non-reentrant: no inputs that require grad needed (LoRA, frozen embeddings).
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(student)
     check_vocab_rows(student, tokenizer, f"student {cfg.student.path or 'from arch'}")
     for warning in _warnings(cfg, student, device, engine.uses_deepspeed):
         console.print(f"[yellow]warning: {warning}[/yellow]")

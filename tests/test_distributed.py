@@ -78,7 +78,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """One process; two ZeRO-3 ranks; the two-rank run resumed from its step-2 checkpoint."""
     root = tmp_path_factory.mktemp("distributed")
     run(1, *STEPS, f"output_dir={root / 'one'}")
-    run(2, *STEPS, "deepspeed=zero3", f"output_dir={root / 'zero3'}")
+    launched = run(2, *STEPS, "deepspeed=zero3", f"output_dir={root / 'zero3'}")
+    (root / "zero3.out").write_text(launched.stdout + launched.stderr)
     shutil.copytree(root / "zero3", root / "resumed")
     for gone in ("checkpoints/step-0000004", "model", "report.json"):  # as if killed after step 3
         shutil.rmtree(root / "resumed" / gone) if (root / "resumed" / gone).is_dir() else (
@@ -116,6 +117,15 @@ def test_two_zero3_ranks_train_as_one_process(runs):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=WEIGHT_ATOL), (k, (wa[k] - wb[k]).abs().max())
+
+
+def test_a_launch_prints_nothing_the_user_cannot_act_on(runs):
+    """Two ranks on DeepSpeed: no deprecation notices meant for DeepSpeed's and PEFT's authors, no
+    libraries' INFO lines in Hydra's format (DeepSpeed's compiler commands), no op-build notice."""
+    out = (runs["zero3"].parent / "zero3.out").read_text()
+    assert "plan: about" in out and "model: " in out  # distill's own lines are there
+    for noise in ("FutureWarning", "[HYDRA]", "built successfully"):
+        assert noise not in out, noise
 
 
 def test_each_rank_holds_half_of_each_model(runs):
