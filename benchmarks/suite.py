@@ -4,7 +4,7 @@
   after the tests and gates it against ``benchmarks/baseline/ci.json`` (``benchmarks.compare``).
 - ``full``: on the CPU, every member at full size: the recipe study (every recipe and seed), the
   TRL head-to-head with three seeds, the draft before and after distillation, the memory plan
-  against measured peaks (about 1.5 hours).
+  against measured peaks, two ZeRO-3 ranks against one process (about 1.5 hours).
 - ``gpu``: on a CUDA device: the fused-loss kernels at the Llama-3 and Qwen shapes against eager
   PyTorch and Liger-Kernel, sampler and SKD throughput, one recipe end to end.
 
@@ -24,7 +24,8 @@ from benchmarks.environment import environment
 from benchmarks.metrics import write_json
 
 ROOT = Path(__file__).parent
-MEMBERS = ("fused_loss", "train_step", "sampling", "skd", "recipes", "trl_gkd", "draft_eval", "plan_memory")
+MEMBERS = ("fused_loss", "train_step", "sampling", "skd", "recipes", "trl_gkd", "draft_eval", "plan_memory",
+           "zero_agreement")
 
 SUITES: dict[str, dict[str, dict]] = {
     "ci": {
@@ -44,6 +45,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "trl_gkd": {"seeds": [0, 1, 2]},
         "draft_eval": {},
         "plan_memory": {},
+        "zero_agreement": {},
     },
     "gpu": {
         "fused_loss": {"mode": "gpu"},
