@@ -87,19 +87,26 @@ def run(out: Path, seed: int = 0, steps: int = 8) -> dict:
             results[name] = {"steps": per_step, "weights_max_abs": max_abs, "weights_rel": rel}
             by_step = ", ".join(f"{s['loss_rel']:.1e}" for s in per_step)
             print(f"{name}: loss relative difference by step {by_step}; weights {rel:.1e} relative", flush=True)
-    write_json(out / "zero_agreement.json", {"environment": environment(), "student": STUDENT, "run": RUN,
-                                             "settings": SETTINGS, "results": results})
-    lines = ["Two ZeRO-3 ranks (deepspeed launcher, gloo) against one process, same recipe and seed: the "
-             f"built-in tasks, shipped teacher, student {' '.join(STUDENT[1:])} (27M parameters), {steps} steps of "
-             "8 x 2 sequences, each step drawing dataset, on-policy or SKD sequences. Relative difference per step.",
-             "", "| step | source | greedy: loss | greedy: grad norm | sampled: loss | sampled: grad norm |",
+    record = {"environment": environment(), "student": STUDENT, "run": RUN, "settings": SETTINGS, "steps": steps,
+              "results": results}
+    write_json(out / "zero_agreement.json", record)
+    (out / "zero_agreement.md").write_text(markdown(record))
+    return {"results": results, "metrics": {
+        "greedy: loss, largest relative difference": metric(max(s["loss_rel"] for s in results["greedy"]["steps"]),
+                                                             "lower", "quality", floor=1e-4)}}
+
+
+def markdown(record: dict) -> str:
+    results = record["results"]
+    lines = ["Two ZeRO-3 ranks (deepspeed launcher, gloo) against one process, same recipe and seed: the built-in "
+             "tasks, the shipped teacher, a student built from scratch (hidden 512, 8 layers, intermediate 1536: 27M "
+             f"parameters), {record['steps']} steps of 8 x 2 sequences, each drawing dataset, on-policy or SKD "
+             "sequences. Relative difference of the two runs, per step.", "",
+             "| step | source | greedy: loss | greedy: grad norm | sampled: loss | sampled: grad norm |",
              "|---|---|---|---|---|---|"]
     for g, s in zip(results["greedy"]["steps"], results["sampled"]["steps"], strict=True):
         lines.append(f"| {g['step']} | {g['source']} | {g['loss_rel']:.1e} | {g['grad_norm_rel']:.1e} "
                      f"| {s['loss_rel']:.1e} | {s['grad_norm_rel']:.1e} |")
     lines += ["", "| setting | largest weight difference | weight difference, relative |", "|---|---|---|"]
     lines += [f"| {n} | {r['weights_max_abs']:.1e} | {r['weights_rel']:.1e} |" for n, r in results.items()]
-    (out / "zero_agreement.md").write_text("\n".join(lines) + "\n")
-    return {"results": results, "metrics": {
-        "greedy: loss, largest relative difference": metric(max(s["loss_rel"] for s in results["greedy"]["steps"]),
-                                                             "lower", "quality", floor=1e-4)}}
+    return "\n".join(lines) + "\n"

@@ -85,3 +85,25 @@ def test_code_cites_only_files_in_the_repository():
             if not any(p.is_relative_to(ROOT) for p in found):
                 missing.append(f"{path.relative_to(ROOT)}: {name}")
     assert not missing, missing
+
+
+def test_the_environment_is_the_lock():
+    """A .venv that make built holds every package at the version of requirements.lock (less the
+    packages of a torch the user put there first). Other environments (make lock's scratch one, a
+    hand-made one) are not built from the lock: nothing to compare."""
+    constraints = Path(sys.prefix) / "constraints.txt"
+    if not constraints.is_file():
+        pytest.skip("this environment was not built by make from requirements.lock")
+    lock = {line.split("==")[0] for line in (ROOT / "requirements.lock").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    pins = [line.split("==") for line in constraints.read_text().splitlines() if "==" in line]
+    assert {name for name, _ in pins} <= lock and pins
+    wrong = []
+    for name, version in pins:
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # pinned for whoever needs it; nothing here does (a platform's extra)
+        if installed.split("+")[0] != version:
+            wrong.append(f"{name} {installed} (lock: {version})")
+    assert not wrong, wrong
