@@ -45,6 +45,10 @@ H100_BF16_FLOPS = 989e12
 RESULTS = Path(__file__).parent / "results"
 
 
+# Twice the difference in peak memory above the inputs that CPU models alone make (MB).
+WORKSPACE_MB = 30.0
+
+
 def flops(n: int, h: int, v: int) -> float:
     """Student and teacher logits, student dX and dW (teacher hidden = student hidden)."""
     return 8.0 * n * h * v
@@ -356,7 +360,11 @@ def run(out: Path, seed: int = 0, mode: str = "cpu", tokens: list[int] | None = 
             for c in chunks:
                 fused = next(r["peak_mb"] for r in rows if r["method"] == "distill-torch" and r["N"] == n
                              and r["chunk"] == c)
-                metrics[f"fused chunk {c} over eager memory at N={n}"] = metric(fused / eager[n], "lower", "memory")
+                # Resolution: the math library's and the allocator's workspaces differ between CPU
+                # models (452 MB on an AMD EPYC, 467 MB on an Intel Xeon here, the same code), so
+                # a change of less than WORKSPACE_MB above the inputs says nothing about the loss.
+                metrics[f"fused chunk {c} over eager memory at N={n}"] = metric(
+                    fused / eager[n], "lower", "memory", floor=max(0.02 * fused / eager[n], WORKSPACE_MB / eager[n]))
         tag = "cpu"
     result = {"environment": environment(), **result, "metrics": metrics}
     write_json(out / f"fused_loss_{tag}.json", result)
