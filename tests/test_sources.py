@@ -388,13 +388,16 @@ def test_a_distillspec_run_ends_with_its_draft_measured(teacher_dir, student_dir
     cfg.sources.student.max_new_tokens = 8
     cfg.draft.enabled, cfg.draft.gammas, cfg.draft.num_prompts = True, [1, 2], 4
     cfg.draft.max_new_tokens, cfg.draft.repeats = 6, 1
-    # The report's measured peak includes the draft report's (here a 256 MiB buffer it fills).
+    # The report's measured peak includes the draft report's: here a 256 MiB buffer it fills and
+    # keeps (kept, because the kernel's high-water mark may miss a buffer already freed).
     from distill.plan import rss_bytes
 
-    real_report, during = train_mod._draft_report, []
+    real_report, during, kept = train_mod._draft_report, [], []
 
     def heavy_report(*args):
-        during.append(rss_bytes() + torch.ones(1 << 26).numel() * 4)  # resident now + the buffer
+        before = rss_bytes()
+        kept.append(torch.ones(1 << 26))
+        during.append(before + kept[0].numel() * 4)  # resident before + the buffer
         return real_report(*args)
 
     monkeypatch.setattr(train_mod, "_draft_report", heavy_report)
