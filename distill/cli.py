@@ -16,6 +16,7 @@ Two more commands take ``key=value`` options of their typed configs:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -152,8 +153,9 @@ def _composition_error(e: Exception, overrides: list[Override], keys: dict[str, 
     return f"{culprit.input_line}: {message}" if culprit and culprit.input_line not in message else message
 
 
-def _check_overrides(argv: list[str]) -> None:
-    """Check the command line before Hydra runs, so that a mistake is one line (a DistillError).
+def _check_overrides(argv: list[str]) -> tuple[argparse.Namespace, list[Override]] | None:
+    """Check the command line before Hydra runs, so that a mistake is one line (a DistillError), and
+    return it parsed: Hydra's arguments and the overrides (None where the check is skipped).
 
     A config group's option must be one of the group's YAML files in ``distill.recipes``, and any other
     key a field of ``DistillConfig`` (the closest keys or options are named), also as ``+key`` or
@@ -167,10 +169,10 @@ def _check_overrides(argv: list[str]) -> None:
         try:
             args = get_args_parser().parse_args(argv)
         except SystemExit:  # --version, or a usage error: Hydra reports it
-            return
+            return None
     if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_name
             or args.config_dir or args.experimental_rerun or any(o.startswith("hydra.searchpath") for o in argv)):
-        return
+        return None
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except OverrideParseException as e:
@@ -212,19 +214,19 @@ def _check_overrides(argv: list[str]) -> None:
             compose("config", overrides=composed)
     except Exception as e:  # noqa: BLE001 - OmegaConf also raises AssertionError, AttributeError
         raise DistillError(_composition_error(e, overrides, keys, groups)) from None
+    return args, overrides
 
 
-def _hydra_writes_nothing(argv: list[str]) -> list[str]:
+def _hydra_writes_nothing(parsed: tuple[argparse.Namespace, list[Override]] | None) -> list[str]:
     """Overrides that keep Hydra from writing into the working directory when the run's directory
     is given (``output_dir=`` or ``resume=``, one run): Hydra would otherwise make its time-stamped
     ``outputs/DATE/TIME/`` and leave it holding only ``.hydra/``. A ``hydra.run.*`` or
-    ``hydra.output_subdir`` of the user's, or a sweep (``-m``), is left as it is."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            args = get_args_parser().parse_args(argv)
-            keys = {o.key_or_group for o in OverridesParser.create().parse_overrides(args.overrides)}
-        except (SystemExit, OverrideParseException):
-            return []
+    ``hydra.output_subdir`` of the user's, or a sweep (``-m``), is left as it is. ``parsed``: the
+    command line as ``_check_overrides`` returns it."""
+    if parsed is None:
+        return []
+    args, overrides = parsed
+    keys = {o.key_or_group for o in overrides}
     if args.multirun or not keys & {"output_dir", "resume"} or any(
             k.startswith("hydra.run") or k == "hydra.output_subdir" for k in keys):
         return []
@@ -399,10 +401,10 @@ def main() -> None:
     subcommand = len(sys.argv) > 1 and sys.argv[1] in ("eval-draft", "export-draft")
     if not subcommand:
         try:
-            _check_overrides(sys.argv[1:])
+            parsed = _check_overrides(sys.argv[1:])
         except DistillError as e:
             _fail(e)
-        sys.argv += _hydra_writes_nothing(sys.argv[1:])
+        sys.argv += _hydra_writes_nothing(parsed)
     import torch
     import transformers
 
