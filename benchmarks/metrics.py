@@ -35,10 +35,10 @@ def write_json(path: Path, obj: object) -> None:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM) in MiB (``distill.plan.peak_rss_bytes``). Not
+    """This process's peak resident memory (VmHWM) in MiB (``distill.memory.peak_rss_bytes``). Not
     ``getrusage``'s ru_maxrss, which on Linux keeps the peak of the process image before ``exec``:
     a child of a large parent would report the parent's."""
-    from distill.plan import peak_rss_bytes
+    from distill.memory import peak_rss_bytes
 
     peak = peak_rss_bytes()
     if not peak:

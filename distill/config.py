@@ -123,7 +123,7 @@ class LossConfig:
     # (1 - w) * divergence + w * cross-entropy (torchtune's kd_ratio is 1 - w). Off by default; a
     # run's report states it.
     ce_weight: float = 0.0
-    # LM head fused with the divergence (distill.losses.fused_linear_divergence): the
+    # LM head fused with the divergence (distill.fused_loss.fused_linear_divergence): the
     # [tokens x vocab] logits never exist. Off: full logits, then the divergence.
     fused: bool = True
     # auto: Triton kernels on CUDA, plain PyTorch otherwise; or triton / torch.

@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -37,9 +36,6 @@ KINDS = ("fkl", "rkl", "gjsd", "tvd", "skew_fkl", "skew_rkl")
 Reduction = Literal["mean", "sum", "none"]
 BACKENDS = ("auto", "triton", "torch")
 Backend = Literal["auto", "triton", "torch"]
-# Memory for one chunk's [rows x vocab] buffers in fused_linear_loss when chunk_size is not
-# given: on a GPU it allows chunks of about 2048 rows at a 128K vocabulary with bf16 weights.
-CHUNK_BUDGET_BYTES = {"cuda": 5 << 29, "cpu": 1 << 28}
 
 
 def check_loss_args(kind: str, beta: float, alpha: float, temperature: float) -> None:
@@ -77,8 +73,6 @@ def triton_problem_on(device: torch.device, dtype: torch.dtype = torch.float32) 
     (the kernels' large-vocabulary launch: one row per program, 4096-wide blocks, 8 warps), the
     gradient written into a buffer of the weights' dtype, and the cross-entropy's scaled gradient
     added onto the divergence's (the mixed objective)."""
-    from distill.chunked_loss import torch_ce_rows, torch_rows
-
     try:
         from distill.kernels.cross_entropy import cross_entropy_rows
         from distill.kernels.divergence import divergence_rows
@@ -147,7 +141,7 @@ def align_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> t
     return student_logits[..., :v], teacher_logits[..., :v]
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """At least fp32 (bf16/fp16 logits are never rounded before the softmax); float64 stays float64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -185,8 +179,8 @@ def token_divergence(
     """Per-position divergence of shape ``logits.shape[:-1]``, computed in (at least) fp32."""
     check_loss_args(kind, beta, alpha, temperature)
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits)
-    log_q = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
-    log_p = F.log_softmax(_upcast(teacher_logits.detach()) / temperature, dim=-1)
+    log_q = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
+    log_p = F.log_softmax(upcast(teacher_logits.detach()) / temperature, dim=-1)
     if kind == "fkl" or (kind == "gjsd" and beta == 0.0):
         return _kl(log_p, log_q)
     if kind == "rkl" or (kind == "gjsd" and beta == 1.0):
@@ -202,7 +196,7 @@ def token_divergence(
     return _kl(log_q, _log_mix(log_q, log_p, alpha))
 
 
-def _counted(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+def counted_positions(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
     """Boolean mask of the positions that count, shaped like ``logits.shape[:-1]`` (or hidden states')."""
     if labels is None:
         return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
@@ -211,7 +205,7 @@ def _counted(logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: in
     return labels != ignore_index
 
 
-def _reduce(counted_values: torch.Tensor, mask: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+def reduce_counted(counted_values: torch.Tensor, mask: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     """Reduce the values of the counted positions (``counted_values`` = per_token[mask], or their
     sum already, for ``sum`` and ``mean``)."""
     if reduction == "none":
@@ -254,7 +248,7 @@ def divergence(
             ``use_triton``. The kernel computes the gradient in the forward pass.
     """
     check_loss_args(kind, beta, alpha, temperature)
-    mask = _counted(student_logits, labels, ignore_index)
+    mask = counted_positions(student_logits, labels, ignore_index)
     # Only counted positions are computed: cheaper, and an ignored position whose divergence is
     # infinite (say the teacher puts -inf where the student has mass) cannot send 0 * inf = NaN
     # into the gradient.
@@ -267,179 +261,10 @@ def divergence(
         per_token = token_divergence(s, t, kind=kind, beta=beta, alpha=alpha, temperature=temperature)
     if hinton_scale:
         per_token = per_token * temperature**2
-    return _reduce(per_token, mask, reduction)
+    return reduce_counted(per_token, mask, reduction)
 
 
-def chunk_entry_bytes(triton_path: bool, weight_dtype: torch.dtype, with_kd: bool, mixed: bool) -> int:
-    """Bytes per logit entry of a chunk's buffers: fp32 student (and teacher) logits, plus a gradient
-    buffer where it cannot overwrite the student logits (Triton: half-precision weights, or both
-    terms sending a gradient: ``mixed``), or the autograd temporaries of the reference divergence
-    (PyTorch path: about 15 fp32 buffers of a chunk's size, benchmarks/results/full/fused_loss_cpu.md)."""
-    if not triton_path:
-        return 15 * 4
-    own_grad = weight_dtype in (torch.float16, torch.bfloat16) or (with_kd and mixed)
-    return 4 + 4 * with_kd + (weight_dtype.itemsize if own_grad else 0)
-
-
-def auto_chunk_size(rows: int, vocab: int, bytes_per_entry: int, budget_bytes: int) -> int:
-    """Rows per chunk: as many as the budget allows for ``bytes_per_entry`` per logit (at least 128),
-    then evened out so that the last chunk is not a sliver. Multiples of 64 rows."""
-    cap = max(128, budget_bytes // (bytes_per_entry * max(vocab, 1)) // 64 * 64)
-    n_chunks = -(-rows // cap)
-    even = -(-rows // max(n_chunks, 1))
-    return max(1, min(cap, -(-even // 64) * 64))
-
-
-@dataclass
-class LossTerms:
-    """What ``fused_linear_loss`` returns: the objective (differentiable) and its terms, detached,
-    unweighted and reduced like the objective (None where a term was not computed)."""
-
-    loss: torch.Tensor
-    divergence: torch.Tensor | None
-    cross_entropy: torch.Tensor | None
-
-
-def fused_linear_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_weight: torch.Tensor | None = None,
-    kind: str = "gjsd",
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    hinton_scale: bool = False,
-    ce_weight: float = 0.0,
-    measure_cross_entropy: bool = False,
-    ignore_index: int = -100,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    reduction: Literal["mean", "sum"] = "mean",
-    chunk_size: int | None = None,
-    backend: Backend = "auto",
-) -> LossTerms:
-    """The LM head fused with the training loss, without holding the ``[tokens x vocab]`` logits:
-    computed in chunks of counted tokens, with the gradients for ``student_hidden``,
-    ``student_weight`` and ``student_bias`` produced in the same pass (none for the teacher, and no
-    gradient buffers at all under ``torch.no_grad``).
-
-    The student logits are ``student_hidden @ student_weight.T (+ student_bias)``; the teacher's
-    ``teacher_hidden @ teacher_weight.T (+ teacher_bias)``, or ``teacher_hidden`` itself when
-    ``teacher_weight`` is None (precomputed logits). Hidden sizes may differ; vocabulary rows
-    present in one model only are excluded. Logits are formed with fp32 accumulation and kept fp32,
-    from bf16, fp16 or fp32 inputs, also inside ``torch.autocast`` (which is turned off here).
-
-    The objective per counted token: with a teacher, ``(1 - ce_weight) * D + ce_weight * CE``
-    (D the divergence ``kind``, times temperature**2 with ``hinton_scale``; CE the next-token
-    cross-entropy against ``labels`` at temperature 1); without a teacher, CE alone (SFT). With
-    ``measure_cross_entropy`` the CE is computed (and reported in the terms) also where its weight
-    is 0. ``labels`` are aligned with the hidden states (no shift); ``ignore_index`` positions do
-    not count.
-
-    Args:
-        chunk_size: counted tokens per chunk; by default as many as fit ``CHUNK_BUDGET_BYTES``
-            for the chunk's logits (large chunks re-read the weights less often).
-        backend: ``auto`` (Triton on CUDA, the PyTorch chunked path otherwise), ``triton`` or
-            ``torch``; see ``use_triton``.
-    """
-    with_kd = teacher_hidden is not None
-    if with_kd:
-        check_loss_args(kind, beta, alpha, temperature)
-    if not 0.0 <= ce_weight <= 1.0:
-        raise ValueError(f"ce_weight must lie in [0, 1] (0: distillation only, 1: cross-entropy only); got {ce_weight}")
-    with_ce = not with_kd or ce_weight > 0 or measure_cross_entropy
-    if with_ce and labels is None:
-        raise ValueError("the cross-entropy needs labels (the next-token targets)")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    if with_kd and student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(
-            f"student and teacher disagree on the token dims: {tuple(student_hidden.shape[:-1])} "
-            f"vs {tuple(teacher_hidden.shape[:-1])}"
-        )
-    pairs = (("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight))
-    for name, hidden, weight in pairs:
-        if weight is not None and hidden.shape[-1] != weight.shape[-1]:
-            raise ValueError(f"{name} hidden size {hidden.shape[-1]} != {name} weight columns {weight.shape[-1]}")
-    if not torch.is_grad_enabled():  # evaluation: the chunk loop then allocates no gradient buffers
-        student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
-        student_bias = None if student_bias is None else student_bias.detach()
-    mask = _counted(student_hidden, labels, ignore_index)
-    s_rows = student_hidden[mask]
-    t_rows = teacher_hidden[mask] if with_kd else None
-    targets = labels[mask] if with_ce else None
-    vocab = student_weight.shape[0]
-    if with_kd:
-        vocab = min(vocab, teacher_weight.shape[0] if teacher_weight is not None else t_rows.shape[-1])
-    if with_ce:
-        _check_targets(targets, vocab)
-    triton_path = use_triton(backend, s_rows.device, student_weight.dtype)
-    if chunk_size is None:
-        per_entry = chunk_entry_bytes(triton_path, student_weight.dtype, with_kd, with_ce and 0 < ce_weight < 1)
-        budget = CHUNK_BUDGET_BYTES["cuda" if s_rows.is_cuda else "cpu"]
-        chunk_size = auto_chunk_size(s_rows.shape[0], vocab, per_entry, budget)
-    from distill.chunked_loss import ChunkedLinearLoss, Objective, torch_ce_rows, torch_rows
-
-    if triton_path:
-        from distill.kernels.cross_entropy import cross_entropy_rows as ce_rows
-        from distill.kernels.divergence import divergence_rows as div_rows
-    else:
-        ce_rows, div_rows = torch_ce_rows, torch_rows
-    hinton = temperature**2 if hinton_scale else 1.0
-    objective = Objective(
-        divergence_rows=div_rows, ce_rows=ce_rows,
-        loss_kwargs=dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature),
-        kd_weight=(1.0 - ce_weight) * hinton if with_kd else 0.0, ce_weight=ce_weight if with_kd else 1.0,
-    )
-    # Autocast would run the chunk matmuls in bf16 (1e-4 relative error instead of 1e-7 in fp32):
-    # the precision here is chosen by the inputs' dtypes.
-    with torch.autocast(s_rows.device.type, enabled=False):
-        total, terms = ChunkedLinearLoss.apply(
-            s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias, targets, chunk_size, objective,
-        )
-    return LossTerms(
-        loss=_reduce(total, mask, reduction),
-        divergence=_reduce(terms[0], mask, reduction) if with_kd else None,
-        cross_entropy=_reduce(terms[1], mask, reduction) if with_ce else None,
-    )
-
-
-def fused_linear_divergence(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    **kwargs,
-) -> torch.Tensor:
-    """``divergence(student_hidden @ student_weight.T (+ student_bias), teacher logits, labels, ...)``
-    without holding the ``[tokens x vocab]`` logits; the teacher logits are
-    ``teacher_hidden @ teacher_weight.T (+ teacher_bias)``, or ``teacher_hidden`` itself when
-    ``teacher_weight`` is None. Keyword arguments as ``fused_linear_loss`` (``ce_weight`` mixes in
-    the cross-entropy against ``labels``)."""
-    return fused_linear_loss(student_hidden, student_weight, labels, teacher_hidden=teacher_hidden,
-                             teacher_weight=teacher_weight, **kwargs).loss
-
-
-def fused_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    **kwargs,
-) -> torch.Tensor:
-    """``cross_entropy(hidden @ weight.T (+ bias), labels)`` without holding the ``[tokens x vocab]``
-    logits (SFT); keyword arguments as ``fused_linear_loss``."""
-    return fused_linear_loss(hidden, weight, labels, student_bias=bias, **kwargs).loss
-
-
-def _check_targets(targets: torch.Tensor, vocab: int) -> None:
+def check_targets(targets: torch.Tensor, vocab: int) -> None:
     """Counted labels must index a logit (the kernels would read past the row). On an accelerator
     an asynchronous device assertion: no host sync per micro-batch."""
     bad = (targets < 0) | (targets >= vocab)
@@ -459,18 +284,43 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Next-token cross-entropy in (at least) fp32 with labels aligned to the logits (the SFT loss).
     ``backend`` as for ``divergence``: the Triton kernel computes the gradient in the forward pass."""
-    mask = _counted(logits, labels, ignore_index)
+    mask = counted_positions(logits, labels, ignore_index)
     z, y = logits[mask], labels[mask]
-    _check_targets(y, z.shape[-1])
+    check_targets(y, z.shape[-1])
     if use_triton(backend, z.device, z.dtype):
         from distill.kernels.cross_entropy import TritonCrossEntropy
 
         per_token = TritonCrossEntropy.apply(z, y)
     else:
-        per_token = F.cross_entropy(_upcast(z), y, reduction="none")
-    return _reduce(per_token, mask, reduction)
+        per_token = F.cross_entropy(upcast(z), y, reduction="none")
+    return reduce_counted(per_token, mask, reduction)
 
 
 def count_tokens(labels: torch.Tensor, ignore_index: int = -100) -> int:
     """Number of positions that count towards a loss."""
     return int((labels != ignore_index).sum())
+
+
+def torch_rows(z_s: torch.Tensor, z_t: torch.Tensor, g: torch.Tensor | None, **loss_kwargs) -> torch.Tensor:
+    """The plain-PyTorch row step: the reference divergence, its gradient by autograd."""
+    with torch.enable_grad():
+        z = z_s.detach().requires_grad_(g is not None)
+        per_row = token_divergence(z, z_t, **loss_kwargs)
+        if g is not None:
+            (grad,) = torch.autograd.grad(per_row.sum(), z)
+            g.copy_(grad)  # g may be z_s itself: written only after autograd is done with it
+    return per_row.detach()
+
+
+def torch_ce_rows(z_s: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None, scale: float = 1.0,
+                  accumulate: bool = False) -> torch.Tensor:
+    """The plain-PyTorch cross-entropy row step: ``F.cross_entropy`` in (at least) fp32, its
+    gradient by autograd, scaled, written into ``g`` or added to it."""
+    with torch.enable_grad():
+        z = z_s.detach().requires_grad_(g is not None)
+        per_row = F.cross_entropy(upcast(z), y, reduction="none")
+        if g is not None:
+            (grad,) = torch.autograd.grad(per_row.sum(), z)
+            grad = grad if scale == 1.0 else grad * scale
+            g.add_(grad) if accumulate else g.copy_(grad)  # g may be z_s: written after autograd is done
+    return per_row.detach()

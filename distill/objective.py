@@ -13,7 +13,8 @@ from transformers import PreTrainedModel
 
 from distill.config import LossConfig
 from distill.data import Batch
-from distill.losses import LossTerms, cross_entropy, divergence, fused_linear_loss
+from distill.fused_loss import LossTerms, fused_linear_loss
+from distill.losses import cross_entropy, divergence
 from distill.models import (
     final_hidden,
     fp32_linear,
@@ -106,3 +107,16 @@ def fused_loss_problem(
         if problem:
             return f"{role}: {problem}"
     return None
+
+
+def objective_name(loss: LossConfig) -> str:
+    """The objective in words, for the report: ``fkl``, ``ce`` or ``0.7 * fkl + 0.3 * ce``."""
+    if loss.kind == "ce":  # the cross-entropy on the labels: no temperature
+        return "ce"
+    kd = loss.kind + (f"(beta={loss.beta})" if loss.kind == "gjsd" else "") + \
+        (f"(alpha={loss.alpha})" if loss.kind.startswith("skew") else "")
+    if loss.temperature != 1.0:
+        kd += f" at temperature {loss.temperature}" + (" (x T^2)" if loss.hinton_scale else "")
+    if loss.ce_weight == 0:
+        return kd
+    return f"{1 - loss.ce_weight:g} * {kd} + {loss.ce_weight:g} * ce"

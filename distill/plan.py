@@ -37,33 +37,14 @@ import torch
 
 from distill.config import DistillConfig, ModelConfig
 from distill.errors import DistillError
+from distill.memory import GIB, fmt, rss_bytes
+from distill.objective import objective_name
 
-GIB = 1 << 30
 RUNTIME_CUDA = 1 * GIB  # CUDA context, cuBLAS workspaces: outside torch's allocator statistics
 # DeepSpeed's defaults that bound its buffers (elements).
 ZERO3_MAX_LIVE = 1_000_000_000
 ZERO12_BUCKET = 500_000_000
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux's VmHWM; 0 where it cannot be read)."""
-    return _status_field("VmHWM")
-
-
-def rss_bytes() -> int:
-    """This process's resident memory now (VmRSS)."""
-    return _status_field("VmRSS")
-
-
-def _status_field(name: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 @dataclass
@@ -373,7 +354,7 @@ def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bo
     if kd:
         p.training["teacher hidden states"] = tokens * t.hidden * 4
     if cfg.loss.fused:
-        from distill.losses import CHUNK_BUDGET_BYTES, auto_chunk_size, chunk_entry_bytes
+        from distill.fused_loss import CHUNK_BUDGET_BYTES, auto_chunk_size, chunk_entry_bytes
 
         triton = device == "cuda" and cfg.loss.backend != "torch"
         weight_dtype = _DTYPES[cfg.student.dtype]
@@ -464,7 +445,6 @@ def make_plan(cfg: DistillConfig, world: int | None = None) -> RunPlan:
     """The plan of ``cfg`` on ``world`` ranks (default: plan.world_size, else the launch's)."""
     from distill.distributed import launch_env
     from distill.losses import use_triton
-    from distill.train import objective_name
 
     if world is None:
         world = cfg.plan.world_size or launch_env()[1]
@@ -506,10 +486,6 @@ def make_plan(cfg: DistillConfig, world: int | None = None) -> RunPlan:
     if cfg.deepspeed.stage == 0 and world == 1 and not plan.fits:
         plan.notes.append("one process holds everything: launch on several ranks with a ZeRO stage")
     return plan
-
-
-def fmt(n: int) -> str:
-    return f"{n / GIB:,.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:,.1f} MiB"
 
 
 def render(plan: RunPlan) -> str:

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.chat_template import use_one_chat_template
 from distill.checkpoint import atomic_write_text, export_model
-from distill.config import SOURCES, DistillConfig, LossConfig, validate
+from distill.config import SOURCES, DistillConfig, validate
 from distill.data import (
     TrainData,
     builtin_records,
@@ -39,6 +39,7 @@ from distill.distributed import Engine
 from distill.errors import DistillError
 from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses
 from distill.losses import count_tokens
+from distill.memory import fmt, peak_rss_bytes
 from distill.models import (
     AdaptersDisabled,
     check_same_tokenizer,
@@ -51,9 +52,8 @@ from distill.models import (
     resolve_device,
     save_model,
 )
-from distill.objective import batch_loss, fused_loss_problem
+from distill.objective import batch_loss, fused_loss_problem, objective_name
 from distill.plan import check as check_plan
-from distill.plan import fmt, peak_rss_bytes
 from distill.progress import console, progress_display, showing
 from distill.report import write_report
 from distill.schedule import cosine_scheduler, value_at
@@ -153,19 +153,6 @@ def _save_config(run_dir: Path, cfg: DistillConfig) -> None:
     saved = OmegaConf.structured(cfg)
     saved.resume = None
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(saved))
-
-
-def objective_name(loss: LossConfig) -> str:
-    """The objective in words, for the report: ``fkl``, ``ce`` or ``0.7 * fkl + 0.3 * ce``."""
-    if loss.kind == "ce":  # the cross-entropy on the labels: no temperature
-        return "ce"
-    kd = loss.kind + (f"(beta={loss.beta})" if loss.kind == "gjsd" else "") + \
-        (f"(alpha={loss.alpha})" if loss.kind.startswith("skew") else "")
-    if loss.temperature != 1.0:
-        kd += f" at temperature {loss.temperature}" + (" (x T^2)" if loss.hinton_scale else "")
-    if loss.ce_weight == 0:
-        return kd
-    return f"{1 - loss.ce_weight:g} * {kd} + {loss.ce_weight:g} * ce"
 
 
 def _warnings(cfg: DistillConfig, student: PreTrainedModel, device: torch.device, deepspeed: bool = False) -> list[str]:

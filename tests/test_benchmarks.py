@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import distill.fused_loss
 import distill.losses
 import distill.sources.sampling
 from benchmarks import fused_loss, sampling
@@ -114,26 +115,26 @@ def _error_metrics() -> dict:
 
 def test_gate_passes_the_fused_loss_and_fails_a_wrong_divergence(monkeypatch):
     assert not failed(_gate("fused_loss", _error_metrics()))
-    real = distill.losses.fused_linear_divergence
+    real = distill.fused_loss.fused_linear_divergence
 
     def forward_for_reverse(*args, kind="gjsd", **kw):  # rkl computed as fkl: a wrong divergence
         return real(*args, kind="fkl" if kind == "rkl" else kind, **kw)
 
-    monkeypatch.setattr(distill.losses, "fused_linear_divergence", forward_for_reverse)
+    monkeypatch.setattr(distill.fused_loss, "fused_linear_divergence", forward_for_reverse)
     assert [r["metric"] for r in failed(_gate("fused_loss", _error_metrics()))] == [
         "fused_loss: rkl error vs float64"]
 
 
 def test_gate_fails_a_slower_loss_path(monkeypatch):
     opts = SUITES["ci"]["fused_loss"]
-    real = distill.losses.fused_linear_divergence
+    real = distill.fused_loss.fused_linear_divergence
 
     def three_times(*args, **kw):  # the same result, three times the work
         for _ in range(2):
             real(*args, **kw).detach()
         return real(*args, **kw)
 
-    monkeypatch.setattr(distill.losses, "fused_linear_divergence", three_times)
+    monkeypatch.setattr(distill.fused_loss, "fused_linear_divergence", three_times)
     times = fused_loss.speed(0, opts["speed_tokens"], 256, 32000, opts["chunks"][0], opts["repeats"])
     rows = _gate("fused_loss", {"fused over eager time": metric(times["distill-torch"] / times["eager"], "lower",
                                                                 "ratio")})

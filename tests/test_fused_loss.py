@@ -8,16 +8,12 @@ import zlib
 
 import pytest
 import torch
+from references import full_logits_cross_entropy, full_logits_divergence
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distill import chunked_loss
-from distill.losses import (
-    KINDS,
-    cross_entropy,
-    fused_linear_cross_entropy,
-    fused_linear_divergence,
-    fused_linear_loss,
-)
+from distill import fused_loss
+from distill.fused_loss import fused_linear_cross_entropy, fused_linear_divergence, fused_linear_loss
+from distill.losses import KINDS, cross_entropy
 
 # DISTILL_TEST_DEVICE=cuda (make gpu-check): the same tests on the GPU, where the chunk loop takes
 # its CUDA branches (fp32-output matmuls) and backend "auto" the compiled kernels.
@@ -45,7 +41,7 @@ def make(seed: int, dtype=torch.float64, bias: bool = True):
 
 def reference(t, labels, **kw):
     """Full float64 logits, then the reference divergence."""
-    return chunked_loss.reference(t["s_h"], t["s_w"], t["t_h"], t["t_w"], labels, student_bias=t["s_b"],
+    return full_logits_divergence(t["s_h"], t["s_w"], t["t_h"], t["t_w"], labels, student_bias=t["s_b"],
                                   teacher_bias=t["t_b"], **kw)
 
 
@@ -141,7 +137,7 @@ def test_bad_arguments():
 
 
 def reference_ce(t, labels):
-    return chunked_loss.reference_cross_entropy(t["s_h"], t["s_w"], labels, bias=t["s_b"])
+    return full_logits_cross_entropy(t["s_h"], t["s_w"], labels, bias=t["s_b"])
 
 
 def test_cross_entropy_matches_reference_float64():
@@ -236,9 +232,9 @@ def test_fp16_gradient_buffer_with_a_large_ce_share(monkeypatch):
     would overflow (inf gradients); the loop scales the divergence's gradient instead."""
     if DEVICE.type != "cpu":
         pytest.skip("emulates the CUDA branch on the CPU")
-    monkeypatch.setattr(chunked_loss, "_mm_out_fp32", lambda device: True)
-    monkeypatch.setattr(chunked_loss, "_addmm_into_fp32", lambda device: False)
-    monkeypatch.setattr(chunked_loss, "_half_mm", lambda a, b: torch.mm(a.float(), b.float()))
+    monkeypatch.setattr(fused_loss, "_mm_out_fp32", lambda device: True)
+    monkeypatch.setattr(fused_loss, "_addmm_into_fp32", lambda device: False)
+    monkeypatch.setattr(fused_loss, "_half_mm", lambda a, b: torch.mm(a.float(), b.float()))
     t, labels = make(31)
     w = 0.99999
     a, b = leaf({k: None if v is None else v.half() for k, v in t.items()}), leaf(t)

@@ -18,12 +18,14 @@ import zlib
 
 import pytest
 import torch
+from references import full_logits_cross_entropy, full_logits_divergence, row_cross_entropy
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distill import chunked_loss, losses
+from distill import fused_loss, losses
+from distill.fused_loss import fused_linear_divergence, fused_linear_loss
 from distill.kernels import cross_entropy as kce
 from distill.kernels import divergence as kdiv
-from distill.losses import KINDS, cross_entropy, divergence, fused_linear_divergence, fused_linear_loss
+from distill.losses import KINDS, cross_entropy, divergence, token_divergence
 
 DEVICE = torch.device(os.environ.get("DISTILL_TEST_DEVICE", "cpu"))
 pytestmark = pytest.mark.skipif(
@@ -64,7 +66,7 @@ def run_fused(t, labels, wide: bool = False, **kw):
 
     leaves = {k: None if v is None else leaf(k, v) for k, v in t.items()}
     if wide:
-        loss = chunked_loss.reference(leaves["s_h"], leaves["s_w"], leaves["t_h"], leaves["t_w"], labels,
+        loss = full_logits_divergence(leaves["s_h"], leaves["s_w"], leaves["t_h"], leaves["t_w"], labels,
                                       student_bias=leaves["s_b"], teacher_bias=leaves["t_b"], **kw)
     else:
         loss = fused_linear_divergence(leaves["s_h"], leaves["s_w"], leaves["t_h"], leaves["t_w"], labels,
@@ -134,7 +136,7 @@ def test_several_vocabulary_blocks_and_row_tiles(kind, beta):
     s, t = (torch.randn(13, 300, generator=g).to(DEVICE) * 4 for _ in range(2))
     a, b = s.clone().requires_grad_(), s.double().requires_grad_()
     out = kdiv.TritonDivergence.apply(a, t, kind, beta, 0.4, 1.3, 64)
-    ref = kdiv.reference(b, t.double(), kind=kind, beta=beta, alpha=0.4, temperature=1.3)
+    ref = token_divergence(b, t.double(), kind=kind, beta=beta, alpha=0.4, temperature=1.3)
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-6)
     (ga,) = torch.autograd.grad(out.sum(), a)
     (gb,) = torch.autograd.grad(ref.sum(), b)
@@ -199,15 +201,15 @@ def test_tensor_core_path(monkeypatch, addmm):
     half-precision gradient, dW accumulated in fp32 by addmm or in slices. On a GPU the real cuBLAS
     calls; on the CPU the fp32-output matmuls are emulated."""
     if DEVICE.type == "cpu":
-        monkeypatch.setattr(chunked_loss, "_mm_out_fp32", lambda device: True)
-        monkeypatch.setattr(chunked_loss, "_half_mm", lambda a, b: a.float() @ b.float())
-        monkeypatch.setattr(chunked_loss, "_half_addmm_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
-        monkeypatch.setattr(chunked_loss, "_addmm_into_fp32", lambda device: addmm)
+        monkeypatch.setattr(fused_loss, "_mm_out_fp32", lambda device: True)
+        monkeypatch.setattr(fused_loss, "_half_mm", lambda a, b: a.float() @ b.float())
+        monkeypatch.setattr(fused_loss, "_half_addmm_", lambda acc, a, b: acc.add_(a.float() @ b.float()))
+        monkeypatch.setattr(fused_loss, "_addmm_into_fp32", lambda device: addmm)
     elif not addmm:
-        monkeypatch.setattr(chunked_loss, "_addmm_into_fp32", lambda device: False)
+        monkeypatch.setattr(fused_loss, "_addmm_into_fp32", lambda device: False)
     else:
-        assert chunked_loss._mm_out_fp32(DEVICE) and chunked_loss._addmm_into_fp32(DEVICE)
-    monkeypatch.setattr(chunked_loss, "DW_SLICE", 64)  # several slices over V = 300
+        assert fused_loss._mm_out_fp32(DEVICE) and fused_loss._addmm_into_fp32(DEVICE)
+    monkeypatch.setattr(fused_loss, "DW_SLICE", 64)  # several slices over V = 300
     t, labels = fused_inputs(4, torch.bfloat16)
     for kind in ("fkl", "gjsd"):
         loss, grads = run_fused(t, labels, kind=kind)
@@ -269,11 +271,11 @@ def test_fused_cross_entropy_and_mixed_objective(dtype, tol, ce_weight):
         for k in ("s_h", "s_w", "s_b"):
             leaves[k].requires_grad_()
         if wide:
-            ce = chunked_loss.reference_cross_entropy(leaves["s_h"], leaves["s_w"], targets, bias=leaves["s_b"])
+            ce = full_logits_cross_entropy(leaves["s_h"], leaves["s_w"], targets, bias=leaves["s_b"])
             if ce_weight is None:
                 loss = ce
             else:
-                div = chunked_loss.reference(leaves["s_h"], leaves["s_w"], leaves["t_h"], leaves["t_w"], targets,
+                div = full_logits_divergence(leaves["s_h"], leaves["s_w"], leaves["t_h"], leaves["t_w"], targets,
                                              student_bias=leaves["s_b"], teacher_bias=leaves["t_b"], kind="gjsd")
                 loss = (1 - ce_weight) * div + ce_weight * ce
         else:
@@ -381,7 +383,7 @@ def ce_inputs(seed: int, rows: int, vocab: int, dtype: torch.dtype = torch.float
 def ce_reference_grad(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 per-row CE and its gradient for a unit upstream gradient per row."""
     w = z.detach().double().requires_grad_()
-    ref = kce.reference(w, y)
+    ref = row_cross_entropy(w, y)
     (grad,) = torch.autograd.grad(ref.sum(), w)
     return ref.detach(), grad
 
@@ -400,7 +402,7 @@ def test_cross_entropy_kernel_matches_reference(dtype, tol):
     assert torch.equal(kce.cross_entropy_rows(z, y, None), out)
     a, b = z.clone().requires_grad_(), z.double().requires_grad_()
     out = kce.TritonCrossEntropy.apply(a, y)
-    ref = kce.reference(b, y)
+    ref = row_cross_entropy(b, y)
     weights = torch.rand(7, generator=g, dtype=torch.float64).to(DEVICE)
     (ga,) = torch.autograd.grad((out * weights.float()).sum(), a)
     (gb,) = torch.autograd.grad((ref * weights).sum(), b)

@@ -20,7 +20,8 @@ import distill.train as train_mod
 from distill.config import DistillConfig, SamplingConfig, Schedule, SourceWeights
 from distill.data import collate
 from distill.errors import DistillError
-from distill.losses import LossTerms, count_tokens
+from distill.fused_loss import LossTerms
+from distill.losses import count_tokens
 from distill.models import load_model, load_tokenizer
 from distill.schedule import value_at
 from distill.sources.mixture import draw_source

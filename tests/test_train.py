@@ -16,7 +16,7 @@ import distill.train as train_mod
 from distill.config import DataConfig, DistillConfig, LoraConfig, LossConfig, ModelConfig, TrainerConfig
 from distill.data import length_buckets
 from distill.errors import DistillError
-from distill.objective import batch_loss
+from distill.objective import batch_loss, objective_name
 from distill.schedule import CosineSchedule
 from distill.tracking import MetricsLog
 
@@ -369,8 +369,8 @@ def test_overlong_training_records_are_counted_in_the_report(teacher_dir, studen
 
 def test_objective_names():
     """The report's words for the objective: SFT's cross-entropy has no temperature."""
-    assert train_mod.objective_name(LossConfig(kind="ce", temperature=2.0)) == "ce"
-    assert train_mod.objective_name(LossConfig(kind="gjsd", beta=0.3, temperature=2.0, ce_weight=0.25)) == \
+    assert objective_name(LossConfig(kind="ce", temperature=2.0)) == "ce"
+    assert objective_name(LossConfig(kind="gjsd", beta=0.3, temperature=2.0, ce_weight=0.25)) == \
         "0.75 * gjsd(beta=0.3) at temperature 2.0 + 0.25 * ce"
 
 

@@ -137,9 +137,3 @@ class TritonCrossEntropy(torch.autograd.Function):
         if grad is None:
             return None, None, None
         return grad * grad_rows[:, None].to(grad.dtype), None, None
-
-
-def reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch per-row cross-entropy the kernel is tested against (float64 in the tests)."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    return torch.nn.functional.cross_entropy(logits.to(dtype), targets, reduction="none")

@@ -271,18 +271,3 @@ class TritonDivergence(torch.autograd.Function):
         if grad is None:
             return (None,) * 7
         return grad * grad_rows[:, None].to(grad.dtype), None, None, None, None, None, None
-
-
-def reference(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    kind: str,
-    beta: float,
-    alpha: float,
-    temperature: float,
-) -> torch.Tensor:
-    """Plain-PyTorch per-row divergence the kernel is tested against (float64 in the tests)."""
-    from distill.losses import token_divergence
-
-    return token_divergence(student_logits, teacher_logits, kind=kind, beta=beta, alpha=alpha, temperature=temperature)

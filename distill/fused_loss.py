@@ -1,8 +1,8 @@
-"""LM head fused with the token loss, in chunks of tokens: the ``[tokens x vocab]`` logits never
-exist. One loop serves every fused loss of ``distill.losses`` (divergence, cross-entropy, their
-mix) and both backends; only the per-row steps differ (the Triton kernels
+"""The fused loss: the LM head fused with the token loss, in chunks of tokens, so the
+``[tokens x vocab]`` logits never exist. One loop serves every fused loss (divergence,
+cross-entropy, their mix) and both backends; only the per-row steps differ (the Triton kernels
 ``distill.kernels.divergence.divergence_rows`` and ``distill.kernels.cross_entropy.cross_entropy_rows``,
-or ``torch_rows`` / ``torch_ce_rows``: the references and autograd).
+or ``distill.losses.torch_rows`` / ``torch_ce_rows``: the references and autograd).
 
 For each chunk of C counted tokens, student hidden X [C, H_S] and weight W_S [V, H_S]:
 
@@ -27,12 +27,25 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from distill.losses import _upcast, token_divergence
+from distill.losses import (
+    Backend,
+    check_loss_args,
+    check_targets,
+    counted_positions,
+    reduce_counted,
+    torch_ce_rows,
+    torch_rows,
+    upcast,
+    use_triton,
+)
 
+# Memory for one chunk's [rows x vocab] buffers in fused_linear_loss when chunk_size is not
+# given: on a GPU it allows chunks of about 2048 rows at a 128K vocabulary with bf16 weights.
+CHUNK_BUDGET_BYTES = {"cuda": 5 << 29, "cpu": 1 << 28}
 HALF = (torch.bfloat16, torch.float16)
 # Rows of dW formed per matmul when accumulating in fp32 without addmm(out_dtype): bounds the fp32
 # temporary to DW_SLICE x H while keeping each matmul large.
@@ -101,7 +114,7 @@ def _operand(weight: torch.Tensor) -> torch.Tensor:
     weight = weight.detach()
     if weight.dtype in HALF and _mm_out_fp32(weight.device):
         return weight
-    return _upcast(weight)
+    return upcast(weight)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -120,31 +133,6 @@ def _accumulate_grad_weight(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor)
             acc[v0: v0 + DW_SLICE] += _half_mm(g[:, v0: v0 + DW_SLICE].T, x)
     else:
         acc.addmm_(g.T, x.to(acc.dtype))
-
-
-def torch_rows(z_s: torch.Tensor, z_t: torch.Tensor, g: torch.Tensor | None, **loss_kwargs) -> torch.Tensor:
-    """The plain-PyTorch row step: the reference divergence, its gradient by autograd."""
-    with torch.enable_grad():
-        z = z_s.detach().requires_grad_(g is not None)
-        per_row = token_divergence(z, z_t, **loss_kwargs)
-        if g is not None:
-            (grad,) = torch.autograd.grad(per_row.sum(), z)
-            g.copy_(grad)  # g may be z_s itself: written only after autograd is done with it
-    return per_row.detach()
-
-
-def torch_ce_rows(z_s: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None, scale: float = 1.0,
-                  accumulate: bool = False) -> torch.Tensor:
-    """The plain-PyTorch cross-entropy row step: ``F.cross_entropy`` in (at least) fp32, its
-    gradient by autograd, scaled, written into ``g`` or added to it."""
-    with torch.enable_grad():
-        z = z_s.detach().requires_grad_(g is not None)
-        per_row = F.cross_entropy(_upcast(z), y, reduction="none")
-        if g is not None:
-            (grad,) = torch.autograd.grad(per_row.sum(), z)
-            grad = grad if scale == 1.0 else grad * scale
-            g.add_(grad) if accumulate else g.copy_(grad)  # g may be z_s: written after autograd is done
-    return per_row.detach()
 
 
 class ChunkedLinearLoss(torch.autograd.Function):
@@ -245,31 +233,168 @@ class ChunkedLinearLoss(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-def reference_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Plain PyTorch on full logits, then ``distill.losses.cross_entropy`` (float64 in the tests)."""
-    from distill.losses import cross_entropy
+def chunk_entry_bytes(triton_path: bool, weight_dtype: torch.dtype, with_kd: bool, mixed: bool) -> int:
+    """Bytes per logit entry of a chunk's buffers: fp32 student (and teacher) logits, plus a gradient
+    buffer where it cannot overwrite the student logits (Triton: half-precision weights, or both
+    terms sending a gradient: ``mixed``), or the autograd temporaries of the reference divergence
+    (PyTorch path: about 15 fp32 buffers of a chunk's size, benchmarks/results/full/fused_loss_cpu.md)."""
+    if not triton_path:
+        return 15 * 4
+    own_grad = weight_dtype in (torch.float16, torch.bfloat16) or (with_kd and mixed)
+    return 4 + 4 * with_kd + (weight_dtype.itemsize if own_grad else 0)
 
-    return cross_entropy(torch.nn.functional.linear(hidden, weight, bias), labels)
+
+def auto_chunk_size(rows: int, vocab: int, bytes_per_entry: int, budget_bytes: int) -> int:
+    """Rows per chunk: as many as the budget allows for ``bytes_per_entry`` per logit (at least 128),
+    then evened out so that the last chunk is not a sliver. Multiples of 64 rows."""
+    cap = max(128, budget_bytes // (bytes_per_entry * max(vocab, 1)) // 64 * 64)
+    n_chunks = -(-rows // cap)
+    even = -(-rows // max(n_chunks, 1))
+    return max(1, min(cap, -(-even // 64) * 64))
 
 
-def reference(
+@dataclass
+class LossTerms:
+    """What ``fused_linear_loss`` returns: the objective (differentiable) and its terms, detached,
+    unweighted and reduced like the objective (None where a term was not computed)."""
+
+    loss: torch.Tensor
+    divergence: torch.Tensor | None
+    cross_entropy: torch.Tensor | None
+
+
+def fused_linear_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    kind: str = "gjsd",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    hinton_scale: bool = False,
+    ce_weight: float = 0.0,
+    measure_cross_entropy: bool = False,
+    ignore_index: int = -100,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+    chunk_size: int | None = None,
+    backend: Backend = "auto",
+) -> LossTerms:
+    """The LM head fused with the training loss, without holding the ``[tokens x vocab]`` logits:
+    computed in chunks of counted tokens, with the gradients for ``student_hidden``,
+    ``student_weight`` and ``student_bias`` produced in the same pass (none for the teacher, and no
+    gradient buffers at all under ``torch.no_grad``).
+
+    The student logits are ``student_hidden @ student_weight.T (+ student_bias)``; the teacher's
+    ``teacher_hidden @ teacher_weight.T (+ teacher_bias)``, or ``teacher_hidden`` itself when
+    ``teacher_weight`` is None (precomputed logits). Hidden sizes may differ; vocabulary rows
+    present in one model only are excluded. Logits are formed with fp32 accumulation and kept fp32,
+    from bf16, fp16 or fp32 inputs, also inside ``torch.autocast`` (which is turned off here).
+
+    The objective per counted token: with a teacher, ``(1 - ce_weight) * D + ce_weight * CE``
+    (D the divergence ``kind``, times temperature**2 with ``hinton_scale``; CE the next-token
+    cross-entropy against ``labels`` at temperature 1); without a teacher, CE alone (SFT). With
+    ``measure_cross_entropy`` the CE is computed (and reported in the terms) also where its weight
+    is 0. ``labels`` are aligned with the hidden states (no shift); ``ignore_index`` positions do
+    not count.
+
+    Args:
+        chunk_size: counted tokens per chunk; by default as many as fit ``CHUNK_BUDGET_BYTES``
+            for the chunk's logits (large chunks re-read the weights less often).
+        backend: ``auto`` (Triton on CUDA, the PyTorch chunked path otherwise), ``triton`` or
+            ``torch``; see ``use_triton``.
+    """
+    with_kd = teacher_hidden is not None
+    if with_kd:
+        check_loss_args(kind, beta, alpha, temperature)
+    if not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight must lie in [0, 1] (0: distillation only, 1: cross-entropy only); got {ce_weight}")
+    with_ce = not with_kd or ce_weight > 0 or measure_cross_entropy
+    if with_ce and labels is None:
+        raise ValueError("the cross-entropy needs labels (the next-token targets)")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if with_kd and student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student and teacher disagree on the token dims: {tuple(student_hidden.shape[:-1])} "
+            f"vs {tuple(teacher_hidden.shape[:-1])}"
+        )
+    pairs = (("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight))
+    for name, hidden, weight in pairs:
+        if weight is not None and hidden.shape[-1] != weight.shape[-1]:
+            raise ValueError(f"{name} hidden size {hidden.shape[-1]} != {name} weight columns {weight.shape[-1]}")
+    if not torch.is_grad_enabled():  # evaluation: the chunk loop then allocates no gradient buffers
+        student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
+        student_bias = None if student_bias is None else student_bias.detach()
+    mask = counted_positions(student_hidden, labels, ignore_index)
+    s_rows = student_hidden[mask]
+    t_rows = teacher_hidden[mask] if with_kd else None
+    targets = labels[mask] if with_ce else None
+    vocab = student_weight.shape[0]
+    if with_kd:
+        vocab = min(vocab, teacher_weight.shape[0] if teacher_weight is not None else t_rows.shape[-1])
+    if with_ce:
+        check_targets(targets, vocab)
+    triton_path = use_triton(backend, s_rows.device, student_weight.dtype)
+    if chunk_size is None:
+        per_entry = chunk_entry_bytes(triton_path, student_weight.dtype, with_kd, with_ce and 0 < ce_weight < 1)
+        budget = CHUNK_BUDGET_BYTES["cuda" if s_rows.is_cuda else "cpu"]
+        chunk_size = auto_chunk_size(s_rows.shape[0], vocab, per_entry, budget)
+    if triton_path:
+        from distill.kernels.cross_entropy import cross_entropy_rows as ce_rows
+        from distill.kernels.divergence import divergence_rows as div_rows
+    else:
+        ce_rows, div_rows = torch_ce_rows, torch_rows
+    hinton = temperature**2 if hinton_scale else 1.0
+    objective = Objective(
+        divergence_rows=div_rows, ce_rows=ce_rows,
+        loss_kwargs=dict(kind=kind, beta=beta, alpha=alpha, temperature=temperature),
+        kd_weight=(1.0 - ce_weight) * hinton if with_kd else 0.0, ce_weight=ce_weight if with_kd else 1.0,
+    )
+    # Autocast would run the chunk matmuls in bf16 (1e-4 relative error instead of 1e-7 in fp32):
+    # the precision here is chosen by the inputs' dtypes.
+    with torch.autocast(s_rows.device.type, enabled=False):
+        total, terms = ChunkedLinearLoss.apply(
+            s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias, targets, chunk_size, objective,
+        )
+    return LossTerms(
+        loss=reduce_counted(total, mask, reduction),
+        divergence=reduce_counted(terms[0], mask, reduction) if with_kd else None,
+        cross_entropy=reduce_counted(terms[1], mask, reduction) if with_ce else None,
+    )
+
+
+def fused_linear_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
-    *,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    **loss_kwargs,
+    **kwargs,
 ) -> torch.Tensor:
-    """Plain PyTorch on full logits, then ``distill.losses.divergence`` (float64 in the tests)."""
-    from distill.losses import divergence
+    """``divergence(student_hidden @ student_weight.T (+ student_bias), teacher logits, labels, ...)``
+    without holding the ``[tokens x vocab]`` logits; the teacher logits are
+    ``teacher_hidden @ teacher_weight.T (+ teacher_bias)``, or ``teacher_hidden`` itself when
+    ``teacher_weight`` is None. Keyword arguments as ``fused_linear_loss`` (``ce_weight`` mixes in
+    the cross-entropy against ``labels``)."""
+    return fused_linear_loss(student_hidden, student_weight, labels, teacher_hidden=teacher_hidden,
+                             teacher_weight=teacher_weight, **kwargs).loss
 
-    z_s = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
-    z_t = teacher_hidden if teacher_weight is None else torch.nn.functional.linear(
-        teacher_hidden, teacher_weight, teacher_bias
-    )
-    return divergence(z_s, z_t.detach(), labels, backend="torch", **loss_kwargs)
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T (+ bias), labels)`` without holding the ``[tokens x vocab]``
+    logits (SFT); keyword arguments as ``fused_linear_loss``."""
+    return fused_linear_loss(hidden, weight, labels, student_bias=bias, **kwargs).loss
