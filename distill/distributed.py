@@ -1,6 +1,10 @@
-"""Data parallelism on DeepSpeed ZeRO: the one module of distill that calls DeepSpeed.
+"""Data parallelism on DeepSpeed ZeRO: the run's ``Engine``.
 
-The training loop (``distill.train``) is the same in one process and on many ranks; what differs
+DeepSpeed is called here, and by transformers' loading under ZeRO-3 (``HfDeepSpeedConfig``, set
+up here) and ``distill.export``'s gathering of sharded weights. Where the models live is the
+run's ``distill.placement.Placement``, which ``distill.plan`` plans memory by too.
+
+The training loop (``distill.loop``) is the same in one process and on many ranks; what differs
 goes through an ``Engine``:
 
 - every rank computes its share of each micro-batch (``shard``) and the token counts of a step are
@@ -12,7 +16,8 @@ goes through an ``Engine``:
 - ``loading`` partitions a model's weights as they are read (ZeRO-3), so no rank holds a whole
   pretrained model (a student built from ``arch`` is partitioned once built);
 - ``generation`` gathers a sharded model once for a generation round and takes its ZeRO hooks off,
-  so token-by-token sampling runs without communication and ranks need not finish together;
+  so token-by-token sampling runs without communication and ranks need not finish together (the
+  private hooks it takes off are fenced in ``_zero3_hooks_off``, behind a version check);
 - checkpoints are DeepSpeed's per-rank files inside the run's atomic checkpoint directory.
 
 Launch with ``deepspeed --num_gpus N -m distill ...`` or ``torchrun --nproc-per-node N -m distill
@@ -46,20 +51,10 @@ from distill.checkpoint import (
 from distill.config import DistillConfig
 from distill.errors import DistillError
 from distill.models import load_trainable_state, trainable_state
+from distill.placement import Placement, launch_env, local_world_size
 from distill.sharding import is_sharded
 
 DEEPSPEED_TAG = "deepspeed"  # the folder of DeepSpeed's files inside a checkpoint
-
-
-def launch_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as ``deepspeed`` and ``torchrun`` set them; (0, 1, 0) otherwise."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(
-        os.environ.get("LOCAL_RANK", "0"))
-
-
-def local_world_size() -> int:
-    """Ranks on this machine (torchrun: LOCAL_WORLD_SIZE, deepspeed: LOCAL_SIZE)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1"))
 
 
 def free_port() -> int:
@@ -79,10 +74,9 @@ class Engine:
     def __init__(self, cfg: DistillConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.rank, self.world, self.local_rank = launch_env()
-        self.stage = cfg.deepspeed.stage
-        self.uses_deepspeed = self.world > 1 or self.stage > 0
-        self.shard_teacher = self.uses_deepspeed and (self.stage == 3 or (cfg.deepspeed.shard_teacher
-                                                                          and self.world > 1))
+        self.placement = Placement.of(cfg, self.world, device.type)
+        self.stage = self.placement.stage
+        self.uses_deepspeed = self.placement.uses_deepspeed
         self.device = device
         if device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", self.local_rank)
@@ -165,11 +159,11 @@ class Engine:
     # --- models ---------------------------------------------------------------------------------
 
     def _ds_config(self, dtype: str, stage: int, *, train: bool) -> dict[str, Any]:
-        ds, tc = self.cfg.deepspeed, self.cfg.trainer
+        p, tc = self.placement, self.cfg.trainer
         zero: dict[str, Any] = {"stage": stage}
-        if stage == 3 and ds.offload_params:
+        if stage == 3 and p.offload_params:
             zero["offload_param"] = {"device": "cpu"}
-        if train and ds.offload_optimizer:
+        if train and p.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
         micro = tc.batch_size // self.world
         return {
@@ -189,8 +183,7 @@ class Engine:
     def loading(self, role: str) -> Iterator[None]:
         """Within the block, ``from_pretrained`` partitions the ``role`` model's weights across the
         ranks as it reads them (ZeRO-3 for this role), instead of each rank loading all of them."""
-        zero3 = self.stage == 3 if role == "student" else self.shard_teacher
-        if not zero3:
+        if not self.placement.sharded(role):
             yield
             return
         from transformers.integrations import HfDeepSpeedConfig
@@ -205,7 +198,7 @@ class Engine:
 
     def wrap_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
         """The teacher as an inference-only ZeRO-3 engine (no optimizer state) when it is sharded."""
-        if not self.shard_teacher:
+        if not self.placement.shard_teacher:
             return teacher
         import deepspeed
 
@@ -281,25 +274,8 @@ class Engine:
         with ExitStack() as stack:
             for m in sharded:
                 stack.enter_context(deepspeed.zero.GatheredParameters(list(m.parameters())))
-            offloads = [self._offload[id(m)] for m in sharded]
-            for offload in offloads:
-                for p in offload.module.parameters():
-                    p.ds_active_sub_modules.clear()
-                for hook in (*offload.forward_hooks, *offload.backward_hooks):
-                    hook.remove()
-                offload.forward_hooks, offload.backward_hooks = [], []
-            # The start-of-forward hook of the root module checks, while ZeRO-3 records the order of
-            # module calls, that every rank calls alike (collectives): off too, so that ranks decoding
-            # different numbers of tokens (or none: a cached batch) cannot fall out of step.
-            starts = [offload.module._forward_pre_hooks[offload.fwd_pre_hook.id] for offload in offloads]
-            for offload in offloads:
-                offload.fwd_pre_hook.remove()
-            try:
-                yield synced
-            finally:
-                for offload, start in zip(offloads, starts, strict=True):
-                    offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start, prepend=True)
-                    offload._register_deepspeed_module(offload.module)  # also invalidates the recorded order
+            stack.enter_context(_zero3_hooks_off([self._offload[id(m)] for m in sharded]))
+            yield synced
 
     def held_parameters(self, model: torch.nn.Module) -> int:
         """Parameter elements this rank holds of ``model`` (its ZeRO-3 partitions, or all of them)."""
@@ -363,3 +339,40 @@ class Engine:
                                             load_lr_scheduler_states=False, load_module_strict=False)
         set_rng_state(torch.load(latest / f"rng-{self.rank}.pt", weights_only=False))
         return state
+
+
+# DeepSpeed releases whose ZeRO-3 hook internals _zero3_hooks_off was written against and tested with.
+ZERO3_HOOKS_TESTED = ((0, 16), (0, 20))
+
+
+@contextmanager
+def _zero3_hooks_off(offloads: list[Any]) -> Iterator[None]:
+    """ZeRO-3's module hooks off for the block, put back after: the one place distill reaches into
+    DeepSpeed's private state (``DeepSpeedZeRoOffload``'s hooks, ``fwd_pre_hook``,
+    ``ds_active_sub_modules``, ``_register_deepspeed_module``). Refused, by name, on a DeepSpeed
+    outside the tested releases."""
+    import deepspeed
+    from packaging.version import Version
+
+    low, high = (Version(".".join(map(str, v))) for v in ZERO3_HOOKS_TESTED)
+    if not low <= Version(Version(deepspeed.__version__).base_version) < high:
+        raise DistillError(f"deepspeed {deepspeed.__version__}: generation with ZeRO-3 takes its private module "
+                           f"hooks off, tested with deepspeed >={low},<{high}; install one of those")
+    for offload in offloads:
+        for p in offload.module.parameters():
+            p.ds_active_sub_modules.clear()
+        for hook in (*offload.forward_hooks, *offload.backward_hooks):
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+    # The start-of-forward hook of the root module checks, while ZeRO-3 records the order of module
+    # calls, that every rank calls alike (collectives): off too, so that ranks decoding different
+    # numbers of tokens (or none: a cached batch) cannot fall out of step.
+    starts = [offload.module._forward_pre_hooks[offload.fwd_pre_hook.id] for offload in offloads]
+    for offload in offloads:
+        offload.fwd_pre_hook.remove()
+    try:
+        yield
+    finally:
+        for offload, start in zip(offloads, starts, strict=True):
+            offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start, prepend=True)
+            offload._register_deepspeed_module(offload.module)  # also invalidates the recorded order

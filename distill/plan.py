@@ -28,23 +28,23 @@ the CPU the process's own memory (libraries) at planning time is added.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AttentionInterface
 
 from distill.config import DistillConfig, ModelConfig
 from distill.errors import DistillError
 from distill.memory import GIB, fmt, rss_bytes
 from distill.objective import objective_name
+from distill.placement import DTYPES, Placement, device_type, launch_env, local_world_size
 
 RUNTIME_CUDA = 1 * GIB  # CUDA context, cuBLAS workspaces: outside torch's allocator statistics
 # DeepSpeed's defaults that bound its buffers (elements).
 ZERO3_MAX_LIVE = 1_000_000_000
 ZERO12_BUCKET = 500_000_000
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -77,7 +77,7 @@ def _meta_model(m: ModelConfig, role: str, vocab: int | None):
         except (OSError, ValueError) as e:
             raise DistillError(f"{role}.path: cannot read a model config from {m.path}: {e}") from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[m.dtype])
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[m.dtype], attn_implementation=META_ATTENTION)
         if role == "teacher":
             model.requires_grad_(False)
         elif m.lora.enabled:
@@ -102,7 +102,8 @@ def _kv_bytes_per_token(config, bytes_per: int) -> int:
 class _FusedAttention(torch.autograd.Function):
     """What a fused attention kernel (flash, memory-efficient, PyTorch's CPU flash) keeps for
     backward: q, k, v, the output and the row log-sum-exp; never the [length x length] scores,
-    which the meta device's own attention (the unfused math) would count."""
+    which the meta device's own attention (the unfused math) would count. Only measured: its
+    backward is never taken."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -111,17 +112,27 @@ class _FusedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # never run: the meta forward is only measured
-        raise NotImplementedError
+    def backward(ctx, grad):
+        return None, None, None
 
 
-def _fused_sdpa(q, k, v, *args, **kwargs):
-    return _FusedAttention.apply(q, k, v)
+# The meta models' attention, registered with transformers' public attention interface. It has no
+# mask function: mask creation then returns None without reading values (which meta tensors lack).
+META_ATTENTION = "distill_meta_fused"
+
+
+def _meta_attention(module, query, key, value, attention_mask, **kwargs):
+    # Laid out as transformers' sdpa path returns it: [batch, length, heads, head_dim].
+    return _FusedAttention.apply(query, key, value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(META_ATTENTION, _meta_attention)
 
 
 def _saved_activations(model: torch.nn.Module, rows: int, length: int) -> int:
-    """Bytes autograd saves in a forward of the decoder over ``[rows, length]`` tokens (meta device),
-    with fused attention as on a GPU and in PyTorch's CPU kernels."""
+    """Bytes autograd saves in a forward of the decoder over ``[rows, length]`` tokens: on the meta
+    device with fused attention as on a GPU and in PyTorch's CPU kernels (``META_ATTENTION``), or
+    a real model's own forward (tests)."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -129,15 +140,9 @@ def _saved_activations(model: torch.nn.Module, rows: int, length: int) -> int:
         storages[s._cdata] = max(storages.get(s._cdata, 0), s.nbytes())
         return t
 
-    from unittest import mock
-
     device = next(model.parameters()).device
     ids = torch.zeros(rows, length, dtype=torch.long, device=device)
-    # No padding mask, and no check for packed sequences: both read values, which meta tensors lack.
-    no_packing = mock.patch("transformers.masking_utils.find_packed_sequence_indices", lambda *a, **k: None)
-    fused = mock.patch("torch.nn.functional.scaled_dot_product_attention", _fused_sdpa) if device.type == "meta" \
-        else contextlib.nullcontext()  # a real model (tests) runs its real attention
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad(), no_packing, fused:
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
         model.get_decoder()(input_ids=ids)
     return sum(storages.values())
 
@@ -147,7 +152,7 @@ def model_shape(m: ModelConfig, role: str, *, vocab: int | None = None, rows: in
     model, config = _meta_model(m, role, vocab)
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     head = model.get_output_embeddings()
-    bytes_per = _DTYPES[m.dtype].itemsize
+    bytes_per = DTYPES[m.dtype].itemsize
     shape = ModelShape(
         name=m.path or "arch", parameters=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in params if p.requires_grad), bytes_per_weight=bytes_per,
@@ -178,11 +183,7 @@ def model_shape(m: ModelConfig, role: str, *, vocab: int | None = None, rows: in
 class Plan:
     """Per-rank memory of one placement (ZeRO stage, offload), in bytes, by part and phase."""
 
-    stage: int
-    world: int
-    offload_optimizer: bool
-    offload_params: bool
-    shard_teacher: bool
+    placement: Placement
     resident: dict[str, int] = field(default_factory=dict)
     training: dict[str, int] = field(default_factory=dict)  # on top of resident, one micro-batch
     generation: dict[str, int] = field(default_factory=dict)  # on top of resident, the largest round
@@ -206,9 +207,11 @@ class Plan:
 
     @property
     def name(self) -> str:
-        if not self.stage and self.world == 1:
-            return "none"
-        return f"zero{self.stage}" + ("_offload" if self.offload_optimizer or self.offload_params else "")
+        return self.placement.name
+
+    @property
+    def world(self) -> int:
+        return self.placement.world
 
 
 @dataclass
@@ -234,24 +237,13 @@ class RunPlan:
         return self.chosen.fits
 
 
-def _device_type(cfg: DistillConfig) -> str:
-    d = cfg.trainer.device
-    if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if d.startswith("cuda") else "cpu"
-
-
 def _available(cfg: DistillConfig, device: str, world: int) -> int | None:
     if cfg.plan.device_memory_gb is not None:
         return int(cfg.plan.device_memory_gb * GIB)
     if device == "cuda":
         if not torch.cuda.is_available():
             return None
-        from distill.distributed import launch_env
-
         return torch.cuda.get_device_properties(launch_env()[2]).total_memory
-    from distill.distributed import local_world_size
-
     try:
         total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                      if line.startswith("MemTotal:"))
@@ -296,17 +288,15 @@ def _used_sources(cfg: DistillConfig) -> set[str]:
                                       or 0.0) > 0}
 
 
-def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bool, offload_params: bool,
-               s: ModelShape, t: ModelShape | None, device: str) -> Plan:
-    """Per-rank memory of the run at ZeRO ``stage`` on ``world`` ranks (see the module docstring)."""
-    uses_ds = world > 1 or stage > 0
+def _memory(cfg: DistillConfig, pl: Placement, s: ModelShape, t: ModelShape | None) -> Plan:
+    """Per-rank memory of the run placed as ``pl`` (see the module docstring)."""
+    world, stage, device, uses_ds = pl.world, pl.stage, pl.device, pl.uses_deepspeed
     shared = cfg.teacher.student_base  # the teacher is the student's base weights: no second copy
-    shard_teacher = uses_ds and t is not None and not shared and (
-        stage == 3 or (cfg.deepspeed.shard_teacher and world > 1))
-    p = Plan(stage, world, offload_optimizer and stage > 0, offload_params and stage == 3, shard_teacher)
+    shard_teacher = pl.shard_teacher
+    p = Plan(pl)
     w = 1 if stage < 3 else world
     b, n = s.bytes_per_weight, s.trainable
-    on_device = 0 if p.offload_params else 1
+    on_device = 0 if pl.offload_params else 1
     p.resident["student weights"] = s.parameters * b // w * on_device
     if stage >= 1:
         # DeepSpeed's own accounting (estimate_zero{2,3}_model_states_mem_needs): the model's
@@ -320,15 +310,15 @@ def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bo
     else:  # torch's AdamW: its moments in the weights' dtype
         p.resident["gradients"] = n * b
         opt = 2 * b * n
-    if p.offload_optimizer:
+    if pl.offload_optimizer:
         p.cpu += opt
     else:
         p.resident["optimizer state"] = opt
-    if p.offload_params:
+    if pl.offload_params:
         p.cpu += s.parameters * b // w
     if t is not None and not shared:
         tw = t.parameters * t.bytes_per_weight // (world if shard_teacher else 1)
-        if p.offload_params and shard_teacher:
+        if pl.offload_params and shard_teacher:
             p.cpu += tw
         else:
             p.resident["teacher weights"] = tw
@@ -357,7 +347,7 @@ def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bo
         from distill.fused_loss import CHUNK_BUDGET_BYTES, auto_chunk_size, chunk_entry_bytes
 
         triton = device == "cuda" and cfg.loss.backend != "torch"
-        weight_dtype = _DTYPES[cfg.student.dtype]
+        weight_dtype = DTYPES[cfg.student.dtype]
         per_entry = chunk_entry_bytes(triton, weight_dtype, kd, cfg.loss.ce_weight not in (0.0, 1.0))
         vocab = min(s.rows, t.rows) if kd else s.rows
         chunk = cfg.loss.chunk_size or auto_chunk_size(tokens, vocab, per_entry, CHUNK_BUDGET_BYTES[device])
@@ -391,14 +381,14 @@ def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bo
     if scored and has_test and t is not None:
         rounds.append(("evaluation (teacher)", ["teacher"], tc.eval_batch_size, prompt + tc.max_new_tokens))
     models = {"student": s, "teacher": t}
-    sharded = {"student": stage == 3, "teacher": shard_teacher}
+    sharded = {"student": pl.shard_student, "teacher": shard_teacher}
     owner = {"student": "student", "teacher": "student" if shared else "teacher"}  # whose weights are gathered
     resident = sum(p.resident.values()) + p.runtime
 
     def whole(role: str) -> int:  # what gathering adds to the rank's own partition (or all of it, offloaded)
         m = models[role]
         return m.parameters * m.bytes_per_weight * (world - 1) // world + (
-            m.parameters * m.bytes_per_weight // world if p.offload_params else 0)
+            m.parameters * m.bytes_per_weight // world if pl.offload_params else 0)
 
     def round_parts(roles: list[str], n: int, positions: int) -> dict[str, int]:
         parts = {}
@@ -443,12 +433,11 @@ def _placement(cfg: DistillConfig, world: int, stage: int, offload_optimizer: bo
 
 def make_plan(cfg: DistillConfig, world: int | None = None) -> RunPlan:
     """The plan of ``cfg`` on ``world`` ranks (default: plan.world_size, else the launch's)."""
-    from distill.distributed import launch_env
     from distill.losses import use_triton
 
     if world is None:
         world = cfg.plan.world_size or launch_env()[1]
-    device = _device_type(cfg)
+    device = device_type(cfg.trainer.device)
     tc = cfg.trainer
     if tc.batch_size % world:
         raise DistillError(f"trainer.batch_size={tc.batch_size} must be a multiple of the {world} ranks")
@@ -463,7 +452,7 @@ def make_plan(cfg: DistillConfig, world: int | None = None) -> RunPlan:
     t = model_shape(cfg.teacher, "teacher") if cfg.teacher.path else None
     if cfg.loss.fused:
         if device == "cuda" and torch.cuda.is_available():
-            triton = use_triton(cfg.loss.backend, torch.device(device), _DTYPES[cfg.student.dtype])
+            triton = use_triton(cfg.loss.backend, torch.device(device), DTYPES[cfg.student.dtype])
         else:  # planned for a GPU from elsewhere: what auto would take there
             triton = device == "cuda" and cfg.loss.backend != "torch"
         chunks = f"chunks of {cfg.loss.chunk_size} tokens" if cfg.loss.chunk_size else "chunks by memory budget"
@@ -471,16 +460,18 @@ def make_plan(cfg: DistillConfig, world: int | None = None) -> RunPlan:
     else:
         kernel = "full logits, then the loss"
     ds = cfg.deepspeed
-    stages = [_placement(cfg, world, st, False, False, s, t, device) for st in (0, 1, 2, 3)]
-    stages.append(_placement(cfg, world, 3, True, True, s, t, device))
-    chosen = _placement(cfg, world, ds.stage, ds.offload_optimizer, ds.offload_params, s, t, device)
-    placement = (f"{world} rank{'s' if world > 1 else ''} on {device}; ZeRO stage {ds.stage}"
+    placement = Placement.of(cfg, world, device)
+    stages = [_memory(cfg, placement.with_stage(st), s, t) for st in (0, 1, 2, 3)]
+    stages.append(_memory(cfg, placement.with_stage(3, offload=True), s, t))
+    chosen = _memory(cfg, placement, s, t)
+    where = (f"{world} rank{'s' if world > 1 else ''} on {device}; ZeRO stage {ds.stage}"
                  + (", activation checkpointing" if tc.activation_checkpointing else "")
                  + (", optimizer state on the CPU" if ds.offload_optimizer else "")
                  + (", weights on the CPU" if ds.offload_params else "")
                  + ("" if t is None or world == 1 else "; teacher " + (
-                     "sharded with ZeRO-3 (inference only)" if chosen.shard_teacher else "replicated on every rank")))
-    plan = RunPlan(sources=_sources(cfg), loss=objective_name(cfg.loss), kernel=kernel, placement=placement,
+                     "sharded with ZeRO-3 (inference only)" if placement.shard_teacher
+                     else "replicated on every rank")))
+    plan = RunPlan(sources=_sources(cfg), loss=objective_name(cfg.loss), kernel=kernel, placement=where,
                    rows_per_rank=rows, length=length, student=s, teacher=t, chosen=chosen, stages=stages,
                    available=_available(cfg, device, world), device=device)
     if cfg.deepspeed.stage == 0 and world == 1 and not plan.fits:

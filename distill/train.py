@@ -425,9 +425,8 @@ def _sharding_report(engine: Engine, student: PreTrainedModel, teacher: PreTrain
         mine["teacher"] = engine.held_parameters(teacher)
     if device_peak := (torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda" else None):
         mine["peak_device_bytes"] = device_peak
-    shared = isinstance(teacher, AdaptersDisabled)  # the teacher is the student's base: placed as the student
     return {"world_size": engine.world, "stage": engine.stage,
-            "shard_teacher": engine.stage == 3 if shared else engine.shard_teacher,
+            "shard_teacher": engine.placement.sharded("teacher"),
             "student_parameters": count_parameters(student.parameters()),
             "teacher_parameters": count_parameters(teacher.parameters()) if teacher is not None else 0,
             "ranks": engine.all_gather(mine)}
