@@ -33,10 +33,10 @@ from benchmarks.environment import environment
 from benchmarks.metrics import metric, write_json
 from distill.config import DataConfig, DistillConfig, LossConfig, ModelConfig, SamplingConfig, register
 from distill.data import builtin_records, collate, prompt_ids, stop_ids
+from distill.generation import sample
 from distill.losses import count_tokens
 from distill.models import load_model, load_tokenizer
 from distill.objective import batch_loss
-from distill.sources.sampling import sample
 from distill.tracking import MetricsLog
 from distill.train import train
 

@@ -1,4 +1,4 @@
-"""The sources' sampler (``distill.sources.sampling.sample``): its cost against transformers'
+"""The sources' sampler (``distill.generation.sample``): its cost against transformers'
 ``generate``, and whether its samples follow the distribution it was asked for.
 
 1. Speed: ``sample`` (what the student and teacher sources call) against a bare ``model.generate``
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-import distill.sources.sampling as sampling  # through the module: tests plant a broken sampler here
+import distill.generation as sampling  # through the module: tests plant a broken sampler here
 from benchmarks.environment import environment
 from benchmarks.metrics import metric, synchronize, write_json
 from distill.config import ASSETS, DataConfig, ModelConfig, SamplingConfig

@@ -16,7 +16,8 @@ from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import LossConfig
-from distill.data import Record, collate, encode, left_pad, stop_ids
+from distill.data import Record, collate, encode, stop_ids
+from distill.generation import greedy_completions
 from distill.losses import count_tokens
 from distill.metrics import resolve, text_scores
 from distill.objective import batch_loss
@@ -40,7 +41,6 @@ def needs_generation(records: list[Record], metric: str) -> bool:
     return resolve(metric) != "none" or any(r.task in TASKS for r in records)
 
 
-@torch.no_grad()
 def generate(
     model: PreTrainedModel,
     tokenizer: Tokenizer,
@@ -52,31 +52,18 @@ def generate(
     on_batch: OnBatch = None,
     synced: bool = False,
 ) -> list[str]:
-    """Greedy completions of the records' prompts (batched, KV-cached, left-padded). ``synced``: the
-    model is sharded and not gathered, so every rank decodes until all are done (each forward
-    gathers layers from all ranks)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    """Greedy completions of the records' prompts, as text (``distill.generation``: batched,
+    KV-cached, the model's own generation defaults set aside). ``synced``: the model is sharded
+    and not gathered, so every rank decodes until all are done (each forward gathers layers from
+    all ranks)."""
     out: list[str] = []
-    try:
-        for start in range(0, len(records), batch_size):
-            prompts = [p for p, _ in _pairs(records[start: start + batch_size], tokenizer, max_length)]
-            ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stop_ids(tokenizer),
-                pad_token_id=tokenizer.pad_token_id,
-                synced_gpus=synced,
-            )
-            out += tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-            if on_batch:
-                on_batch()
-    finally:
-        model.train(was_training)
+    for start in range(0, len(records), batch_size):
+        prompts = [p for p, _ in _pairs(records[start: start + batch_size], tokenizer, max_length)]
+        got = greedy_completions(model, prompts, max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id,
+                                 stops=stop_ids(tokenizer), synced=synced)
+        out += tokenizer.batch_decode(got, skip_special_tokens=True)
+        if on_batch:
+            on_batch()
     return out
 
 

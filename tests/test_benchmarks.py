@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import distill.fused_loss
+import distill.generation
 import distill.losses
-import distill.sources.sampling
 from benchmarks import fused_loss, sampling
 from benchmarks.compare import failed, make_baseline, verdicts
 from benchmarks.environment import environment
@@ -98,12 +98,12 @@ def _fidelity_metrics() -> dict:
 
 def test_gate_passes_the_sampler_and_fails_one_that_ignores_its_temperature(monkeypatch):
     assert not failed(_gate("sampling", _fidelity_metrics()))
-    real = distill.sources.sampling.sample
+    real = distill.generation.sample
 
     def at_temperature_one(model, prompts, cfg, **kw):
         return real(model, prompts, type(cfg)(**{**cfg.__dict__, "temperature": 1.0}), **kw)
 
-    monkeypatch.setattr(distill.sources.sampling, "sample", at_temperature_one)
+    monkeypatch.setattr(distill.generation, "sample", at_temperature_one)
     bad = failed(_gate("sampling", _fidelity_metrics()))
     assert [r["metric"] for r in bad] == ["sampling: tv temperature 0.7, top-p 0.9",
                                           "sampling: tv temperature 1.5, top-k 20"]

@@ -21,11 +21,11 @@ from distill.config import DistillConfig, SamplingConfig, Schedule, SourceWeight
 from distill.data import collate
 from distill.errors import DistillError
 from distill.fused_loss import LossTerms
+from distill.generation import responses, sample
 from distill.losses import count_tokens
 from distill.models import load_model, load_tokenizer
 from distill.schedule import value_at
 from distill.sources.mixture import draw_source
-from distill.sources.sampling import responses, sample
 from distill.sources.sequences import source_pairs
 from distill.tracking import MetricsLog
 
@@ -129,6 +129,23 @@ def test_sampling_ignores_the_models_generation_defaults(teacher_dir, tokenizer_
     model.generation_config.repetition_penalty, model.generation_config.min_new_tokens = 5.0, 15
     assert [sample(model, prompts, SamplingConfig(**kw, max_new_tokens=16), **args)
             for kw in (dict(), dict(greedy=True))] == plain
+    assert model.generation_config.repetition_penalty == 5.0  # put back
+
+
+def test_evaluation_ignores_the_models_generation_defaults(teacher_dir, tokenizer_dir):
+    """Evaluation's greedy completions come through the same helper as the samples: a planted
+    repetition penalty and min_new_tokens change none of them."""
+    from distill.data import Record
+    from distill.evaluation import generate
+
+    model = load_model(_cfg_model(teacher_dir), "t", torch.device("cpu"))
+    tok = load_tokenizer(tokenizer_dir)
+    records = [Record(prompt=p, completion="", source="test") for p in
+               ("Write 12 in words.", "Tom has 3 apples.", "Spell cat backwards.")]
+    args = dict(max_new_tokens=16, batch_size=2, max_length=64)
+    plain = generate(model, tok, records, **args)
+    model.generation_config.repetition_penalty, model.generation_config.min_new_tokens = 5.0, 15
+    assert generate(model, tok, records, **args) == plain
     assert model.generation_config.repetition_penalty == 5.0  # put back
 
 

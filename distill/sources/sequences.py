@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from distill.config import SourcesConfig
 from distill.data import Batch, left_pad
 from distill.errors import DistillError
-from distill.sources.sampling import generating, responses, sample
+from distill.generation import generating, responses, sample
 from distill.sources.skd import skd_generate
 from distill.sources.teacher_cache import TeacherCache
 
