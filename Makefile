@@ -76,8 +76,10 @@ gpu-check: $(STAMP)
 	DISTILL_TEST_DEVICE=cuda $(BIN)/python -m pytest -q tests/test_kernels.py tests/test_fused_loss.py
 	$(BIN)/python -m benchmarks gpu
 
+# ruff, and the layers of distill (.importlinter): no import circles, nothing imports upwards.
 lint: $(STAMP)
 	$(BIN)/ruff check distill tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .venv-lock outputs multirun

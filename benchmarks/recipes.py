@@ -37,6 +37,7 @@ from distill.generation import sample
 from distill.losses import count_tokens
 from distill.models import load_model, load_tokenizer
 from distill.objective import batch_loss
+from distill.teacher import LocalTeacher
 from distill.tracking import MetricsLog
 from distill.train import train
 
@@ -75,7 +76,8 @@ def divergence_on_own_samples(model_dir: Path, teacher_dir: str, data: DataConfi
     responses = sample(student, prompts, SamplingConfig(max_new_tokens=48), pad_id=tok.pad_token_id,
                        stops=stop_ids(tok), seed=seed, vocab=len(tok))
     batch = collate(list(zip(prompts, responses, strict=True)), tok.pad_token_id)
-    terms = batch_loss(LossConfig(kind="fkl"), student, teacher, batch, bf16=False, vocab=len(tok), fused=True)
+    terms = batch_loss(LossConfig(kind="fkl"), student, LocalTeacher(teacher), batch, bf16=False, vocab=len(tok),
+                       fused=True)
     return float(terms.divergence) / count_tokens(batch.labels[:, 1:])
 
 

@@ -23,6 +23,7 @@ from distill.data import TrainData, collate, length_buckets
 from distill.losses import KINDS, count_tokens
 from distill.models import load_model, load_tokenizer
 from distill.objective import batch_loss
+from distill.teacher import LocalTeacher
 
 
 def one_step(student, teacher, batches: list, kind: str, fused: bool, optimizer, vocab: int) -> float:
@@ -32,8 +33,8 @@ def one_step(student, teacher, batches: list, kind: str, fused: bool, optimizer,
     synchronize(batches[0].input_ids.device)
     t0 = time.perf_counter()
     for batch in batches:
-        loss = batch_loss(LossConfig(kind=kind), student, teacher if kind != "ce" else None, batch, bf16=False,
-                          vocab=vocab, fused=fused).loss
+        loss = batch_loss(LossConfig(kind=kind), student, LocalTeacher(teacher) if kind != "ce" else None, batch,
+                          bf16=False, vocab=vocab, fused=fused).loss
         (loss / n).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

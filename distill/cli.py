@@ -91,6 +91,8 @@ def _schema_keys(cls: type = DistillConfig, prefix: str = "") -> dict[str, objec
     keys: dict[str, object] = {}
     for name, hint in typing.get_type_hints(cls).items():
         keys[prefix + name] = hint
+        if typing.get_origin(hint) in (list, dict):  # its entries are OmegaConf's to judge
+            continue
         sub = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
         if sub is not None:
             keys.update(_schema_keys(sub, f"{prefix}{name}."))
@@ -110,7 +112,9 @@ def _unknown_key(o: Override, keys: dict[str, object], groups: dict[str, list[st
     """Why ``o``'s key is not in the typed config, naming the closest keys; None where it is (or may be)."""
     key = o.key_or_group
     parent = key.rpartition(".")[0]
-    if key in keys or typing.get_origin(keys.get(parent)) in (list, dict):  # trainer.betas.0: OmegaConf's to judge
+    ancestors = [key[:i] for i in range(len(key)) if key[i] == "."]
+    # trainer.betas.0, sources.weights.student.start: entries of a list or dict are OmegaConf's to judge.
+    if key in keys or any(typing.get_origin(keys.get(a)) in (list, dict) for a in ancestors):
         return None
     message = f"{o.input_line}: {key} is not a key of the config"
     if parent in keys and not any(k.startswith(parent + ".") for k in keys):

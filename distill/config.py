@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from distill.errors import DistillError
 from distill.losses import BACKENDS, KINDS, check_loss_args
 from distill.metrics import METRICS
+from distill.schedule import value_at
 from distill.tasks import check_builtin
 
 OVERLONG = ("skip", "truncate", "error")  # data.overlong (distill.data.encode)
@@ -166,7 +167,6 @@ class TrainerConfig:
     activation_checkpointing: bool = False
 
 
-SOURCES = ("dataset", "teacher", "student", "skd")  # sources of training sequences (distill.sources)
 SCHEDULES = ("constant", "linear", "cosine", "step")
 
 
@@ -184,15 +184,23 @@ class Schedule:
     steps: int | None = None
 
 
-@dataclass
-class SourceWeights:
-    """The probability that a step's micro-batches all come from each source is its weight over
-    the sum of the weights at that step (GKD's lambda is ``student`` 0.5, ``dataset`` 0.5)."""
+def source_weights(**schedules: Schedule) -> dict[str, Schedule]:
+    """``sources.weights``: each source's weight schedule, by source name (``distill.sources``);
+    the probability that a step's micro-batches all come from a source is its weight over the sum
+    of the weights at that step (GKD's lambda is ``student`` 0.5, ``dataset`` 0.5). By default the
+    dataset alone; ``schedules`` replace or add entries."""
+    weights = {"dataset": Schedule(start=1.0), "teacher": Schedule(), "student": Schedule(), "skd": Schedule()}
+    return weights | schedules
 
-    dataset: Schedule = field(default_factory=lambda: Schedule(start=1.0))
-    teacher: Schedule = field(default_factory=Schedule)  # SeqKD
-    student: Schedule = field(default_factory=Schedule)  # on-policy (GKD)
-    skd: Schedule = field(default_factory=Schedule)  # speculative KD
+
+def weights_at(weights: dict[str, Schedule], step: int, total: int) -> dict[str, float]:
+    """Each source's weight at ``step`` (of ``total``), by its schedule."""
+    return {name: value_at(schedule, step, total) for name, schedule in weights.items()}
+
+
+def sources_in_use(weights: dict[str, Schedule]) -> list[str]:
+    """The sources a run draws from at some step: those whose weight is positive at its start or end."""
+    return [name for name, w in weights.items() if max(w.start, w.end or 0.0) > 0]
 
 
 @dataclass
@@ -222,7 +230,8 @@ class SKDConfig:
 
 @dataclass
 class SourcesConfig:
-    weights: SourceWeights = field(default_factory=SourceWeights)
+    # teacher: SeqKD; student: on-policy (GKD); skd: speculative KD.
+    weights: dict[str, Schedule] = field(default_factory=source_weights)
     student: SamplingConfig = field(default_factory=SamplingConfig)
     teacher: SamplingConfig = field(default_factory=SamplingConfig)
     skd: SKDConfig = field(default_factory=SKDConfig)
@@ -438,15 +447,14 @@ def _validate_schedule(key: str, sched: Schedule, low: float, high: float = math
 
 
 def _validate_sources(cfg: DistillConfig) -> None:
-    src = cfg.sources
-    for name in SOURCES:
-        _validate_schedule(f"sources.weights.{name}", getattr(src.weights, name), 0.0)
-    if not any(max(w.start, w.end or 0.0) > 0 for w in (getattr(src.weights, n) for n in SOURCES)):
+    src, steps = cfg.sources, cfg.trainer.steps
+    for name, schedule in src.weights.items():
+        _validate_schedule(f"sources.weights.{name}", schedule, 0.0)
+    if not sources_in_use(src.weights):
         raise DistillError("sources.weights: every weight is 0; give at least one source a positive weight")
-    used = [n for n in SOURCES if max(getattr(src.weights, n).start, getattr(src.weights, n).end or 0.0) > 0]
-    for name in ("teacher", "skd"):
-        if name in used and not cfg.teacher.path:
-            raise DistillError(f"sources.weights.{name} generates with the teacher, but teacher.path is not set")
+    for s in range(steps):  # each step must have a source to draw from
+        if not any(weights_at(src.weights, s, steps).values()):
+            raise DistillError(f"sources.weights: every weight is 0 at step {s} of trainer.steps={steps}")
     for role in ("student", "teacher"):
         s = getattr(src, role)
         if not s.temperature > 0:
@@ -465,6 +473,13 @@ def _validate_sources(cfg: DistillConfig) -> None:
     for name in ("temperature", "teacher_temperature"):
         if not getattr(k, name) > 0:
             raise DistillError(f"sources.skd.{name} must be > 0; got {getattr(k, name)}")
+
+
+def check_vocabulary(cfg: DistillConfig, vocab: int) -> None:
+    """What can be checked once the tokenizer's length ``vocab`` is known: SKD's K lies in the vocabulary."""
+    k = cfg.sources.skd.k
+    if cfg.sources.skd.top_p is None and max(k.start, k.end or 0) > vocab:
+        raise DistillError(f"sources.skd.k must lie in [1, {vocab}] (the vocabulary); got {max(k.start, k.end or 0):g}")
 
 
 def _asset(name: str) -> str:

@@ -8,28 +8,26 @@ ce_weight * CE`` per counted token (``loss.ce_weight`` 0 by default: distillatio
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
+
 import torch
 from transformers import PreTrainedModel
 
 from distill.config import LossConfig
-from distill.data import Batch
+from distill.data import IGNORE_INDEX, Batch
 from distill.fused_loss import LossTerms, fused_linear_loss
 from distill.losses import cross_entropy, divergence
-from distill.models import (
-    final_hidden,
-    fp32_linear,
-    fused_head_problem,
-    head_forward,
-    lm_head,
-    lm_logits,
-    logit_transforms,
-)
+from distill.models import final_hidden, fp32_linear, fused_head_problem, head_forward, lm_logits, logit_transforms
+
+if TYPE_CHECKING:  # the teacher sits above the objective: the objective only calls its methods
+    from distill.teacher import Teacher
 
 
 def batch_loss(
     loss: LossConfig,
     student: PreTrainedModel,
-    teacher: PreTrainedModel | None,
+    teacher: Teacher | None,
     batch: Batch,
     *,
     bf16: bool,
@@ -45,7 +43,8 @@ def batch_loss(
     is kept for a backward pass. ``teacher_hidden`` (``[B, T - 1, H_T]``, the teacher's final
     hidden states at the counted positions, e.g. from SKD's verification forwards) replaces the
     teacher's forward; refused for a teacher whose logits are not its head's output (soft-capping,
-    scaling: ``logit_transforms``)."""
+    scaling: ``logit_transforms``). ``teacher``: a ``distill.teacher.Teacher`` (``LocalTeacher``
+    for a model in this process)."""
     if teacher_hidden is not None and teacher is not None and logit_transforms(teacher.config):
         raise ValueError(f"teacher_hidden: the teacher's logits are not its head's output "
                          f"({', '.join(logit_transforms(teacher.config))}); run its forward instead")
@@ -59,11 +58,11 @@ def batch_loss(
         h_t = teacher_hidden
         if teacher is not None and h_t is None:
             with torch.no_grad():
-                h_t = final_hidden(teacher, ids, mask, bf16)
+                h_t = teacher.hidden_states(ids, mask, bf16=bf16, positions=labels != IGNORE_INDEX)
 
         def head_loss(head: torch.nn.Module, h_s: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
             b_s = None if head.bias is None else head.bias[:vocab]
-            with lm_head(teacher, vocab) as (w_t, b_t):
+            with teacher_head(teacher, vocab) as (w_t, b_t):
                 terms = fused_linear_loss(
                     h_s, head.weight[:vocab], labels, teacher_hidden=h_t, teacher_weight=w_t, student_bias=b_s,
                     teacher_bias=b_t, ce_weight=ce_weight, measure_cross_entropy=measure_cross_entropy,
@@ -83,9 +82,9 @@ def batch_loss(
     if teacher is not None:
         with torch.no_grad():
             if teacher_hidden is None:
-                t = lm_logits(teacher, ids, mask, bf16, vocab)
+                t = teacher.logits(ids, mask, bf16=bf16, vocab=vocab)
             else:  # the teacher's fp32 head on the given hidden states
-                with lm_head(teacher, vocab) as (w_t, b_t):
+                with teacher.head(vocab) as (w_t, b_t):
                     t = fp32_linear(teacher_hidden, w_t, b_t)
         div = divergence(s if trains_div else s.detach(), t, labels, reduction="sum", backend=loss.backend, **kd)
     if div is None or not trains_div:
@@ -97,15 +96,21 @@ def batch_loss(
     return LossTerms(objective, None if div is None else div.detach(), None if ce is None else ce.detach())
 
 
+def teacher_head(teacher: Teacher | None, vocab: int) -> AbstractContextManager:
+    """The teacher's LM head (weight, bias) inside the block; (None, None) without a teacher."""
+    return nullcontext((None, None)) if teacher is None else teacher.head(vocab)
+
+
 def fused_loss_problem(
-    student: PreTrainedModel, teacher: PreTrainedModel | None, vocab: int, device: torch.device
+    student: PreTrainedModel, teacher: Teacher | None, vocab: int, device: torch.device
 ) -> str | None:
     """Why the fused loss cannot stand in for full logits with these models (None when it can)."""
     probe = torch.arange(min(vocab, 16), device=device)[None]  # any valid ids will do
-    for role, model in (("student", student), ("teacher", teacher)):
-        problem = fused_head_problem(model, probe, torch.ones_like(probe)) if model is not None else None
-        if problem:
-            return f"{role}: {problem}"
+    mask = torch.ones_like(probe)
+    for role, problem in (("student", lambda: fused_head_problem(student, probe, mask)),
+                          ("teacher", lambda: teacher.head_problem(probe, mask) if teacher is not None else None)):
+        if found := problem():
+            return f"{role}: {found}"
     return None
 
 

@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 
-from distill.config import DistillConfig, ModelConfig
+from distill.config import DistillConfig, ModelConfig, sources_in_use, weights_at
 from distill.errors import DistillError
 from distill.memory import GIB, fmt, rss_bytes
 from distill.objective import objective_name
 from distill.placement import DTYPES, Placement, device_type, launch_env, local_world_size
+from distill.sources import check as check_sources
 
 RUNTIME_CUDA = 1 * GIB  # CUDA context, cuBLAS workspaces: outside torch's allocator statistics
 # DeepSpeed's defaults that bound its buffers (elements).
@@ -256,36 +257,24 @@ def _available(cfg: DistillConfig, device: str, world: int) -> int | None:
 
 
 def _sources(cfg: DistillConfig) -> list[str]:
-    """Each source with a weight, its schedule and its expected share of the run's steps."""
-    from distill.config import SOURCES
-    from distill.sources.mixture import weights_at
-
-    steps = cfg.trainer.steps
-    shares = dict.fromkeys(SOURCES, 0.0)
+    """Each source in use with its schedule and its expected share of the run's steps."""
+    steps, weights = cfg.trainer.steps, cfg.sources.weights
+    shares = dict.fromkeys(weights, 0.0)
     for s in range(steps):
-        w = weights_at(cfg.sources.weights, s, steps)
+        w = weights_at(weights, s, steps)
         total = sum(w.values())
-        for n in SOURCES:
+        for n in weights:
             shares[n] += w[n] / total / steps if total else 0.0
-    what = {"dataset": "dataset responses (supervised KD / SFT)", "teacher": "teacher samples (SeqKD)",
-            "student": "student samples (on-policy, GKD)", "skd": "speculative KD (student drafts, teacher top-k)"}
     out = []
-    for n in SOURCES:
-        sched = getattr(cfg.sources.weights, n)
+    for source in check_sources(cfg):
+        n, sched = source.name, weights[source.name]
         if not shares[n]:
             continue
         moves = sched.end is not None and sched.kind != "constant" and sched.end != sched.start
         weight = f"{sched.start:g} -> {sched.end:g} ({sched.kind}" + (f" by step {sched.steps})" if sched.steps
                                                                       else ")") if moves else f"{sched.start:g}"
-        out.append(f"{n}: {what[n]}; weight {weight}; about {shares[n]:.0%} of steps")
+        out.append(f"{n}: {source.what}; weight {weight}; about {shares[n]:.0%} of steps")
     return out
-
-
-def _used_sources(cfg: DistillConfig) -> set[str]:
-    from distill.config import SOURCES
-
-    return {n for n in SOURCES if max(getattr(cfg.sources.weights, n).start, getattr(cfg.sources.weights, n).end
-                                      or 0.0) > 0}
 
 
 def _memory(cfg: DistillConfig, pl: Placement, s: ModelShape, t: ModelShape | None) -> Plan:
@@ -361,7 +350,7 @@ def _memory(cfg: DistillConfig, pl: Placement, s: ModelShape, t: ModelShape | No
     # layers gathered one at a time (every rank in step: synced). SKD needs both models whole.
     p.runtime = RUNTIME_CUDA if device == "cuda" else rss_bytes()
     p.available = _available(cfg, device, world)
-    used = _used_sources(cfg)
+    used = sources_in_use(cfg.sources.weights)
     prompt = length  # prompts are at most max_length (cut before generation)
     rounds = []
     if "student" in used:

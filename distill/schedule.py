@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from distill.config import Schedule
+if TYPE_CHECKING:
+    from distill.config import Schedule
 
 
 @dataclass

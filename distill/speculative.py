@@ -122,8 +122,10 @@ class SpeculativeOutput:
     target_hidden: torch.Tensor | None = None
 
 
-class _Model:
-    """A causal LM with a KV cache over the shared token buffer."""
+class CachedForward:
+    """A causal LM's forwards over the loop's shared token buffer, with a KV cache that rolls back
+    (``crop``): how the loop calls the draft and the target. A teacher hands one over for SKD's
+    verification rounds (``distill.teacher.Teacher.verifier``)."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -271,7 +273,7 @@ def teacher_top_k(drafts: torch.Tensor, q: torch.Tensor | None, t_logits: torch.
 
 @torch.no_grad()
 def propose_and_verify(
-    target: PreTrainedModel,
+    target: PreTrainedModel | CachedForward,
     draft: PreTrainedModel,
     input_ids: torch.Tensor,
     rule: Rule,
@@ -296,20 +298,22 @@ def propose_and_verify(
     never proposed; ``vocab`` (e.g. a shared tokenizer's length) limits both models to its first
     rows. Returns the sequences (prompt then new tokens, right-padded with the pad id after EOS)
     and acceptance statistics; with ``keep_target_hidden`` also the target's final hidden states
-    that predicted each new token, from its verification forwards (no forward of its own)."""
+    that predicted each new token, from its verification forwards (no forward of its own).
+    ``target`` may come as its ``CachedForward`` (a teacher's verifier)."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1; got {gamma}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
+    target_model = target.model if isinstance(target, CachedForward) else target
     if vocab is None:
-        check_draft_vocab(target, draft)
-        vocab = target.config.vocab_size
+        check_draft_vocab(target_model, draft)
+        vocab = target_model.config.vocab_size
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
     if not bool(mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: the attention mask has padding in the last column")
-    gen_cfg = target.generation_config
+    gen_cfg = target_model.generation_config
     if eos_token_id is None:
         eos_token_id = gen_cfg.eos_token_id
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -317,7 +321,8 @@ def propose_and_verify(
     device = input_ids.device
     bsz, prompt_len = input_ids.shape
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-    t_model, d_model = _Model(target), _Model(draft)
+    t_model = target if isinstance(target, CachedForward) else CachedForward(target)
+    d_model = CachedForward(draft)
     window = min((w for w in (t_model.window, d_model.window) if w is not None), default=None)
     if window is not None and bsz > 1 and prompt_len + (gamma + 1) * max_new_tokens > window:
         # Holes take buffer positions, and a sliding window counts buffer positions.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -107,3 +108,21 @@ def test_the_environment_is_the_lock():
         if installed.split("+")[0] != version:
             wrong.append(f"{name} {installed} (lock: {version})")
     assert not wrong, wrong
+
+
+def test_the_layers_hold_and_an_upward_import_breaks_them(tmp_path):
+    """The .importlinter contracts pass on distill as it is, and fail once a low layer imports a
+    high one (the reference losses importing the plan) or a source imports the draw above it."""
+    lint = [str(Path(sys.executable).parent / "lint-imports"), "--no-cache"]
+    assert _run(lint, ROOT).returncode == 0, _run(lint, ROOT).stdout
+    for module, planted, broken in (("losses.py", "from distill import plan", "distill.losses is not allowed to "
+                                     "import distill.plan"),
+                                    ("sources/base.py", "from distill.sources import mixture",
+                                     "distill.sources.base is not allowed to import distill.sources.mixture")):
+        copy = tmp_path / module.replace("/", "_")
+        shutil.copytree(ROOT / "distill", copy / "distill")
+        (copy / ".importlinter").write_text((ROOT / ".importlinter").read_text())
+        target = copy / "distill" / module
+        target.write_text(target.read_text() + f"\n{planted}  # noqa\n")
+        out = _run(lint, copy, PYTHONPATH=str(copy))
+        assert out.returncode != 0 and broken in out.stdout, out.stdout

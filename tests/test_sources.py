@@ -16,8 +16,9 @@ import pytest
 import torch
 from test_train import WALL_CLOCK, final_weights, make_cfg, train_killed_in_step_5
 
+import distill.loop as loop_mod
 import distill.train as train_mod
-from distill.config import DistillConfig, SamplingConfig, Schedule, SourceWeights
+from distill.config import DistillConfig, SamplingConfig, Schedule, source_weights
 from distill.data import collate
 from distill.errors import DistillError
 from distill.fused_loss import LossTerms
@@ -25,8 +26,10 @@ from distill.generation import responses, sample
 from distill.losses import count_tokens
 from distill.models import load_model, load_tokenizer
 from distill.schedule import value_at
+from distill.sources import REGISTRY
+from distill.sources.base import Generated, GeneratingSource, SourceContext, SourceStats
 from distill.sources.mixture import draw_source
-from distill.sources.sequences import source_pairs
+from distill.teacher import as_teacher
 from distill.tracking import MetricsLog
 
 
@@ -43,7 +46,7 @@ def test_schedules():
 
 
 def test_the_draw_follows_the_weights_and_depends_only_on_seed_and_step():
-    w = SourceWeights(dataset=Schedule(0.3), student=Schedule(0.7))
+    w = source_weights(dataset=Schedule(0.3), student=Schedule(0.7))
     draws = [draw_source(w, 5, s, 4000) for s in range(4000)]
     assert draws == [draw_source(w, 5, s, 4000) for s in range(4000)]  # no hidden state
     assert set(draws) == {"dataset", "student"}
@@ -51,22 +54,22 @@ def test_the_draw_follows_the_weights_and_depends_only_on_seed_and_step():
     assert abs(share - 0.7) < 4 * (0.7 * 0.3 / 4000) ** 0.5
     assert draws != [draw_source(w, 6, s, 4000) for s in range(4000)]  # the seed matters
     # A schedule: SKD first, on-policy at the end.
-    moving = SourceWeights(dataset=Schedule(0.0), skd=Schedule(1.0, 0.0, "linear"),
+    moving = source_weights(dataset=Schedule(0.0), skd=Schedule(1.0, 0.0, "linear"),
                            student=Schedule(0.0, 1.0, "linear"))
     early = [draw_source(moving, 0, s, 1000) for s in range(100)]
     late = [draw_source(moving, 0, s, 1000) for s in range(900, 1000)]
     assert early.count("skd") > 80 and late.count("student") > 80
     with pytest.raises(DistillError, match="every weight is 0 at step 1000"):
-        draw_source(SourceWeights(dataset=Schedule(1.0, 0.0, "linear")), 0, 1000, 1000)
+        draw_source(source_weights(dataset=Schedule(1.0, 0.0, "linear")), 0, 1000, 1000)
 
 
 def test_the_draw_is_the_same_in_another_process():
     """Two ranks draw alike: the draw of a fresh interpreter equals this one's."""
-    code = ("from distill.config import Schedule, SourceWeights; from distill.sources.mixture import draw_source; "
-            "w = SourceWeights(dataset=Schedule(0.5), student=Schedule(0.25), skd=Schedule(0.25)); "
+    code = ("from distill.config import Schedule, source_weights; from distill.sources.mixture import draw_source; "
+            "w = source_weights(dataset=Schedule(0.5), student=Schedule(0.25), skd=Schedule(0.25)); "
             "print(','.join(draw_source(w, 3, s, 200) for s in range(200)))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    w = SourceWeights(dataset=Schedule(0.5), student=Schedule(0.25), skd=Schedule(0.25))
+    w = source_weights(dataset=Schedule(0.5), student=Schedule(0.25), skd=Schedule(0.25))
     assert other.split(",") == [draw_source(w, 3, s, 200) for s in range(200)]
 
 
@@ -149,6 +152,15 @@ def test_evaluation_ignores_the_models_generation_defaults(teacher_dir, tokenize
     assert model.generation_config.repetition_penalty == 5.0  # put back
 
 
+def make_sequences(source, pairs, sources_cfg, *, student, teacher, pad_id, stops, max_length, vocab, seed,
+                   teacher_cache=None, keep_teacher_hidden=False, step=0):
+    """``pairs`` through the source named ``source``: (pairs, stats, teacher hidden states)."""
+    ctx = SourceContext(sources_cfg, student, as_teacher(teacher), pad_id=pad_id, stops=stops, max_length=max_length,
+                        vocab=vocab, teacher_cache=teacher_cache, keep_teacher_hidden=keep_teacher_hidden)
+    got = REGISTRY[source].sequences(pairs, ctx, step=step, seed=seed)
+    return got.pairs, got.stats, got.hidden
+
+
 def _cfg_model(path):
     from distill.config import ModelConfig
 
@@ -165,8 +177,8 @@ def test_generated_pairs_replace_the_responses(teacher_dir, student_dir, tokeniz
     student, teacher = load_model(cfg.student, "s", cpu), load_model(cfg.teacher, "t", cpu)
     data = train_mod.TrainData(cfg.data, tok, seed=0)
     pairs = data.next_pairs(6)
-    got, stats, _ = source_pairs(source, pairs, cfg.sources, student=student, teacher=teacher, skd_k=5,
-                              pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=cfg.data.max_length,
+    got, stats, _ = make_sequences(source, pairs, cfg.sources, student=student, teacher=teacher,
+                                   pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=cfg.data.max_length,
                               vocab=len(tok), seed=1)
     assert [p for p, _ in got] == [p for p, _ in pairs]
     assert [c for _, c in got] != [c for _, c in pairs]
@@ -185,14 +197,14 @@ def test_generated_pairs_replace_the_responses(teacher_dir, student_dir, tokeniz
     warned = "truncated" in stats.problems(cfg.data.max_length, [tok.eos_token_id])
     assert warned == (stats.truncated / 6 > 0.2)
     every = list(range(len(tok)))
-    short, stats, _ = source_pairs(source, pairs, cfg.sources, student=student, teacher=teacher, skd_k=5,
+    short, stats, _ = make_sequences(source, pairs, cfg.sources, student=student, teacher=teacher,
                                    pad_id=tok.pad_token_id, stops=every, max_length=cfg.data.max_length,
                                    vocab=len(tok), seed=1)
     assert {len(r) for _, r in short} == {1} and stats.truncated == 0
     # Clipped: prompt and response cut to data.max_length.
     tight = max(len(p) for p, _ in pairs) + 3
-    _, stats, _ = source_pairs(source, pairs, cfg.sources, student=student, teacher=teacher, skd_k=5,
-                               pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=tight,
+    _, stats, _ = make_sequences(source, pairs, cfg.sources, student=student, teacher=teacher,
+                                   pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=tight,
                                vocab=len(tok), seed=1)
     assert stats.clipped == sum(len(r) > tight - len(p) for (p, _), (_, r) in zip(pairs, got, strict=True)) > 0
     assert "data.max_length" in stats.problems(tight, [tok.eos_token_id])["clipped"]
@@ -203,7 +215,7 @@ def test_a_run_whose_samples_never_stop_warns_once(teacher_dir, student_dir, tmp
     counts them in every logged interval and the console warns once, naming the likely causes."""
     cfg = make_cfg(teacher_dir, student_dir, steps=3, eval_every=100)
     cfg.final_eval, cfg.data.num_validation = False, 0
-    cfg.sources.weights = SourceWeights(dataset=Schedule(0.0), student=Schedule(1.0))
+    cfg.sources.weights = source_weights(dataset=Schedule(0.0), student=Schedule(1.0))
     cfg.sources.student.max_new_tokens = 4
     result = train_mod.train(cfg, tmp_path / "run")
     rows = [r for r in MetricsLog.read(result.run_dir / "metrics.jsonl") if r["split"] == "train"]
@@ -222,10 +234,10 @@ def test_the_loss_is_normalised_by_the_generated_token_count(teacher_dir, studen
         zero = sum(p.sum() for p in student.parameters()) * 0
         return LossTerms(zero + n, None, None)
 
-    monkeypatch.setattr(train_mod, "batch_loss", per_token_one)
+    monkeypatch.setattr(loop_mod, "batch_loss", per_token_one)
     cfg = make_cfg(teacher_dir, student_dir, steps=2, grad_accum=2, eval_every=100)
     cfg.final_eval = False
-    cfg.sources.weights = SourceWeights(dataset=Schedule(0.0), student=Schedule(1.0))
+    cfg.sources.weights = source_weights(dataset=Schedule(0.0), student=Schedule(1.0))
     cfg.sources.student.max_new_tokens = 3  # far shorter than the dataset's completions
     run = train_mod.train(cfg, tmp_path / "run")
     rows = [r for r in MetricsLog.read(run.run_dir / "metrics.jsonl") if r["split"] == "train"]
@@ -233,6 +245,45 @@ def test_the_loss_is_normalised_by_the_generated_token_count(teacher_dir, studen
     assert all(r["response_length"] <= 3 for r in rows)
     # The step trained on the generated responses (8 of them a step), not the dataset's.
     assert rows[0]["response_tokens"] == pytest.approx(8 * rows[0]["response_length"])
+
+
+class ReversedPromptSource(GeneratingSource):
+    """A fifth source, defined here as a user would in a file of their own: each response is the
+    prompt's last three tokens reversed, then a stop token."""
+
+    name = "reversed"
+    what = "the prompt's tail, reversed"
+
+    def generate(self, prompts, ctx, *, step, seed, synced):
+        self.calls = getattr(self, "calls", 0) + 1
+        got = [p[-3:][::-1] + ctx.stops[:1] for p in prompts]
+        return Generated(got, limit=4, stats=SourceStats(generated=sum(map(len, got))))
+
+
+def test_a_new_source_is_a_class_and_a_registry_line(teacher_dir, student_dir, tmp_path, monkeypatch):
+    """A source defined outside distill, registered with one line, trains: the steps draw it, the
+    loss counts its responses, the metrics and the plan name it; an unknown name and a teacher
+    source without a teacher are refused by name before anything loads."""
+    from distill.plan import make_plan
+
+    source = ReversedPromptSource()
+    monkeypatch.setitem(REGISTRY, "reversed", source)  # the registry line
+    cfg = make_cfg(teacher_dir, student_dir, steps=2, eval_every=100)
+    cfg.final_eval, cfg.data.num_validation = False, 0
+    cfg.sources.weights = source_weights(dataset=Schedule(0.0), reversed=Schedule(1.0))
+    assert "reversed: the prompt's tail, reversed; weight 1; about 100% of steps" in make_plan(cfg, 1).sources
+    rows = [r for r in MetricsLog.read(train_mod.train(cfg, tmp_path / "run").run_dir / "metrics.jsonl")
+            if r["split"] == "train"]
+    assert source.calls == 2 and all(r["source_reversed"] == 1.0 and r["source_dataset"] == 0.0 for r in rows)
+    assert all(r["response_length"] == 4 for r in rows)  # its responses, not the dataset's
+    assert rows[-1]["response_tokens"] == 2 * 4 * 4  # 2 steps x 4 sequences x 4 tokens
+    cfg.sources.weights = source_weights(dataset=Schedule(0.0), reverse=Schedule(1.0))
+    with pytest.raises(DistillError, match="sources.weights.reverse: no such source; the sources are dataset, "
+                                           "teacher, student, skd, reversed"):
+        train_mod.train(cfg, tmp_path / "typo")
+    cfg.sources.weights, cfg.teacher.path, cfg.loss.kind = source_weights(skd=Schedule(0.5)), "", "ce"
+    with pytest.raises(DistillError, match="sources.weights.skd generates with the teacher, but teacher.path"):
+        train_mod.train(cfg, tmp_path / "no-teacher")
 
 
 @pytest.mark.parametrize("weights,cache", [
@@ -246,7 +297,7 @@ def test_a_killed_mixture_run_resumes_exactly(teacher_dir, student_dir, tmp_path
     weights as the run that was not killed."""
     def cfg():
         c = make_cfg(teacher_dir, student_dir)
-        c.sources.weights = SourceWeights(**weights)
+        c.sources.weights = source_weights(**weights)
         c.sources.teacher_cache = None if cache else "none"
         c.sources.skd.k = Schedule(8.0, 2.0, "linear")
         for s in (c.sources.student, c.sources.teacher):
@@ -276,12 +327,12 @@ def test_the_teacher_cache_reuses_responses_and_refuses_a_bad_file(teacher_dir, 
     """Greedy SeqKD responses: generated once, then read back (also by a new cache object on the same
     files); other settings or other teacher weights use another file; a tampered file is ignored
     with a warning, never used."""
-    from distill.sources import sequences
+    import distill.teacher as teacher_mod
     from distill.sources.teacher_cache import TeacherCache
 
     calls = []
-    real_sample = sequences.sample
-    monkeypatch.setattr(sequences, "sample", lambda m, prompts, *a, **k: calls.append(len(prompts)) or
+    real_sample = teacher_mod.sample
+    monkeypatch.setattr(teacher_mod, "sample", lambda m, prompts, *a, **k: calls.append(len(prompts)) or
                         real_sample(m, prompts, *a, **k))
     cfg = make_cfg(teacher_dir, student_dir)
     cfg.sources.teacher = SamplingConfig(greedy=True, max_new_tokens=6)
@@ -292,8 +343,8 @@ def test_the_teacher_cache_reuses_responses_and_refuses_a_bad_file(teacher_dir, 
     cache_key = dict(stops=[tok.eos_token_id], vocab=len(tok), dtype="float32")
 
     def run(cache, these=pairs, seed=1):
-        return source_pairs("teacher", these, cfg.sources, student=teacher, teacher=teacher, skd_k=1,
-                            pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=96, vocab=len(tok),
+        return make_sequences("teacher", these, cfg.sources, student=teacher, teacher=teacher, pad_id=tok.pad_token_id,
+                              stops=[tok.eos_token_id], max_length=96, vocab=len(tok),
                             seed=seed, teacher_cache=cache)[:2]
 
     cache = TeacherCache(tmp_path, teacher_dir, cfg.sources.teacher, **cache_key)
@@ -355,16 +406,17 @@ def test_generation_keeps_the_teachers_hidden_states_for_the_loss(teacher_dir, s
     differently), gradients too."""
     from distill.config import LossConfig
     from distill.objective import batch_loss
-    from distill.sources.sequences import aligned_hidden
+    from distill.sources.base import aligned_hidden
 
     cfg = make_cfg(teacher_dir, student_dir)
     tok = load_tokenizer(tokenizer_dir)
     cpu = torch.device("cpu")
     student, teacher = load_model(cfg.student, "s", cpu), load_model(cfg.teacher, "t", cpu).eval()
+    cfg.sources.skd.k = Schedule(4.0)
     pairs = train_mod.TrainData(cfg.data, tok, seed=0).next_pairs(6)
-    got, stats, hidden = source_pairs(source, pairs, cfg.sources, student=student, teacher=teacher, skd_k=4,
-                                      pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=40,
-                                      vocab=len(tok), seed=2, keep_teacher_hidden=True)
+    got, stats, hidden = make_sequences(source, pairs, cfg.sources, student=student, teacher=teacher,
+                                        pad_id=tok.pad_token_id, stops=[tok.eos_token_id], max_length=40,
+                                        vocab=len(tok), seed=2, keep_teacher_hidden=True)
     assert hidden is not None and any(len(p) + len(r) == 40 for p, r in got)  # some responses cut
     assert source != "skd" or stats.drafted > stats.accepted > 0
     batch = collate(got, tok.pad_token_id)
@@ -374,7 +426,7 @@ def test_generation_keeps_the_teachers_hidden_states_for_the_loss(teacher_dir, s
 
     def loss_and_grads(h):
         student.zero_grad()
-        loss = batch_loss(loss_cfg, student, teacher, batch, bf16=False, vocab=len(tok), fused=fused,
+        loss = batch_loss(loss_cfg, student, as_teacher(teacher), batch, bf16=False, vocab=len(tok), fused=fused,
                           teacher_hidden=h).loss
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in student.parameters()]
@@ -402,7 +454,7 @@ def test_a_distillspec_run_ends_with_its_draft_measured(teacher_dir, student_dir
     cfg = make_cfg(teacher_dir, student_dir, steps=2, eval_every=100)
     cfg.final_eval = False
     cfg.data.tasks, cfg.data.difficulty = ["arithmetic"], "easy"
-    cfg.sources.weights = SourceWeights(dataset=Schedule(0.0), student=Schedule(1.0))
+    cfg.sources.weights = source_weights(dataset=Schedule(0.0), student=Schedule(1.0))
     cfg.sources.student.max_new_tokens = 8
     cfg.draft.enabled, cfg.draft.gammas, cfg.draft.num_prompts = True, [1, 2], 4
     cfg.draft.max_new_tokens, cfg.draft.repeats = 6, 1
@@ -470,7 +522,7 @@ def test_teacher_hidden_is_refused_for_a_soft_capped_teacher():
                                            final_logit_softcapping=30.0))
     batch = collate([([1, 2, 3], [4, 5])], 0)
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
-        batch_loss(LossConfig(kind="fkl"), gemma, gemma, batch, bf16=False, vocab=64, fused=False,
+        batch_loss(LossConfig(kind="fkl"), gemma, as_teacher(gemma), batch, bf16=False, vocab=64, fused=False,
                    teacher_hidden=torch.zeros(1, 4, 32))
 
 

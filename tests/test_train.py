@@ -12,12 +12,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import distill.loop as loop_mod
 import distill.train as train_mod
 from distill.config import DataConfig, DistillConfig, LoraConfig, LossConfig, ModelConfig, TrainerConfig
 from distill.data import length_buckets
 from distill.errors import DistillError
 from distill.objective import batch_loss, objective_name
 from distill.schedule import CosineSchedule
+from distill.teacher import LocalTeacher
 from distill.tracking import MetricsLog
 
 
@@ -52,7 +54,7 @@ def test_step_independent_of_micro_batch_split(teacher_dir, student_dir, tmp_pat
         groups.append(len(out))
         return out
 
-    monkeypatch.setattr(train_mod, "length_buckets", spy)
+    monkeypatch.setattr(loop_mod, "length_buckets", spy)
     runs = {}
     for name, bs, accum, buckets in [("whole", 8, 1, 1), ("buckets", 8, 1, 4), ("4x2", 4, 2, 4), ("2x4", 2, 4, 4)]:
         cfg = make_cfg(teacher_dir, student_dir, steps=3, batch_size=bs, grad_accum=accum, warmup_steps=0,
@@ -119,7 +121,8 @@ def test_fused_step_in_bf16_matches_full_logits(teacher_dir, student_dir, backen
     results = {}
     for fused in (False, True):
         student.zero_grad(set_to_none=True)
-        loss = batch_loss(loss_cfg, student, teacher, batch, bf16=True, vocab=len(tok), fused=fused).loss
+        loss = batch_loss(loss_cfg, student, LocalTeacher(teacher), batch, bf16=True, vocab=len(tok),
+                          fused=fused).loss
         loss.backward()
         results[fused] = float(loss), {n: p.grad.clone() for n, p in student.named_parameters()}
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)

@@ -5,12 +5,12 @@ import sys
 
 import torch.distributed as dist
 
-from distill.config import Schedule, SourceWeights
+from distill.config import Schedule, source_weights
 from distill.sources.mixture import draw_source
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 dist.init_process_group("gloo", rank=int(sys.argv[2]), world_size=2)
-weights = SourceWeights(dataset=Schedule(0.5), student=Schedule(0.0, 1.0, "linear"), skd=Schedule(0.3))
+weights = source_weights(dataset=Schedule(0.5), student=Schedule(0.0, 1.0, "linear"), skd=Schedule(0.3))
 mine = [draw_source(weights, 11, step, 200) for step in range(200)]
 everyone = [None, None]
 dist.all_gather_object(everyone, mine)

@@ -79,6 +79,7 @@ def check_training(teacher_dir: str, student_dir: str) -> None:
     tied head (whose embedding's hooks would gather it anyway) and a separate one, whose padding
     rows beyond the vocabulary are dropped."""
     from distill.objective import batch_loss
+    from distill.teacher import LocalTeacher
 
     ids = torch.randint(0, 150, (2, 12), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
@@ -100,8 +101,8 @@ def check_training(teacher_dir: str, student_dir: str) -> None:
         teacher, teacher_ref = teachers[student_dir if model_dir == teacher_dir else teacher_dir]
         for _ in range(2):
             for model, t in ((reference, teacher_ref), (engine.module, teacher)):
-                loss = batch_loss(LossConfig(kind=kind), model, t if kind != "ce" else None, batch, bf16=bf16,
-                                  vocab=vocab, fused=fused).loss
+                loss = batch_loss(LossConfig(kind=kind), model, LocalTeacher(t) if kind != "ce" else None, batch,
+                                  bf16=bf16, vocab=vocab, fused=fused).loss
                 if model is reference:
                     optimizer.zero_grad()
                     loss.backward()

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from distill.config import SOURCES, SourceWeights
+from distill.config import Schedule, weights_at
 from distill.errors import DistillError
-from distill.schedule import value_at
+from distill.sources import REGISTRY
 
 
-def weights_at(weights: SourceWeights, step: int, total: int) -> dict[str, float]:
-    """Each source's weight at ``step`` (of ``total``), by its schedule."""
-    return {name: value_at(getattr(weights, name), step, total) for name in SOURCES}
-
-
-def draw_source(weights: SourceWeights, seed: int, step: int, total: int) -> str:
-    """The source of step ``step``: ``name`` with probability weight / sum of weights."""
+def draw_source(weights: dict[str, Schedule], seed: int, step: int, total: int) -> str:
+    """The source of step ``step``: ``name`` with probability weight / sum of weights (candidates
+    in registry order, so that a draw depends on the weights alone)."""
     w = weights_at(weights, step, total)
-    names = [n for n in SOURCES if w[n] > 0]
+    names = [n for n in REGISTRY if w.get(n, 0.0) > 0]
     if not names:
         raise DistillError(f"sources.weights: every weight is 0 at step {step}")
     gen = torch.Generator().manual_seed(step_seed(seed, step))

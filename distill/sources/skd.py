@@ -1,4 +1,4 @@
-"""Speculative KD (SKD) sampling: the student proposes, the teacher replaces what it would not say.
+"""The ``skd`` source, speculative KD: the student proposes, the teacher replaces what it would not say.
 
 At each position the student draws y_t ~ q; if y_t is not among the teacher's top-K tokens there
 (or outside its top-p nucleus) it is replaced by a draw from the teacher's p. K = the vocabulary
@@ -17,12 +17,18 @@ import functools
 import torch
 from transformers import PreTrainedModel
 
+from distill.data import left_pad
+from distill.errors import DistillError
+from distill.generation import generating, responses
+from distill.schedule import value_at
+from distill.sources.base import Generated, GeneratingSource, SourceContext, SourceStats
 from distill.speculative import SpeculativeOutput, propose_and_verify, teacher_top_k
+from distill.teacher import Teacher, as_teacher
 
 
 def skd_generate(
     student: PreTrainedModel,
-    teacher: PreTrainedModel,
+    teacher: Teacher | PreTrainedModel,
     input_ids: torch.Tensor,
     *,
     attention_mask: torch.Tensor | None = None,
@@ -45,7 +51,9 @@ def skd_generate(
     ``teacher_greedy``). ``vocab``: the tokens both may emit (default: the teacher's vocabulary, which
     the student must embed). The statistics count teacher forwards (``rounds``) and accepted drafts.
     ``keep_teacher_hidden``: the output's ``target_hidden`` holds the teacher's final hidden states
-    before each new token, from its verification forwards, for the loss (no second teacher forward)."""
+    before each new token, from its verification forwards, for the loss (no second teacher forward).
+    ``teacher``: a ``distill.teacher.Teacher`` (its ``verifier`` runs the rounds) or a model."""
+    teacher = as_teacher(teacher)
     limit = teacher.config.vocab_size if vocab is None else vocab
     if (k is None) == (top_p is None):
         raise ValueError("SKD takes k (top-K) or top_p (nucleus), not both")
@@ -57,7 +65,41 @@ def skd_generate(
         raise ValueError(f"teacher_temperature must be > 0; got {teacher_temperature}")
     rule = functools.partial(teacher_top_k, k=k, top_p=top_p, temperature=teacher_temperature,
                              greedy_teacher=teacher_greedy)
-    return propose_and_verify(teacher, student, input_ids, rule, attention_mask=attention_mask, gamma=gamma,
+    return propose_and_verify(teacher.verifier(), student, input_ids, rule, attention_mask=attention_mask, gamma=gamma,
                               max_new_tokens=max_new_tokens, temperature=temperature, do_sample=True,
                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
                               vocab=vocab, keep_target_hidden=keep_teacher_hidden)
+
+
+class SKDSource(GeneratingSource):
+    name = "skd"
+    what = "speculative KD (student drafts, teacher top-k)"
+    needs_teacher = True
+    runs_teacher = True
+
+    def models(self, ctx: SourceContext) -> tuple[torch.nn.Module, ...]:
+        return (ctx.student, *ctx.teacher.generation_models())
+
+    def generate(self, prompts: list[list[int]], ctx: SourceContext, *, step: int, seed: int,
+                 synced: bool) -> Generated:
+        if synced:
+            raise DistillError("SKD generates with student and teacher gathered whole on every rank, and they do "
+                               "not both fit (distill plan); lower sources.weights.skd to 0 or use more ranks")
+        s = ctx.cfg.skd
+        device = next(ctx.student.parameters()).device
+        ids, mask = (x.to(device) for x in left_pad(prompts, ctx.pad_id))
+        k = None if s.top_p is not None else round(value_at(s.k, step, ctx.total_steps))
+        with generating(ctx.student, ctx.teacher.module):
+            out = skd_generate(
+                ctx.student, ctx.teacher, ids, attention_mask=mask, k=k, top_p=s.top_p, gamma=s.gamma,
+                max_new_tokens=s.max_new_tokens, temperature=s.temperature, teacher_temperature=s.teacher_temperature,
+                teacher_greedy=s.teacher_greedy, eos_token_id=ctx.stops, pad_token_id=ctx.pad_id,
+                generator=torch.Generator(device).manual_seed(seed), vocab=ctx.vocab,
+                keep_teacher_hidden=ctx.keep_teacher_hidden,
+            )
+        got = responses(out.sequences[:, ids.shape[1]:], ctx.stops)
+        hidden = ([h[: len(r)] for h, r in zip(out.target_hidden, got, strict=True)]
+                  if ctx.keep_teacher_hidden else None)
+        stats = SourceStats(generated=sum(map(len, got)), teacher_forwards=out.stats.sequence_rounds,
+                            drafted=out.stats.drafted, accepted=out.stats.accepted)
+        return Generated(got, s.max_new_tokens, stats, hidden)

@@ -1,0 +1,274 @@
+"""The training loop: ``run`` below, one optimizer step per iteration, every part a named call.
+
+One optimizer step draws its source, makes ``grad_accum`` micro-batches from it, counts their
+response tokens first, and scales each micro-batch's summed loss by that global count, so the
+step's loss is the mean over every counted token however the batch is split and however many
+ranks share it. ``RunState`` holds everything the steps read and change; ``distill.train`` builds
+it, evaluates before and after, and exports.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress
+from transformers import PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from distill.config import DistillConfig
+from distill.data import Batch, Record, TrainData, collate, length_buckets, split_groups
+from distill.distributed import Engine
+from distill.errors import DistillError
+from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses
+from distill.losses import count_tokens
+from distill.objective import batch_loss
+from distill.progress import console, showing
+from distill.sources import REGISTRY
+from distill.sources.base import SourceContext, SourceStats, aligned_hidden
+from distill.sources.mixture import draw_source, step_seed
+from distill.teacher import Teacher
+from distill.tracking import MetricsLog
+
+
+@dataclass
+class RunState:
+    """A run in progress: its models, optimizer, data and sources, and where it stands."""
+
+    cfg: DistillConfig
+    run_dir: Path
+    engine: Engine
+    tokenizer: Tokenizer
+    student: PreTrainedModel
+    teacher: Teacher | None
+    params: list[torch.nn.Parameter]  # the student's trained parameters
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    data: TrainData
+    sources: SourceContext
+    fused: bool  # the fused LM-head loss (else full logits)
+    validation_records: list[Record] = field(default_factory=list)
+    test_records: list[Record] = field(default_factory=list)
+    step: int = 0
+    tokens_seen: int = 0
+    last_saved: int | None = None  # the step of the newest checkpoint
+    metrics: MetricsLog | None = None  # rank 0's metrics log
+    progress: Progress | None = None
+    # Rows "teacher", "student before", "student after" of metrics per split (saved with checkpoints).
+    validation: dict[str, dict[str, float]] = field(default_factory=dict)
+    test: dict[str, dict[str, float]] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)  # kinds of generation problems already reported
+
+    @property
+    def loss_teacher(self) -> Teacher | None:
+        """The loss's teacher: none for SFT's cross-entropy."""
+        return self.teacher if self.cfg.loss.kind != "ce" else None
+
+
+@dataclass
+class Window:
+    """What the steps since the last log line did: the log's averages and rates."""
+
+    t_start: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+    losses: list[torch.Tensor] = field(default_factory=list)
+    drawn: dict[str, int] = field(default_factory=dict)
+    generation: SourceStats = field(default_factory=SourceStats)
+    lr: float = 0.0
+    grad_norm: float = 0.0
+
+
+def run(state: RunState) -> None:
+    """The optimizer steps from ``state.step`` to ``trainer.steps``, with logging, validation and
+    checkpoints. Ctrl-C stops at the next step boundary with a checkpoint (twice: at once)."""
+    tc = state.cfg.trainer
+    state.student.train()
+    window = Window()
+    task = state.progress.add_task("train", total=tc.steps, completed=state.step, loss=math.nan, tps=0.0)
+    with _StopAtStepBoundary() as stop, _stopped_at_once(state):
+        while state.step < tc.steps:
+            source = draw(state, window)
+            micro, hidden = micro_batches(state, source, window)
+            n_counted = accumulate(state, micro, hidden, window)
+            optimizer_step(state, n_counted, window)
+            if state.step % tc.log_every == 0 or state.step == tc.steps:
+                log(state, window, task)
+                window = Window()
+            state.progress.update(task, completed=state.step)
+            if state.step % tc.eval_every == 0 or state.step == tc.steps:
+                validate(state, window)
+            # Ctrl-C reaches the ranks at different moments: they stop at the same step boundary.
+            stopping = bool(state.engine.all_max(int(stop.requested)))
+            if state.step % tc.save_every == 0 or state.step == tc.steps or stopping:
+                save(state)
+            if stopping and state.step < tc.steps:
+                raise DistillError(f"interrupted at step {state.step}; checkpoint saved. "
+                                   f"Continue with: distill resume={state.run_dir}")
+
+
+def draw(state: RunState, window: Window) -> str:
+    """The step's source, drawn by the weights at this step (the same on every rank)."""
+    tc = state.cfg.trainer
+    source = draw_source(state.cfg.sources.weights, tc.seed, state.step, tc.steps)
+    window.drawn[source] = window.drawn.get(source, 0) + 1
+    return source
+
+
+def micro_batches(state: RunState, name: str, window: Window) -> tuple[list[Batch], list[torch.Tensor | None]]:
+    """The step's micro-batches from source ``name``: ``grad_accum`` draws of the dataset's
+    prompts, each rank generating for its share with its own seed, split into length groups;
+    with each, the teacher's hidden states where the source kept them."""
+    tc, engine, source, ctx = state.cfg.trainer, state.engine, REGISTRY[name], state.sources
+    micro, micro_hidden = [], []
+    for m in range(tc.grad_accum):
+        with engine.generation(*source.models(ctx)) as synced:
+            got = source.sequences(engine.shard(state.data.next_pairs(tc.batch_size)), ctx, step=state.step,
+                                   seed=step_seed(tc.seed, state.step, m * engine.world + engine.rank),
+                                   synced=synced)
+        window.generation.add(got.stats)
+        window.t_start += got.stats.seconds  # tokens/s counts training time only
+        lengths = [len(p) + len(r) for p, r in got.pairs]
+        groups = length_buckets(lengths, tc.length_buckets)
+        # Sharded forwards and backwards are collective: every rank runs as many.
+        for group in split_groups(groups, lengths, engine.all_max(len(groups))):
+            part = [got.pairs[i] for i in group]
+            micro.append(collate(part, state.data.tokenizer.pad_token_id))
+            micro_hidden.append(None if got.hidden is None else
+                                aligned_hidden(part, [got.hidden[i] for i in group], micro[-1]))
+    return micro, micro_hidden
+
+
+def accumulate(state: RunState, micro: list[Batch], hidden: list[torch.Tensor | None], window: Window) -> int:
+    """Forward and backward over the step's micro-batches; the step's counted tokens. The
+    denominator (counted tokens of every micro-batch on every rank) is known before any backward;
+    DeepSpeed averages gradients over the ranks, so each rank's sum is scaled by world / count."""
+    cfg, engine = state.cfg, state.engine
+    n_counted = engine.all_sum(sum(count_tokens(b.labels[:, 1:]) for b in micro))
+    scale = engine.world / max(n_counted, 1)
+    loss_sum = torch.zeros((), device=engine.device)  # summed on the device: no sync per micro-batch
+    for i, (b, h_t) in enumerate(zip(micro, hidden, strict=True)):
+        engine.start_forward()
+        loss = batch_loss(cfg.loss, state.student, state.loss_teacher, b.to(engine.device),
+                          bf16=cfg.trainer.precision == "bf16", vocab=state.sources.vocab, fused=state.fused,
+                          teacher_hidden=h_t).loss
+        engine.backward(loss * scale, last=i == len(micro) - 1)
+        loss_sum += loss.detach()
+        window.tokens += b.num_tokens
+    window.losses.append(engine.all_sum(loss_sum) / max(n_counted, 1))
+    return n_counted
+
+
+def optimizer_step(state: RunState, n_counted: int, window: Window) -> None:
+    """Clip, step the optimizer and the learning rate, count the step."""
+    window.lr = state.scheduler.get_last_lr()[0]  # the rate of this step's update (logged with it)
+    window.grad_norm = state.engine.step(state.params, state.cfg.trainer.max_grad_norm)
+    state.scheduler.step()
+    state.step += 1
+    state.tokens_seen += n_counted
+
+
+def log(state: RunState, window: Window, task: Any) -> None:
+    """The interval's loss, rates and sources: to the metrics log and the progress bar; each kind of
+    generation problem is warned about once."""
+    elapsed = time.perf_counter() - window.t_start
+    tps = state.engine.all_sum(window.tokens) / max(elapsed, 1e-9)
+    mean_loss = float(torch.stack(window.losses).mean())
+    steps, gen = sum(window.drawn.values()), window.generation.metrics()
+    if state.metrics is not None:
+        state.metrics.log("train", state.step, {
+            "loss": mean_loss, "lr": window.lr, "grad_norm": window.grad_norm,
+            "response_tokens": state.tokens_seen, "tokens_per_s": tps, "train_seconds": elapsed,
+            **{f"source_{n}": window.drawn.get(n, 0) / steps for n in state.cfg.sources.weights}, **gen,
+        })
+    # The sources of the interval, what their generation cost and gave.
+    note = f"{'+'.join(sorted(window.drawn))}: {window.generation.note()}" if gen else ""
+    state.progress.update(task, loss=mean_loss, tps=tps, note=note)
+    for kind, problem in window.generation.problems(state.cfg.data.max_length, state.sources.stops).items():
+        if kind not in state.warned:
+            state.warned.add(kind)
+            state.progress.console.print(f"[yellow]warning: step {state.step}: {problem}[/yellow]")
+
+
+def validate(state: RunState, window: Window) -> None:
+    """The student on the validation split (not counted in tokens/s)."""
+    paused = time.perf_counter()
+    if state.validation_records:
+        val = measure(state, "validation", state.student, state.validation_records, with_teacher=True)
+        if state.metrics is not None:
+            state.metrics.log("validation", state.step, val)
+        state.validation["student after"] = val
+        state.progress.console.print(f"step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+    window.t_start += time.perf_counter() - paused
+
+
+def save(state: RunState) -> None:
+    """A checkpoint of this step (every rank's part), and the teacher cache's new responses."""
+    tc, engine, cache = state.cfg.trainer, state.engine, state.sources.teacher_cache
+    trainer_state = {"step": state.step, "tokens_seen": state.tokens_seen, "scheduler": state.scheduler.state_dict(),
+                     "data": state.data.state_dict(), "test": state.test, "validation": state.validation}
+    engine.save_checkpoint(state.run_dir, state.step, state.student, trainer_state, tc.keep_checkpoints)
+    state.last_saved = state.step
+    if cache is not None:
+        for entries in engine.all_gather(cache.entries)[1:]:  # every rank's responses, one file
+            cache.merge(entries)
+        if engine.is_main:
+            cache.save()
+
+
+def measure(state: RunState, what: str, model: PreTrainedModel, records: list[Record], with_teacher: bool,
+            generate: bool = True) -> dict[str, float]:
+    """Losses (and, with ``generate``, generation metrics) of ``model`` on ``records``, with a
+    progress row. Every rank measures all the records (in step: sharded forwards are collective)."""
+    cfg, tc = state.cfg, state.cfg.trainer
+    passes = 1 + (generate and needs_generation(records, cfg.data.metric))
+    size = dict(batch_size=tc.eval_batch_size, max_length=cfg.data.max_length)
+    with showing(state.progress, what, passes * batch_count(records, tc.eval_batch_size)) as advance:
+        row = reference_losses(model, state.teacher if with_teacher else None, state.tokenizer, records, cfg.loss,
+                               fused=state.fused, on_batch=advance, **size)
+        if generate:
+            with state.engine.generation(model) as synced:
+                row.update(evaluate(model, state.tokenizer, records, metric=cfg.data.metric, on_batch=advance,
+                                    max_new_tokens=tc.max_new_tokens, synced=synced, **size))
+    return row
+
+
+class _StopAtStepBoundary:
+    """The first Ctrl-C asks the loop to stop after the current step (so the checkpoint is
+    consistent); a second one stops at once, losing the work since the last checkpoint."""
+
+    def __enter__(self) -> _StopAtStepBoundary:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@contextmanager
+def _stopped_at_once(state: RunState) -> Iterator[None]:
+    """A second Ctrl-C, as an error that says where to resume from."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if state.last_saved is None:
+            raise DistillError(f"stopped at once during step {state.step + 1}, before the first checkpoint") from None
+        raise DistillError(f"stopped at once during step {state.step + 1}; the last checkpoint is step "
+                           f"{state.last_saved}. Continue from it with: distill resume={state.run_dir}") from None
