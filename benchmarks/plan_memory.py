@@ -1,4 +1,4 @@
-"""The memory plan against measured peaks, and the README's plan of a 70B -> 8B run.
+"""The memory plan against measured peaks, and the 70B -> 8B plan docs/scaling.md quotes.
 
 Each configuration is a real run (``python -m distill``, or two CPU ranks under ``deepspeed``)
 on the built-in tasks, with the shipped teacher and a student built from scratch large enough
@@ -8,7 +8,7 @@ resident memory of each rank; the largest rank counts). The plan assumes every s
 ``data.max_length``: an upper bound, so the runs use a max_length near the tasks' longest.
 
 ``llama-3.1-70b-to-8b.txt`` is ``distill plan`` for Llama 3.1 70B -> 8B on 8 x 80 GB GPUs from
-the published configs (``benchmarks/configs/``): the README quotes it, and a test re-renders it.
+the published configs (``benchmarks/configs/``): docs/scaling.md quotes it, and a test re-renders it.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from benchmarks.environment import environment
 from benchmarks.metrics import metric, peak_rss_mb, write_json
+from distill.config import sources_in_use
 
 RECIPES = ("gkd", "supervised_kd")
 # What TRL's GKDTrainer cannot express, for the table.
@@ -59,11 +60,10 @@ def trl_fields(cfg) -> tuple[dict, list[tuple[str, object, str, object]]]:
     """GKDConfig keyword arguments for distill's ``cfg``, and the mapping (distill field, value, TRL
     field, value) to print. Raises ValueError for what TRL's GKD cannot express."""
     w, tc, loss = cfg.sources.weights, cfg.trainer, cfg.loss
-    for name in ("teacher", "skd"):
-        if getattr(w, name).start or getattr(w, name).end:
+    for name in sources_in_use(w):
+        if name not in ("dataset", "student"):
             raise ValueError(f"sources.weights.{name}: TRL's GKD has no such source")
-    if any(getattr(w, n).end not in (None, getattr(w, n).start) and getattr(w, n).kind != "constant"
-           for n in ("dataset", "student")):
+    if any(w[n].end not in (None, w[n].start) and w[n].kind != "constant" for n in ("dataset", "student")):
         raise ValueError("sources.weights: TRL's lambda is a constant")
     if cfg.student.lora.enabled:
         raise ValueError("student.lora: the comparison trains every weight in both tools")
@@ -77,7 +77,7 @@ def trl_fields(cfg) -> tuple[dict, list[tuple[str, object, str, object]]]:
         raise ValueError("trainer.grad_accum: TRL draws lambda per micro-batch, distill per step")
     if tc.device != "cpu":
         raise ValueError("trainer.device: the comparison runs both on the CPU")
-    lmbda = w.student.start / (w.student.start + w.dataset.start)
+    lmbda = w["student"].start / (w["student"].start + w["dataset"].start)
     beta = {"fkl": 0.0, "rkl": 1.0, "gjsd": loss.beta}.get(loss.kind)
     if beta is None:
         raise ValueError(f"loss.kind={loss.kind}: TRL's GKD has generalized JSD only")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 
 from distill.errors import DistillError
 from distill.losses import BACKENDS, KINDS, check_loss_args
@@ -311,16 +311,26 @@ PRECISIONS = ("fp32", "bf16")
 
 def validate(cfg: DistillConfig) -> None:
     """Check a config before anything is loaded; raise DistillError naming the field."""
+    _validate_loss(cfg)
+    _validate_models(cfg)
+    _validate_trainer_and_data(cfg)
+    _validate_sources(cfg)
+    _validate_placement(cfg)
+    _validate_outputs(cfg)
 
-    hf_model_dir = "a Hugging Face model directory with config.json and weights (e.g. from save_pretrained)"
 
-    def _not_a_directory(key: str, path: str, what: str, expected: str) -> DistillError:
-        """Where a directory was expected: no such path, or what the path is instead."""
-        if not Path(path).exists():
-            return DistillError(f"{key}: no such {what}: {path}")
-        kind = "a GGUF file" if path.lower().endswith(".gguf") else "a file" if Path(path).is_file() else "no directory"
-        return DistillError(f"{key}: {path} is {kind}, not a {what}; expected {expected}")
+HF_MODEL_DIR = "a Hugging Face model directory with config.json and weights (e.g. from save_pretrained)"
 
+
+def _not_a_directory(key: str, path: str, what: str, expected: str) -> DistillError:
+    """Where a directory was expected: no such path, or what the path is instead."""
+    if not Path(path).exists():
+        return DistillError(f"{key}: no such {what}: {path}")
+    kind = "a GGUF file" if path.lower().endswith(".gguf") else "a file" if Path(path).is_file() else "no directory"
+    return DistillError(f"{key}: {path} is {kind}, not a {what}; expected {expected}")
+
+
+def _validate_loss(cfg: DistillConfig) -> None:
     if cfg.loss.kind not in ("ce", *KINDS):
         raise DistillError(f"loss.kind must be ce (SFT) or one of {', '.join(KINDS)}; got {cfg.loss.kind!r}")
     try:
@@ -338,6 +348,9 @@ def validate(cfg: DistillConfig) -> None:
         raise DistillError(f"loss.chunk_size must be >= 1 (or null for automatic); got {cfg.loss.chunk_size}")
     if cfg.loss.kind != "ce" and not cfg.teacher.path:
         raise DistillError(f"loss.kind={cfg.loss.kind} distils from a teacher, but teacher.path is not set")
+
+
+def _validate_models(cfg: DistillConfig) -> None:
     for role in ("teacher", "student"):
         m: ModelConfig = getattr(cfg, role)
         if m.dtype not in DTYPES:
@@ -345,7 +358,7 @@ def validate(cfg: DistillConfig) -> None:
         if m.path is not None and m.arch is not None:
             raise DistillError(f"{role}: set either {role}.path (pretrained) or {role}.arch (from scratch), not both")
         if m.path is not None and not Path(m.path).is_dir():
-            raise _not_a_directory(f"{role}.path", m.path, "model directory", hf_model_dir)
+            raise _not_a_directory(f"{role}.path", m.path, "model directory", HF_MODEL_DIR)
         if m.path is not None and (problem := gguf_directory_problem(m.path)):
             raise DistillError(f"{role}.path: {problem}")
         if m.tokenizer is not None and not Path(m.tokenizer).is_dir():
@@ -367,6 +380,9 @@ def validate(cfg: DistillConfig) -> None:
                                f"student.dtype ({cfg.student.dtype}); got {cfg.teacher.dtype}")
     if cfg.student.path is None and cfg.student.arch is None:
         raise DistillError("student.path is not set (a local Hugging Face model directory)")
+
+
+def _validate_trainer_and_data(cfg: DistillConfig) -> None:
     t = cfg.trainer
     if t.precision not in PRECISIONS:
         raise DistillError(f"trainer.precision must be one of {PRECISIONS}; got {t.precision!r}")
@@ -385,7 +401,9 @@ def validate(cfg: DistillConfig) -> None:
         raise DistillError(f"trainer.min_lr_ratio must lie in [0, 1]; got {t.min_lr_ratio}")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise DistillError(f"trainer.betas must be two values in [0, 1) (AdamW's beta1, beta2); got {list(t.betas)}")
-    _validate_sources(cfg)
+
+
+def _validate_placement(cfg: DistillConfig) -> None:
     ds = cfg.deepspeed
     if ds.stage not in (0, 1, 2, 3):
         raise DistillError(f"deepspeed.stage must be 0, 1, 2 or 3 (ZeRO stages; 0: no sharding); got {ds.stage}")
@@ -398,6 +416,10 @@ def validate(cfg: DistillConfig) -> None:
         raise DistillError(f"plan.world_size must be >= 1; got {cfg.plan.world_size}")
     if cfg.plan.device_memory_gb is not None and not cfg.plan.device_memory_gb > 0:
         raise DistillError(f"plan.device_memory_gb must be > 0; got {cfg.plan.device_memory_gb}")
+
+
+def _validate_outputs(cfg: DistillConfig) -> None:
+    """The draft report, the chat template, the data files and the run to resume."""
     if cfg.draft.enabled:
         d = cfg.draft
         if not cfg.teacher.path:
@@ -498,5 +520,5 @@ def register() -> None:
 
 __all__ = [
     "ArchConfig", "LoraConfig", "ModelConfig", "DataConfig", "LossConfig", "TrainerConfig",
-    "DeepSpeedConfig", "PlanConfig", "DistillConfig", "validate", "register", "MISSING",
+    "DeepSpeedConfig", "PlanConfig", "DistillConfig", "validate", "register",
 ]

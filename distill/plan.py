@@ -35,8 +35,10 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 
-from distill.config import DistillConfig, ModelConfig, sources_in_use, weights_at
+from distill.config import DistillConfig, ModelConfig, weights_at
+from distill.draft_eval import DraftEvalConfig
 from distill.errors import DistillError
+from distill.fused_loss import CHUNK_BUDGET_BYTES, auto_chunk_size, chunk_entry_bytes
 from distill.memory import GIB, fmt, rss_bytes
 from distill.objective import objective_name
 from distill.placement import DTYPES, Placement, device_type, launch_env, local_world_size
@@ -279,10 +281,19 @@ def _sources(cfg: DistillConfig) -> list[str]:
 
 def _memory(cfg: DistillConfig, pl: Placement, s: ModelShape, t: ModelShape | None) -> Plan:
     """Per-rank memory of the run placed as ``pl`` (see the module docstring)."""
-    world, stage, device, uses_ds = pl.world, pl.stage, pl.device, pl.uses_deepspeed
-    shared = cfg.teacher.student_base  # the teacher is the student's base weights: no second copy
-    shard_teacher = pl.shard_teacher
     p = Plan(pl)
+    _resident(p, cfg, s, t)
+    _training(p, cfg, s, t)
+    p.runtime = RUNTIME_CUDA if pl.device == "cuda" else rss_bytes()
+    p.available = _available(cfg, pl.device, pl.world)
+    _generation(p, cfg, s, t)
+    return p
+
+
+def _resident(p: Plan, cfg: DistillConfig, s: ModelShape, t: ModelShape | None) -> None:
+    """What every rank holds throughout: weights, gradients, optimizer state, ZeRO buckets."""
+    pl = p.placement
+    world, stage = pl.world, pl.stage
     w = 1 if stage < 3 else world
     b, n = s.bytes_per_weight, s.trainable
     on_device = 0 if pl.offload_params else 1
@@ -293,7 +304,7 @@ def _memory(cfg: DistillConfig, pl: Placement, s: ModelShape, t: ModelShape | No
         # fp32 master copy with AdamW's two moments, partitioned, whatever the weights' dtype.
         p.resident["gradients"] = n * b // (world if stage >= 2 else 1) + 4 * n // world
         opt = 12 * n // world
-    elif uses_ds:  # plain data parallelism on DeepSpeed: an fp32 master copy only for half weights
+    elif pl.uses_deepspeed:  # plain data parallelism on DeepSpeed: an fp32 master copy only for half weights
         p.resident["gradients"] = n * b + (4 * n if b < 4 else 0)
         opt = (8 + (4 if b < 4 else 0)) * n
     else:  # torch's AdamW: its moments in the weights' dtype
@@ -305,9 +316,9 @@ def _memory(cfg: DistillConfig, pl: Placement, s: ModelShape, t: ModelShape | No
         p.resident["optimizer state"] = opt
     if pl.offload_params:
         p.cpu += s.parameters * b // w
-    if t is not None and not shared:
-        tw = t.parameters * t.bytes_per_weight // (world if shard_teacher else 1)
-        if pl.offload_params and shard_teacher:
+    if t is not None and not cfg.teacher.student_base:  # a teacher of its own: a second set of weights
+        tw = t.parameters * t.bytes_per_weight // (world if pl.shard_teacher else 1)
+        if pl.offload_params and pl.shard_teacher:
             p.cpu += tw
         else:
             p.resident["teacher weights"] = tw
@@ -315,17 +326,20 @@ def _memory(cfg: DistillConfig, pl: Placement, s: ModelShape, t: ModelShape | No
         p.resident["ZeRO buckets"] = 2 * min(ZERO12_BUCKET, n) * b
     elif stage == 3:  # its gradient reduce bucket
         p.resident["ZeRO buckets"] = min(ZERO12_BUCKET, n) * b
-    tc, length = cfg.trainer, cfg.data.max_length
-    rows = tc.batch_size // world
-    tokens = rows * length
-    # Training: one micro-batch (the length groups of a micro-batch are smaller still).
+
+
+def _training(p: Plan, cfg: DistillConfig, s: ModelShape, t: ModelShape | None) -> None:
+    """One training micro-batch on top (the length groups of a micro-batch are smaller still)."""
+    pl = p.placement
+    world, b = pl.world, s.bytes_per_weight
+    tokens = cfg.trainer.batch_size // world * cfg.data.max_length
     p.training["activations"] = s.activations
     # ZeRO-3 keeps up to stage3_max_live_parameters gathered, and does not release parameters it
     # will use again soon: up to that bound (or the whole model) beyond the rank's own partition.
     gathered = 0
-    if stage == 3:
+    if pl.stage == 3:
         gathered += min(ZERO3_MAX_LIVE, s.parameters) * b * (world - 1) // world
-    if shard_teacher:
+    if pl.shard_teacher:
         gathered += min(ZERO3_MAX_LIVE, t.parameters) * t.bytes_per_weight * (world - 1) // world
     if gathered:
         p.training["ZeRO-3 gathered parameters"] = gathered
@@ -333,45 +347,48 @@ def _memory(cfg: DistillConfig, pl: Placement, s: ModelShape, t: ModelShape | No
     if kd:
         p.training["teacher hidden states"] = tokens * t.hidden * 4
     if cfg.loss.fused:
-        from distill.fused_loss import CHUNK_BUDGET_BYTES, auto_chunk_size, chunk_entry_bytes
-
-        triton = device == "cuda" and cfg.loss.backend != "torch"
-        weight_dtype = DTYPES[cfg.student.dtype]
-        per_entry = chunk_entry_bytes(triton, weight_dtype, kd, cfg.loss.ce_weight not in (0.0, 1.0))
+        triton = pl.device == "cuda" and cfg.loss.backend != "torch"
+        per_entry = chunk_entry_bytes(triton, DTYPES[cfg.student.dtype], kd, cfg.loss.ce_weight not in (0.0, 1.0))
         vocab = min(s.rows, t.rows) if kd else s.rows
-        chunk = cfg.loss.chunk_size or auto_chunk_size(tokens, vocab, per_entry, CHUNK_BUDGET_BYTES[device])
+        chunk = cfg.loss.chunk_size or auto_chunk_size(tokens, vocab, per_entry, CHUNK_BUDGET_BYTES[pl.device])
         p.training["loss chunk buffers"] = min(chunk, tokens) * vocab * per_entry
         if s.trainable_head:
             p.training["loss head-gradient accumulator"] = s.rows * s.hidden * 4
     else:
         p.training["full logits"] = tokens * s.rows * 4 * (4 if kd else 2)  # both models, softmax, gradient
-    # Generation: the largest round of the sources in use, and evaluation's greedy decoding. A
-    # sharded model is gathered whole for a round when that fits; otherwise it generates with its
-    # layers gathered one at a time (every rank in step: synced). SKD needs both models whole.
-    p.runtime = RUNTIME_CUDA if device == "cuda" else rss_bytes()
-    p.available = _available(cfg, device, world)
-    used = sources_in_use(cfg.sources.weights)
-    prompt = length  # prompts are at most max_length (cut before generation)
+
+
+def _rounds(cfg: DistillConfig, rows: int, has_teacher: bool) -> list[tuple[str, list[str], int, int, str]]:
+    """The generation rounds of the run: (what, roles, sequences, positions, source or "") for
+    each source in use that generates, and evaluation's greedy decoding where a split is scored
+    from generations: the student on the validation and test splits, the teacher on the test split
+    only (validation: its losses). Prompts are at most data.max_length (cut before generation)."""
+    prompt, tc, d = cfg.data.max_length, cfg.trainer, cfg.data
     rounds = []
-    if "student" in used:
-        rounds.append(("student samples", ["student"], rows, prompt + cfg.sources.student.max_new_tokens))
-    if "teacher" in used and t is not None:
-        rounds.append(("teacher samples", ["teacher"], rows, prompt + cfg.sources.teacher.max_new_tokens))
-    if "skd" in used and t is not None:
-        rounds.append(("SKD", ["student", "teacher"], rows, prompt + cfg.sources.skd.max_new_tokens
-                       + cfg.sources.skd.gamma))
-    # Evaluation decodes greedily where a split is scored from generations: the student on the
-    # validation and test splits, the teacher on the test split only (validation: its losses).
-    d = cfg.data
+    for source in check_sources(cfg):
+        r = source.generation_round(cfg.sources)
+        if r is not None and (has_teacher or "teacher" not in r.roles):
+            rounds.append((r.what, list(r.roles), rows, prompt + r.new_tokens, source.name))
     scored = d.train is None or d.metric != "none"  # the built-in tasks always are
     has_test = cfg.final_eval and (d.train is None or d.test is not None)
     if scored and (has_test or d.train is None or d.validation is not None):
-        rounds.append(("evaluation (student)", ["student"], tc.eval_batch_size, prompt + tc.max_new_tokens))
-    if scored and has_test and t is not None:
-        rounds.append(("evaluation (teacher)", ["teacher"], tc.eval_batch_size, prompt + tc.max_new_tokens))
+        rounds.append(("evaluation (student)", ["student"], tc.eval_batch_size, prompt + tc.max_new_tokens, ""))
+    if scored and has_test and has_teacher:
+        rounds.append(("evaluation (teacher)", ["teacher"], tc.eval_batch_size, prompt + tc.max_new_tokens, ""))
+    return rounds
+
+
+def _generation(p: Plan, cfg: DistillConfig, s: ModelShape, t: ModelShape | None) -> None:
+    """The largest generation round on top of what is resident. A sharded model is gathered whole
+    for a round when that fits; otherwise it generates with its layers gathered one at a time
+    (every rank in step: synced). A round of both models (SKD) needs both whole."""
+    pl = p.placement
+    world = pl.world
+    rounds = _rounds(cfg, cfg.trainer.batch_size // world, t is not None)
     models = {"student": s, "teacher": t}
-    sharded = {"student": pl.shard_student, "teacher": shard_teacher}
-    owner = {"student": "student", "teacher": "student" if shared else "teacher"}  # whose weights are gathered
+    sharded = {"student": pl.shard_student, "teacher": pl.shard_teacher}
+    # Whose weights are gathered: a teacher that is the student's base is the student's.
+    owner = {"student": "student", "teacher": "student" if cfg.teacher.student_base else "teacher"}
     resident = sum(p.resident.values()) + p.runtime
 
     def whole(role: str) -> int:  # what gathering adds to the rank's own partition (or all of it, offloaded)
@@ -397,27 +414,28 @@ def _memory(cfg: DistillConfig, pl: Placement, s: ModelShape, t: ModelShape | No
             mine = [r for r in rounds if role in (owner[x] for x in r[1])]
             need = max((sum(round_parts(r[1], r[2], r[3]).values()) for r in mine), default=0)
             p.gathers[role] = p.available is None or resident + need <= p.available
-    for what, roles, n, positions in rounds:
+    for what, roles, n, positions, source in rounds:
         parts = round_parts(roles, n, positions)
         if sum(parts.values()) > sum(p.generation.values()):
             p.generation, p.generation_what = parts, what
-        if what == "SKD" and not all(p.gathers.get(owner[r], True) for r in roles):
-            p.problems.append("SKD generates with both models gathered whole on every rank, which does not fit "
-                              "here; lower sources.weights.skd to 0 or use more ranks")
+        if len(roles) > 1 and not all(p.gathers.get(owner[r], True) for r in roles):
+            p.problems.append(f"{what} generates with both models gathered whole on every rank, which does not fit "
+                              f"here; lower sources.weights.{source} to 0 or use more ranks")
     if cfg.draft.enabled and t is not None:
-        # After training rank 0 loads the teacher and the exported student again, whole, beside all
-        # it holds, and measures the draft on batches of prompts (distill.draft_eval).
-        from distill.draft_eval import DraftEvalConfig
+        _draft_round(p, cfg, s, t)
 
-        n, dr = DraftEvalConfig.batch_size, cfg.draft
-        positions = prompt + dr.max_new_tokens + max(dr.gammas) + 1
-        parts = {"teacher, loaded again": t.parameters * t.bytes_per_weight,
-                 "draft (the exported student)": s.parameters * s.bytes_per_weight,
-                 "KV caches": n * positions * (t.kv_bytes_per_token + s.kv_bytes_per_token),
-                 "logits for alpha": n * positions * max(t.rows, s.rows) * 4 * 4}  # both models', fp32, softmax
-        if sum(parts.values()) > sum(p.generation.values()):
-            p.generation, p.generation_what = parts, "draft report"
-    return p
+
+def _draft_round(p: Plan, cfg: DistillConfig, s: ModelShape, t: ModelShape) -> None:
+    """After training rank 0 loads the teacher and the exported student again, whole, beside all
+    it holds, and measures the draft on batches of prompts (distill.draft_eval)."""
+    n, dr = DraftEvalConfig.batch_size, cfg.draft
+    positions = cfg.data.max_length + dr.max_new_tokens + max(dr.gammas) + 1
+    parts = {"teacher, loaded again": t.parameters * t.bytes_per_weight,
+             "draft (the exported student)": s.parameters * s.bytes_per_weight,
+             "KV caches": n * positions * (t.kv_bytes_per_token + s.kv_bytes_per_token),
+             "logits for alpha": n * positions * max(t.rows, s.rows) * 4 * 4}  # both models', fp32, softmax
+    if sum(parts.values()) > sum(p.generation.values()):
+        p.generation, p.generation_what = parts, "draft report"
 
 
 def make_plan(cfg: DistillConfig, world: int | None = None) -> RunPlan:

@@ -106,12 +106,6 @@ class SpeculativeStats:
     def acceptance_by_position(self) -> list[float]:
         return [a / max(r, 1) for a, r in zip(self.accepted_at, self.reached_at, strict=True)]
 
-    def to_dict(self) -> dict[str, object]:
-        return {"gamma": self.gamma, "rounds": self.rounds, "emitted": self.emitted, "drafted": self.drafted,
-                "accepted": self.accepted, "acceptance_rate": self.acceptance_rate,
-                "block_efficiency": self.block_efficiency, "acceptance_by_position": self.acceptance_by_position,
-                "target_forwards_per_token": self.target_forwards_per_token}
-
 
 @dataclass
 class SpeculativeOutput:

@@ -50,6 +50,9 @@ def _schema_default(path: list[str]) -> object:
     type's defaults, as OmegaConf fills it in when a YAML sets a field of it)."""
     obj: object = DistillConfig()
     for key in path:
+        if isinstance(obj, dict):  # sources.weights: a schedule per source
+            obj = obj[key]
+            continue
         if obj is None or not dataclasses.is_dataclass(obj):
             raise KeyError(".".join(path))
         cls = type(obj)

@@ -20,7 +20,7 @@ from distill.plan import _saved_activations, make_plan, model_shape, render
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "benchmarks" / "configs"
-LLAMA_70B_8B = [  # the README's plan (benchmarks/results/full/llama-3.1-70b-to-8b.txt)
+LLAMA_70B_8B = [  # docs/scaling.md's plan (benchmarks/results/full/llama-3.1-70b-to-8b.txt)
     f"teacher.path={CONFIGS / 'llama-3.1-70b'}", f"student.path={CONFIGS / 'llama-3.1-8b'}", "teacher.dtype=bfloat16",
     "student.dtype=bfloat16", "trainer.precision=bf16", "trainer.device=cuda", "plan.world_size=8",
     "plan.device_memory_gb=80", "deepspeed=zero3", "recipe=gkd", "trainer.batch_size=16", "data.max_length=2048",
@@ -142,7 +142,7 @@ def test_plan_command(tmp_path):
 
 
 def test_readme_plan_is_the_committed_one():
-    """benchmarks/results/full/llama-3.1-70b-to-8b.txt (quoted in the README) is what the plan says now."""
+    """benchmarks/results/full/llama-3.1-70b-to-8b.txt (quoted in docs/scaling.md) is what the plan says now."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 

@@ -134,6 +134,16 @@ class Generated:
     hidden: list[torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class Round:
+    """A source's generation round, for the plan: which models generate (student, teacher) and
+    how many new tokens (positions beyond the prompt) their KV caches hold."""
+
+    what: str
+    roles: tuple[str, ...]
+    new_tokens: int
+
+
 class Source(ABC):
     """A source of training sequences: ``name`` is its key in ``sources.weights``, ``what``
     describes it in the plan."""
@@ -145,6 +155,10 @@ class Source(ABC):
     def models(self, ctx: SourceContext) -> tuple[torch.nn.Module, ...]:
         """The modules it generates with on this rank (gathered whole for a generation round)."""
         return ()
+
+    def generation_round(self, cfg: SourcesConfig) -> Round | None:
+        """Its generation round, for the plan's memory (None: it generates nothing)."""
+        return None
 
     @abstractmethod
     def sequences(self, pairs: Pairs, ctx: SourceContext, *, step: int, seed: int, synced: bool = False

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from distill.config import SourcesConfig
 from distill.generation import sample
-from distill.sources.base import Generated, GeneratingSource, SourceContext, SourceStats
+from distill.sources.base import Generated, GeneratingSource, Round, SourceContext, SourceStats
 
 
 class OnPolicySource(GeneratingSource):
@@ -14,6 +15,9 @@ class OnPolicySource(GeneratingSource):
 
     def models(self, ctx: SourceContext) -> tuple[torch.nn.Module, ...]:
         return (ctx.student,)
+
+    def generation_round(self, cfg: SourcesConfig) -> Round:
+        return Round("student samples", ("student",), cfg.student.max_new_tokens)
 
     def generate(self, prompts: list[list[int]], ctx: SourceContext, *, step: int, seed: int,
                  synced: bool) -> Generated:

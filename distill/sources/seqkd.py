@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from distill.sources.base import Generated, GeneratingSource, SourceContext, SourceStats
+from distill.config import SourcesConfig
+from distill.sources.base import Generated, GeneratingSource, Round, SourceContext, SourceStats
 
 
 class SeqKDSource(GeneratingSource):
@@ -16,6 +17,9 @@ class SeqKDSource(GeneratingSource):
 
     def models(self, ctx: SourceContext) -> tuple[torch.nn.Module, ...]:
         return ctx.teacher.generation_models()
+
+    def generation_round(self, cfg: SourcesConfig) -> Round:
+        return Round("teacher samples", ("teacher",), cfg.teacher.max_new_tokens)
 
     def generate(self, prompts: list[list[int]], ctx: SourceContext, *, step: int, seed: int,
                  synced: bool) -> Generated:

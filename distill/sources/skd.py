@@ -17,11 +17,12 @@ import functools
 import torch
 from transformers import PreTrainedModel
 
+from distill.config import SourcesConfig
 from distill.data import left_pad
 from distill.errors import DistillError
 from distill.generation import generating, responses
 from distill.schedule import value_at
-from distill.sources.base import Generated, GeneratingSource, SourceContext, SourceStats
+from distill.sources.base import Generated, GeneratingSource, Round, SourceContext, SourceStats
 from distill.speculative import SpeculativeOutput, propose_and_verify, teacher_top_k
 from distill.teacher import Teacher, as_teacher
 
@@ -79,6 +80,9 @@ class SKDSource(GeneratingSource):
 
     def models(self, ctx: SourceContext) -> tuple[torch.nn.Module, ...]:
         return (ctx.student, *ctx.teacher.generation_models())
+
+    def generation_round(self, cfg: SourcesConfig) -> Round:
+        return Round("SKD", ("student", "teacher"), cfg.skd.max_new_tokens + cfg.skd.gamma)
 
     def generate(self, prompts: list[list[int]], ctx: SourceContext, *, step: int, seed: int,
                  synced: bool) -> Generated:

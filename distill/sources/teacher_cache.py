@@ -80,7 +80,6 @@ class TeacherCache:
         self.greedy = sampling.greedy
         self.entries: dict[str, list[int]] = {}
         self.dirty = False
-        self.hits = self.misses = 0
         if self.path.exists():
             self.entries = self._load()
 
@@ -113,8 +112,6 @@ class TeacherCache:
         found = [None if r is None else _through_first_stop(r, self.stops) for r in found]
         if not self.greedy and None in found:
             found = [None] * len(prompts)
-        hits = sum(r is not None for r in found)
-        self.hits, self.misses = self.hits + hits, self.misses + len(prompts) - hits
         return found
 
     def store(self, prompts: list[list[int]], seed: int, responses: list[list[int]], batch: list[list[int]]) -> None:
