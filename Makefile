@@ -9,7 +9,7 @@ LOCK := requirements.lock
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lock bench-ci gpu-check lint clean
+.PHONY: demo test test-fast lock bench-ci gpu-check lint clean
 
 # The lock as pip constraints for .venv. A torch already in .venv at the first install is the user's
 # (a CUDA build): it and everything it requires, transitively (triton, nvidia-*, ...), stay as they
@@ -49,6 +49,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Everything but the tests marked slow (end-to-end runs of the CLI, subprocesses, several ranks).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Re-resolve the newest releases in a scratch environment, run the suite there, and rewrite the lock
 # only if it passes.

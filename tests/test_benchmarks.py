@@ -96,6 +96,7 @@ def _fidelity_metrics() -> dict:
     return {f"tv {name}": metric(v["tv"], "lower", "quality") for name, v in fid.items()}
 
 
+@pytest.mark.slow
 def test_gate_passes_the_sampler_and_fails_one_that_ignores_its_temperature(monkeypatch):
     assert not failed(_gate("sampling", _fidelity_metrics()))
     real = distill.generation.sample
@@ -125,6 +126,7 @@ def test_gate_passes_the_fused_loss_and_fails_a_wrong_divergence(monkeypatch):
         "fused_loss: rkl error vs float64"]
 
 
+@pytest.mark.slow
 def test_gate_fails_a_slower_loss_path(monkeypatch):
     opts = SUITES["ci"]["fused_loss"]
     real = distill.fused_loss.fused_linear_divergence
@@ -174,6 +176,7 @@ def test_trls_gkd_loss_is_distills_divergence_at_the_mapped_beta():
         assert float(theirs) == pytest.approx(float(ours), rel=1e-10), kind
 
 
+@pytest.mark.slow
 def test_distill_bench_runs_the_checkouts_suite():
     out = subprocess.run([sys.executable, "-m", "distill", "bench", "--help"], capture_output=True, text=True,
                          cwd="/")

@@ -73,6 +73,7 @@ def test_data_chat_template_chooses_the_one_both_use(tokenizer_dir, tmp_path):
         use_one_chat_template(teacher, student, "T", "S", "teacher")
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_mismatch_and_runs_with_a_choice(tmp_path, teacher_dir, student_dir):
     """Before anything is trained: one line naming the position; with data.chat_template=teacher the
     run goes on and the distilled model carries the teacher's template."""

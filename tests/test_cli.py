@@ -99,17 +99,20 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
         assert n in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_beta_out_of_range(tmp_path, teacher_dir, student_dir):
     proc = run_cli(f"teacher.path={teacher_dir}", f"student.path={student_dir}", "loss.kind=gjsd", "loss.beta=1.5",
                    f"output_dir={tmp_path}/r", cwd=tmp_path)
     _one_line_error(proc, "loss.beta", "1.5")
 
 
+@pytest.mark.slow
 def test_missing_path(tmp_path, student_dir):
     proc = run_cli(f"teacher.path={tmp_path}/nowhere", f"student.path={student_dir}", cwd=tmp_path)
     _one_line_error(proc, "teacher.path", "nowhere")
 
 
+@pytest.mark.slow
 def test_unequal_tokenizers(tmp_path, teacher_dir, swapped_student_dir):
     other = swapped_student_dir
     proc = run_cli(f"teacher.path={teacher_dir}", f"student.path={other}", f"output_dir={tmp_path}/r", *SMALL,
@@ -117,6 +120,7 @@ def test_unequal_tokenizers(tmp_path, teacher_dir, swapped_student_dir):
     _one_line_error(proc, "tokenizers differ", str(teacher_dir), str(other))
 
 
+@pytest.mark.slow
 def test_malformed_jsonl(tmp_path, teacher_dir, student_dir):
     f = tmp_path / "train.jsonl"
     f.write_text('{"prompt": "Write 1 in words.", "completion": "one"}\n{"prompt": "x", "completion"\n')
@@ -125,6 +129,7 @@ def test_malformed_jsonl(tmp_path, teacher_dir, student_dir):
     _one_line_error(proc, f"{f}:2", "malformed JSON")
 
 
+@pytest.mark.slow
 def test_kd_run_with_files_and_overrides(tmp_path, teacher_dir, student_dir):
     f = tmp_path / "train.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"Write {i} in words.", "completion": w}) + "\n"
@@ -151,6 +156,7 @@ def test_kd_run_with_files_and_overrides(tmp_path, teacher_dir, student_dir):
     AutoModelForCausalLM.from_pretrained(run / "model")
 
 
+@pytest.mark.slow
 def test_multirun_sweep(tmp_path, teacher_dir, student_dir):
     proc = run_cli("-m", "loss.kind=fkl,tvd", f"teacher.path={teacher_dir}", f"student.path={student_dir}",
                    f"hydra.sweep.dir={tmp_path}/sweep", *SMALL, cwd=tmp_path)
@@ -163,6 +169,7 @@ def test_multirun_sweep(tmp_path, teacher_dir, student_dir):
     assert "test split" in proc.stdout
 
 
+@pytest.mark.slow
 def test_embedded_default_runs_on_shipped_assets(tmp_path):
     """`distill` with no recipe arguments: shipped teacher and student, built-in tasks."""
     proc = run_cli(f"output_dir={tmp_path}/run", *SMALL, cwd=tmp_path)
@@ -171,6 +178,7 @@ def test_embedded_default_runs_on_shipped_assets(tmp_path):
     assert set(report["test"]) == {"teacher", "student before", "student after"}
 
 
+@pytest.mark.slow
 def test_resume_refuses_overrides_it_would_ignore_and_extends_a_finished_run(tmp_path, teacher_dir, student_dir):
     """resume=RUN takes only device, progress and more steps; a finished run is extended by
     trainer.steps=N, and without it resuming says that the run is finished."""
@@ -187,6 +195,7 @@ def test_resume_refuses_overrides_it_would_ignore_and_extends_a_finished_run(tmp
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_export_and_eval_draft_commands(tmp_path, teacher_dir, student_dir):
     """export-draft writes a padded draft and prints how to serve it; eval-draft writes its JSON,
     Markdown and plot; a missing directory is one error line."""

@@ -31,6 +31,7 @@ def _error(argv: list[str]) -> str:
 
 # 1. Config groups and their options.
 
+@pytest.mark.slow
 def test_unknown_recipe_is_one_line(tmp_path):
     proc = run_cli("recipe=gkdd", cwd=tmp_path)
     options = sorted(p.stem for p in (RECIPES / "recipe").glob("*.yaml"))
@@ -51,6 +52,7 @@ def test_unknown_option_of_any_group_names_group_option_and_options():
 
 # 2. Keys of the typed schema.
 
+@pytest.mark.slow
 def test_mistyped_key_is_one_line(tmp_path):
     proc = run_cli("trainer.stepz=3", cwd=tmp_path)
     _one_line_error(proc, "trainer.stepz", "did you mean trainer.steps")
@@ -78,6 +80,7 @@ def test_valid_overrides_pass():
 
 # 3. Any other composition error.
 
+@pytest.mark.slow
 def test_wrong_type_is_one_line(tmp_path):
     proc = run_cli("trainer.steps=abc", cwd=tmp_path)
     _one_line_error(proc, "trainer.steps", "abc", "int")
@@ -169,6 +172,7 @@ def test_unreadable_tokenizer_is_a_distill_error(broken_teacher, student_dir, tm
 
 # 6 and 7. eval-draft / export-draft: the command named once; gammas=1,2.
 
+@pytest.mark.slow
 def test_subcommand_errors_name_the_command_once(tmp_path):
     with pytest.raises(DistillError) as info:
         DraftEvalConfig(draft=str(tmp_path / "nowhere")).validate()
@@ -189,6 +193,7 @@ def test_gammas_as_comma_list_list_or_one_value():
 
 # 8. A failed run leaves no empty output directory behind.
 
+@pytest.mark.slow
 def test_failed_run_removes_the_directories_it_created(tmp_path, teacher_dir, swapped_student_dir):
     """The run fails after its run directory exists (the tokenizer check)."""
     proc = run_cli(f"teacher.path={teacher_dir}", f"student.path={swapped_student_dir}",
@@ -198,6 +203,7 @@ def test_failed_run_removes_the_directories_it_created(tmp_path, teacher_dir, sw
     assert not (tmp_path / "outputs").exists()  # Hydra's outputs/DATE/TIME with only .hydra/ and a log
 
 
+@pytest.mark.slow
 def test_failed_run_keeps_directories_that_existed(tmp_path, broken_teacher, student_dir):
     """Also 5 end to end: an unreadable tokenizer.json is one line naming the directory."""
     (tmp_path / "mine").mkdir()

@@ -21,6 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# Every test here launches several ranks (deepspeed or torchrun): make test-fast skips them.
+pytestmark = pytest.mark.slow
+
 BIN = Path(sys.executable).parent
 STEPS = [
     "trainer.steps=4", "trainer.batch_size=8", "trainer.grad_accum=2", "trainer.log_every=1", "trainer.save_every=2",

@@ -303,6 +303,7 @@ def test_dispatch_rules():
     assert "TRITON_INTERPRET" in losses._triton_unusable(torch.device("meta"))
 
 
+@pytest.mark.slow
 def test_kernel_self_check_finds_a_wrong_kernel(monkeypatch):
     """The check run before the kernels' first use on a CUDA device: it passes the real kernels
     and names a kernel that is 1% off, or one that raises."""
@@ -335,6 +336,7 @@ def test_auto_falls_back_to_pytorch_when_the_check_fails(monkeypatch):
     assert losses.use_triton("auto", cuda, torch.bfloat16) is True
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
     """The interpreter accepts code that the compiler rejects: compile every variant to an sm_90
     cubin with Triton's own toolchain (no GPU needed) in a process without the interpreter; the

@@ -22,6 +22,7 @@ def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_repository_root_does_not_shadow_the_kernels_package():
     """Python started at the root puts the root first on sys.path: a top-level ``kernels`` there hid
     the Hugging Face ``kernels`` package that transformers imports as it loads."""

@@ -124,6 +124,7 @@ def test_a_run_that_does_not_fit_stops_before_loading(teacher_dir, student_dir, 
         train_mod.train(cfg, tmp_path / "run2")
 
 
+@pytest.mark.slow
 def test_plan_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distill", "plan", "recipe=gkd", "trainer.device=cpu"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -157,6 +158,7 @@ def test_readme_plan_is_the_committed_one():
     assert render(plan).replace(str(ROOT) + "/", "") in committed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 3])
 def test_plan_bounds_the_measured_peak(tmp_path, stage):
     """A run's report holds its planned and measured peak (on the CPU: peak resident memory,

@@ -24,6 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_model_layer_on_zero3_partitions(teacher_dir, student_dir, tmp_path):
     """A Llama with a separate head and a Qwen2 with tied embeddings, each partitioned."""
     script = Path(__file__).with_name("zero3_seam.py")

@@ -63,6 +63,7 @@ def test_the_draw_follows_the_weights_and_depends_only_on_seed_and_step():
         draw_source(source_weights(dataset=Schedule(1.0, 0.0, "linear")), 0, 1000, 1000)
 
 
+@pytest.mark.slow
 def test_the_draw_is_the_same_in_another_process():
     """Two ranks draw alike: the draw of a fresh interpreter equals this one's."""
     code = ("from distill.config import Schedule, source_weights; from distill.sources.mixture import draw_source; "
@@ -73,6 +74,7 @@ def test_the_draw_is_the_same_in_another_process():
     assert other.split(",") == [draw_source(w, 3, s, 200) for s in range(200)]
 
 
+@pytest.mark.slow
 def test_the_draw_is_the_same_on_two_ranks():
     """Two gloo ranks (processes) draw each step's source alike: no rank flips its own coin."""
     import socket
@@ -526,6 +528,7 @@ def test_teacher_hidden_is_refused_for_a_soft_capped_teacher():
                    teacher_hidden=torch.zeros(1, 4, 32))
 
 
+@pytest.mark.slow
 def test_kill_9_during_an_on_policy_run_then_resume(teacher_dir, student_dir, tmp_path):
     """A real ``kill -9`` of the ``distill`` process in the middle of a GKD run (lambda 0.5), then
     ``distill resume=DIR``: the same metrics, test results and weights as a run that was not
