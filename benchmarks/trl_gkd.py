@@ -165,13 +165,18 @@ class Phases:
         import torch
 
         import distill.objective
-        import distill.sources.sequences
+        import distill.sources.on_policy
+        import distill.sources.skd
+        import distill.teacher
 
-        self.wrap(distill.sources.sequences, "sample", "generation")
-        self.wrap(distill.sources.sequences, "skd_generate", "generation")
+        # The sources' generation: the student's samples, the teacher's (through LocalTeacher), SKD.
+        self.wrap(distill.sources.on_policy, "sample", "generation")
+        self.wrap(distill.teacher, "sample", "generation")
+        self.wrap(distill.sources.skd, "skd_generate", "generation")
         # The teacher's forward runs without gradients, the student's with them.
         self.wrap(distill.objective, "final_hidden",
                   lambda *a: "student forward" if torch.is_grad_enabled() else "teacher forward")
+        self.wrap(distill.teacher, "final_hidden", "teacher forward")
         self.wrap(distill.objective, "fused_linear_loss", "loss (LM heads + divergence)")
         self.wrap(torch.Tensor, "backward", "backward")
         self.wrap(torch.nn.utils, "clip_grad_norm_", "gradient clipping")

@@ -39,6 +39,52 @@ def test_every_result_names_its_packages_device_and_commit():
         assert env["git_commit"].removesuffix("-dirty") == head
 
 
+def test_every_committed_result_json_carries_its_environment():
+    """Each JSON result under benchmarks/results/ (and the baseline) holds an environment record."""
+    found = sorted((ROOT / "benchmarks" / "results").rglob("*.json")) + [ROOT / "benchmarks" / "baseline" / "ci.json"]
+    assert len(found) > 10
+    lacking = [str(p.relative_to(ROOT)) for p in found if "environment" not in json.loads(p.read_text())]
+    assert not lacking, lacking
+
+
+def test_the_loop_profile_wraps_what_the_loop_calls(teacher_dir, student_dir, tmp_path):
+    """trl_gkd's profile of distill's loop wraps the functions the loop really calls: a GKD run
+    (on-policy and dataset steps) books time to generation, both forwards, the loss and the step."""
+    from test_train import make_cfg
+
+    from benchmarks.trl_gkd import Phases
+    from distill.config import Schedule, source_weights
+    from distill.train import train
+
+    phases = Phases()
+    originals = _wrapped_functions()
+    try:
+        phases.install()
+        cfg = make_cfg(teacher_dir, student_dir, steps=4, eval_every=100)
+        cfg.final_eval, cfg.data.num_validation = False, 0
+        cfg.sources.weights = source_weights(dataset=Schedule(0.5), student=Schedule(0.5))
+        train(cfg, tmp_path / "run")
+    finally:
+        for (owner, name), real in originals.items():
+            setattr(owner, name, real)
+    for phase in ("generation", "student forward", "teacher forward", "loss (LM heads + divergence)", "backward",
+                  "optimizer step"):
+        assert phases.seconds.get(phase, 0.0) > 0, (phase, phases.seconds)
+
+
+def _wrapped_functions() -> dict:
+    import distill.objective
+    import distill.sources.on_policy
+    import distill.sources.skd
+    import distill.teacher
+
+    owners = [(distill.sources.on_policy, "sample"), (distill.teacher, "sample"), (distill.sources.skd, "skd_generate"),
+              (distill.objective, "final_hidden"), (distill.teacher, "final_hidden"),
+              (distill.objective, "fused_linear_loss"), (torch.Tensor, "backward"),
+              (torch.nn.utils, "clip_grad_norm_"), (torch.optim.AdamW, "step")]
+    return {(o, n): getattr(o, n) for o, n in owners}
+
+
 def _record(metrics: dict, seed: int = 0) -> dict:
     return {"suite": "ci", "seed": seed, "metrics": metrics}
 

@@ -127,3 +127,20 @@ def test_the_layers_hold_and_an_upward_import_breaks_them(tmp_path):
         target.write_text(target.read_text() + f"\n{planted}  # noqa\n")
         out = _run(lint, copy, PYTHONPATH=str(copy))
         assert out.returncode != 0 and broken in out.stdout, out.stdout
+
+
+def test_ci_refuses_a_commit_subject_over_72_characters(tmp_path):
+    """.ci/check-subjects passes subjects of up to 72 characters after its base and names a longer one."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    check = [str(ROOT / ".ci" / "check-subjects")]
+    git("init", "-q")
+    for subject in ("base", "x" * 72):
+        git("commit", "-q", "--allow-empty", "-m", subject)
+    base = git("rev-list", "--max-parents=0", "HEAD")
+    assert subprocess.run([*check, base], cwd=tmp_path).returncode == 0
+    git("commit", "-q", "--allow-empty", "-m", "y" * 73, "-m", "a body may be long " * 10)
+    out = subprocess.run([*check, base], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 1 and "y" * 73 in out.stderr and "x" * 72 not in out.stderr
