@@ -66,13 +66,20 @@ def baseline_main(argv: list[str]) -> int:
                                  description="Run a suite with seeds 0 .. runs-1 and make its baseline from them.")
     ap.add_argument("--suite", default="ci", choices=list(SUITES))
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--pool", type=Path, default=None, metavar="FILE",
+                    help="earlier runs on another machine type (baseline/ci-other-machines.json): their range widens "
+                         "the tolerance of the metrics it names")
+    ap.add_argument("--reuse", action="store_true",
+                    help="make the baseline from the runs already in results/SUITE-spread/ instead of running them")
     args = ap.parse_args(argv)
     if args.runs < 2:
         raise SystemExit("baseline: --runs must be >= 2 (the tolerance is the spread of the runs)")
-    runs = [run_suite(args.suite, ROOT / "results" / f"{args.suite}-spread" / f"seed{s}", seed=s)
-            for s in range(args.runs)]
+    spread = ROOT / "results" / f"{args.suite}-spread"
+    runs = [json.loads((spread / f"seed{s}" / "suite.json").read_text()) if args.reuse else
+            run_suite(args.suite, spread / f"seed{s}", seed=s) for s in range(args.runs)]
+    pooled = json.loads(args.pool.read_text())["runs"] if args.pool else None
     path = ROOT / "baseline" / f"{args.suite}.json"
-    write_json(path, make_baseline(runs))
+    write_json(path, make_baseline(runs, pooled))
     print(f"baseline written to {path}: commit it with the reason in the commit message")
     return 0
 

@@ -22,8 +22,10 @@ from benchmarks.environment import environment
 SPREAD_FACTOR = 2.0
 
 
-def make_baseline(runs: list[dict]) -> dict:
-    """A baseline from several ``suite.json`` records of the same suite (different seeds)."""
+def make_baseline(runs: list[dict], pooled: dict[str, list[float]] | None = None) -> dict:
+    """A baseline from several ``suite.json`` records of the same suite (different seeds).
+    ``pooled``: earlier runs of some metrics on another machine type, by name; a metric's tolerance
+    then covers the range of its runs on both (its value stays this machine's median)."""
     suite = {r["suite"] for r in runs}
     if len(suite) != 1:
         raise SystemExit(f"baseline: the runs are of different suites: {sorted(suite)}")
@@ -33,10 +35,13 @@ def make_baseline(runs: list[dict]) -> dict:
         values = [r["metrics"][name]["value"] for r in runs]
         first = runs[0]["metrics"][name]
         median = statistics.median(values)
-        spread = max(values) - min(values)
+        both = values + (pooled or {}).get(name, [])
+        spread = max(both) - min(both)
         floor = statistics.median(r["metrics"][name]["floor"] for r in runs)
         metrics[name] = {"value": median, "better": first["better"], "kind": first["kind"],
                          "tolerance": max(floor, SPREAD_FACTOR * spread), "runs": values, "floor": floor}
+        if name in (pooled or {}):
+            metrics[name]["pooled_runs"] = pooled[name]
     return {"suite": runs[0]["suite"], "seeds": [r["seed"] for r in runs], "environment": environment(),
             "spread_factor": SPREAD_FACTOR, "metrics": metrics}
 

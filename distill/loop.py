@@ -94,7 +94,7 @@ def run(state: RunState) -> None:
     window = Window()
     task = state.progress.add_task("train", total=tc.steps, completed=state.step, loss=math.nan, tps=0.0)
     with _StopAtStepBoundary() as stop, _stopped_at_once(state):
-        while state.step < tc.steps:
+        for _ in range(state.step, tc.steps):  # optimizer_step counts state.step on
             source = draw(state, window)
             micro, hidden = micro_batches(state, source, window)
             n_counted = accumulate(state, micro, hidden, window)

@@ -98,6 +98,16 @@ def test_baseline_takes_the_median_and_twice_the_spread_never_below_the_floor():
     assert base["r"]["value"] == pytest.approx(1.004) and base["r"]["tolerance"] == pytest.approx(0.02 * 1.004)
 
 
+def test_runs_of_another_machine_widen_the_tolerance_not_the_value():
+    """Pooled runs (another CPU type) count in the range, not in the median; unnamed metrics keep theirs."""
+    runs = [_record({"r": metric(w, "lower", "ratio"), "q": metric(0.5, "higher", "quality", floor=0.01)}, s)
+            for s, w in enumerate([1.0, 1.1, 1.2])]
+    base = make_baseline(runs, pooled={"r": [1.5, 1.4, 1.6]})["metrics"]
+    assert base["r"]["value"] == pytest.approx(1.1) and base["r"]["tolerance"] == pytest.approx(2 * 0.6)
+    assert base["r"]["pooled_runs"] == [1.5, 1.4, 1.6] and "pooled_runs" not in base["q"]
+    assert make_baseline(runs)["metrics"]["r"]["tolerance"] == pytest.approx(2 * 0.2)
+
+
 def test_gate_fails_a_metric_worse_than_its_tolerance_in_its_own_direction():
     baseline = {"metrics": {
         "acc": {"value": 0.9, "better": "higher", "kind": "quality", "tolerance": 0.02},
