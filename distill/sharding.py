@@ -2,7 +2,7 @@
 distributed engine.
 
 Under DeepSpeed ZeRO-3 every parameter is partitioned across ranks: outside its module's forward
-its ``.data`` is an empty placeholder, and its full shape is ``ds_shape``. Code that reads a
+its ``.data`` is an empty tensor, and its full shape is ``ds_shape``. Code that reads a
 parameter outside that forward (the fused loss reads the LM head; checkpoints, exports and the
 fp32 head wrapper read weights directly) does so inside ``gathered(...)``, and sizes come from
 ``full_shape`` / ``full_numel``. Without sharding all of this costs nothing.
