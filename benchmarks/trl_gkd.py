@@ -147,9 +147,11 @@ class Phases:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.wrapped: list[tuple[object, str, object]] = []  # (owner, name, the real function)
 
     def wrap(self, owner: object, name: str, phase) -> None:
         real = getattr(owner, name)
+        self.wrapped.append((owner, name, real))
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
@@ -160,6 +162,12 @@ class Phases:
                 self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
 
         setattr(owner, name, timed)
+
+    def uninstall(self) -> None:
+        """Put every wrapped function back (newest first)."""
+        for owner, name, real in reversed(self.wrapped):
+            setattr(owner, name, real)
+        self.wrapped.clear()
 
     def install(self) -> None:
         import torch

@@ -27,6 +27,7 @@ Launch with ``deepspeed --num_gpus N -m distill ...`` or ``torchrun --nproc-per-
 from __future__ import annotations
 
 import datetime
+import functools
 import io
 import os
 import socket
@@ -75,8 +76,6 @@ class Engine:
         self.cfg = cfg
         self.rank, self.world, self.local_rank = launch_env()
         self.placement = Placement.of(cfg, self.world, device.type)
-        self.stage = self.placement.stage
-        self.uses_deepspeed = self.placement.uses_deepspeed
         self.device = device
         if device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", self.local_rank)
@@ -112,6 +111,14 @@ class Engine:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def stage(self) -> int:
+        return self.placement.stage
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.placement.uses_deepspeed
 
     # --- collectives (no-ops in one process) --------------------------------------------------
 
@@ -345,12 +352,9 @@ class Engine:
 ZERO3_HOOKS_TESTED = ((0, 16), (0, 20))
 
 
-@contextmanager
-def _zero3_hooks_off(offloads: list[Any]) -> Iterator[None]:
-    """ZeRO-3's module hooks off for the block, put back after: the one place distill reaches into
-    DeepSpeed's private state (``DeepSpeedZeRoOffload``'s hooks, ``fwd_pre_hook``,
-    ``ds_active_sub_modules``, ``_register_deepspeed_module``). Refused, by name, on a DeepSpeed
-    outside the tested releases."""
+@functools.cache
+def _check_zero3_hooks_version() -> None:
+    """DistillError, by name, for a DeepSpeed outside ``ZERO3_HOOKS_TESTED`` (checked once per process)."""
     import deepspeed
     from packaging.version import Version
 
@@ -358,6 +362,15 @@ def _zero3_hooks_off(offloads: list[Any]) -> Iterator[None]:
     if not low <= Version(Version(deepspeed.__version__).base_version) < high:
         raise DistillError(f"deepspeed {deepspeed.__version__}: generation with ZeRO-3 takes its private module "
                            f"hooks off, tested with deepspeed >={low},<{high}; install one of those")
+
+
+@contextmanager
+def _zero3_hooks_off(offloads: list[Any]) -> Iterator[None]:
+    """ZeRO-3's module hooks off for the block, put back after: the one place distill reaches into
+    DeepSpeed's private state (``DeepSpeedZeRoOffload``'s hooks, ``fwd_pre_hook``,
+    ``ds_active_sub_modules``, ``_register_deepspeed_module``). Refused, by name, on a DeepSpeed
+    outside the tested releases."""
+    _check_zero3_hooks_version()
     for offload in offloads:
         for p in offload.module.parameters():
             p.ds_active_sub_modules.clear()

@@ -107,10 +107,10 @@ def fused_loss_problem(
     """Why the fused loss cannot stand in for full logits with these models (None when it can)."""
     probe = torch.arange(min(vocab, 16), device=device)[None]  # any valid ids will do
     mask = torch.ones_like(probe)
-    for role, problem in (("student", lambda: fused_head_problem(student, probe, mask)),
-                          ("teacher", lambda: teacher.head_problem(probe, mask) if teacher is not None else None)):
-        if found := problem():
-            return f"{role}: {found}"
+    if problem := fused_head_problem(student, probe, mask):
+        return f"student: {problem}"
+    if teacher is not None and (problem := teacher.head_problem(probe, mask)):
+        return f"teacher: {problem}"
     return None
 
 

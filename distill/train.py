@@ -234,7 +234,7 @@ def _start(state: RunState, result: RunResult) -> None:
             if "teacher" in state.validation:
                 before["teacher_ce"] = state.validation["teacher"]["ce"]
             state.metrics.log("validation", 0, before)
-    result.validation, result.test = state.validation, state.test
+    result.validation, result.test = state.validation, state.test  # the loop fills them in
     state.last_saved = state.step if state.step > 0 else None  # a resumed run starts at its checkpoint
 
 
@@ -281,7 +281,6 @@ def _finish(state: RunState, result: RunResult) -> None:
     if state.test_records:
         state.test["student after"] = measure(state, "test: student", state.student, state.test_records,
                                               with_teacher=True)
-    result.validation, result.test = state.validation, state.test
     if engine.uses_deepspeed:
         result.sharding = _sharding_report(engine, state.student, state.teacher)
 
