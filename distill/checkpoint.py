@@ -29,7 +29,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     if old.exists() and not final.exists():
         os.replace(old, final)  # a crash between the two renames below: the old copy is the good one
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = _umask()
+    umask = current_umask()
     try:
         yield tmp
         # mkdtemp (and some writers) create private files: give the result ordinary permissions.
@@ -39,7 +39,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             if f.is_file():
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             # Move the old copy aside first so that a crash never leaves neither.
             shutil.rmtree(old, ignore_errors=True)
@@ -48,7 +48,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -62,21 +62,21 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -6,6 +6,8 @@
     distill -m loss.kind=fkl,rkl             # a Hydra multirun sweep
     distill resume=outputs/RUN               # continue an interrupted run
     distill plan deepspeed=zero3 plan.world_size=8   # the run's plan and per-rank memory, nothing loaded
+    distill cache-teacher teacher.cache=DIR  # the teacher over the run's data, once; then train with
+                                             # teacher.cache=DIR: no teacher forward (distill.offline)
     deepspeed --num_gpus 8 --module distill deepspeed=zero3 ...   # or torchrun --nproc-per-node 8 -m distill
 
 Two more commands take ``key=value`` options of their typed configs:
@@ -372,15 +374,20 @@ def _bench(args: list[str]) -> typing.NoReturn:
     os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *args])
 
 
+def _composed(args: list[str]) -> DistillConfig:
+    """The config of a subcommand that takes a run's overrides (recipes included), checked."""
+    _check_overrides(args)
+    with initialize_config_module("distill.recipes", version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=args))
+
+
 def _plan(args: list[str]) -> typing.NoReturn:
     """``distill plan [overrides]``: the run's plan, without loading any weights; exit 1 if it does not fit."""
     from distill.config import validate
     from distill.plan import advice, make_plan, render
 
     try:
-        _check_overrides(args)
-        with initialize_config_module("distill.recipes", version_base=None):
-            cfg = OmegaConf.to_object(compose("config", overrides=args))
+        cfg = _composed(args)
         validate(cfg)
         plan = make_plan(cfg)
     except (DistillError, OmegaConfBaseException) as e:
@@ -389,6 +396,23 @@ def _plan(args: list[str]) -> typing.NoReturn:
     if not plan.fits:
         print(f"to fit, try {advice(cfg, plan)}")
     sys.exit(0 if plan.fits else 1)
+
+
+def _cache_teacher(args: list[str]) -> typing.NoReturn:
+    """``distill cache-teacher teacher.cache=DIR [overrides]``: the teacher's view of the run's data
+    on disk (``distill.offline``)."""
+    from distill.offline.build import cache_teacher
+
+    console = make_console()
+    try:
+        cfg = _composed(args)
+        done = cache_teacher(cfg, progress=cfg.trainer.progress)
+    except (DistillError, OmegaConfBaseException) as e:
+        _fail(f"cache-teacher: {e}")
+    console.print(f"teacher cache {done.directory}: {done.rows:,} sequences, {done.entries:,} response tokens in "
+                  f"{done.shards} shards ({done.written} written now); {done.bytes / 2**20:,.1f} MiB, "
+                  f"{done.bytes_per_token:,.0f} bytes per token", markup=False)
+    sys.exit(0)
 
 
 def main() -> None:
@@ -403,7 +427,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "plan":
         _plan(sys.argv[2:])
     subcommand = len(sys.argv) > 1 and sys.argv[1] in ("eval-draft", "export-draft")
-    if not subcommand:
+    cache = len(sys.argv) > 1 and sys.argv[1] == "cache-teacher"
+    if not subcommand and not cache:
         try:
             parsed = _check_overrides(sys.argv[1:])
         except DistillError as e:
@@ -420,6 +445,8 @@ def main() -> None:
     if subcommand:
         _subcommand(sys.argv[1], sys.argv[2:])
         return
+    if cache:
+        _cache_teacher(sys.argv[2:])
     _hydra_main()
 
 

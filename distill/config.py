@@ -67,6 +67,24 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: a model (``path``), and optionally its hidden states precomputed on disk
+    (``distill cache-teacher``, ``distill.offline``)."""
+
+    # A cache directory written by distill cache-teacher: dataset steps and evaluation read the
+    # teacher from it (the trainer loads only the LM head of teacher.path, never the body).
+    cache: str | None = None
+    # The cache's storage: hidden states in this dtype (bfloat16, float16 or float32), or with
+    # cache_top_k > 0 the top-k log-probabilities and the tail's mass (a compact, inexact format).
+    cache_dtype: str = "bfloat16"
+    cache_top_k: int = 0
+    cache_shard_examples: int = 1024  # examples per shard file (the unit a killed cache-teacher redoes)
+    # With teacher.cache: load the whole teacher too, for the sources the cache cannot serve
+    # (on-policy, SeqKD, SKD responses are not known in advance).
+    live: bool = False
+
+
+@dataclass
 class DataConfig:
     """Where training and evaluation sequences come from.
 
@@ -287,7 +305,7 @@ class PlanConfig:
 
 @dataclass
 class DistillConfig:
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -313,6 +331,7 @@ def validate(cfg: DistillConfig) -> None:
     """Check a config before anything is loaded; raise DistillError naming the field."""
     _validate_loss(cfg)
     _validate_models(cfg)
+    _validate_teacher_cache(cfg)
     _validate_trainer_and_data(cfg)
     _validate_sources(cfg)
     _validate_placement(cfg)
@@ -380,6 +399,24 @@ def _validate_models(cfg: DistillConfig) -> None:
                                f"student.dtype ({cfg.student.dtype}); got {cfg.teacher.dtype}")
     if cfg.student.path is None and cfg.student.arch is None:
         raise DistillError("student.path is not set (a local Hugging Face model directory)")
+
+
+def _validate_teacher_cache(cfg: DistillConfig) -> None:
+    t = cfg.teacher
+    if t.cache_dtype not in DTYPES:
+        raise DistillError(f"teacher.cache_dtype must be one of {', '.join(DTYPES)}; got {t.cache_dtype!r}")
+    if t.cache_top_k < 0:
+        raise DistillError(f"teacher.cache_top_k must be >= 0 (0: hidden states); got {t.cache_top_k}")
+    if t.cache_shard_examples < 1:
+        raise DistillError(f"teacher.cache_shard_examples must be >= 1; got {t.cache_shard_examples}")
+    if t.cache and not t.path:
+        raise DistillError("teacher.cache: teacher.path is not set (the teacher the cache holds, and its LM head)")
+    if t.cache and t.student_base:
+        raise DistillError("teacher.cache holds a teacher of its own; teacher.student_base is the student's weights")
+    if t.cache and cfg.data.stream:
+        raise DistillError("teacher.cache holds a fixed dataset; data.stream draws new examples without end")
+    if t.live and not t.cache:
+        raise DistillError("teacher.live loads the teacher beside teacher.cache; without a cache it is live anyway")
 
 
 def _validate_trainer_and_data(cfg: DistillConfig) -> None:
@@ -519,6 +556,6 @@ def register() -> None:
 
 
 __all__ = [
-    "ArchConfig", "LoraConfig", "ModelConfig", "DataConfig", "LossConfig", "TrainerConfig",
+    "ArchConfig", "LoraConfig", "ModelConfig", "TeacherConfig", "DataConfig", "LossConfig", "TrainerConfig",
     "DeepSpeedConfig", "PlanConfig", "DistillConfig", "validate", "register",
 ]

@@ -274,6 +274,12 @@ def encode_all(
     return kept, pairs, counts
 
 
+def encode_split(cfg: DataConfig, split: str, tokenizer: Tokenizer
+                 ) -> tuple[list[Record], list[tuple[list[int], list[int]]], dict[str, int]]:
+    """``split``'s records (``load_split``), encoded as ``encode_all`` does under ``cfg``."""
+    return encode_all(load_split(cfg, split, tokenizer), tokenizer, cfg.max_length, cfg.overlong)
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor
@@ -404,11 +410,10 @@ class TrainData:
             self._stream = builtin_stream(cfg, seed)
             self.position = 0
         else:
-            records = load_split(cfg, "train", tokenizer)
-            _, self.examples, self.counts = encode_all(records, tokenizer, cfg.max_length, cfg.overlong)
+            _, self.examples, self.counts = encode_split(cfg, "train", tokenizer)
             if not self.examples:
                 raise DistillError(
-                    f"data.train: all {len(records)} records have prompts of at least data.max_length="
+                    f"data.train: all {self.counts['records']} records have prompts of at least data.max_length="
                     f"{cfg.max_length} tokens"
                 )
             self.sampler = EpochSampler(len(self.examples), seed)

@@ -19,6 +19,7 @@ from distill.data import IGNORE_INDEX, Batch
 from distill.fused_loss import LossTerms, fused_linear_loss
 from distill.losses import cross_entropy, divergence
 from distill.models import final_hidden, fp32_linear, fused_head_problem, head_forward, lm_logits, logit_transforms
+from distill.top_k_loss import TopK, top_k_linear_loss
 
 if TYPE_CHECKING:  # the teacher sits above the objective: the objective only calls its methods
     from distill.teacher import Teacher
@@ -53,6 +54,12 @@ def batch_loss(
     trains_kd = loss.kind != "ce"
     kd = loss.divergence_kwargs() if trains_kd else dict(kind="fkl")
     ce_weight = loss.ce_weight if trains_kd else 1.0
+    top = None
+    if teacher is not None and teacher_hidden is None:
+        top = teacher.top_k(ids, mask, labels != IGNORE_INDEX)
+    if top is not None:  # a compact cache: the divergence over the teacher's top-k buckets
+        return _top_k_terms(loss, student, batch, top, bf16=bf16, vocab=vocab, fused=fused, ce_weight=ce_weight,
+                            measure_cross_entropy=measure_cross_entropy, kd=kd)
     if fused:
         h_s = final_hidden(student, ids, mask, bf16)
         h_t = teacher_hidden
@@ -82,7 +89,7 @@ def batch_loss(
     if teacher is not None:
         with torch.no_grad():
             if teacher_hidden is None:
-                t = teacher.logits(ids, mask, bf16=bf16, vocab=vocab)
+                t = teacher.logits(ids, mask, bf16=bf16, vocab=vocab, positions=labels != IGNORE_INDEX)
             else:  # the teacher's fp32 head on the given hidden states
                 with teacher.head(vocab) as (w_t, b_t):
                     t = fp32_linear(teacher_hidden, w_t, b_t)
@@ -94,6 +101,26 @@ def batch_loss(
     if div is not None and kd.get("hinton_scale"):
         div = div / loss.temperature**2  # the term is reported unscaled, as the fused path does
     return LossTerms(objective, None if div is None else div.detach(), None if ce is None else ce.detach())
+
+
+def _top_k_terms(loss: LossConfig, student: PreTrainedModel, batch: Batch, top: TopK, *, bf16: bool, vocab: int,
+                 fused: bool, ce_weight: float, measure_cross_entropy: bool, kd: dict) -> LossTerms:
+    """``batch_loss`` against a teacher known by its top-k log-probabilities (``distill.top_k_loss``)."""
+    labels = batch.labels[:, 1:]
+    args = dict(kind=kd["kind"], beta=kd.get("beta", 0.5), alpha=kd.get("alpha", 0.1),
+                temperature=kd.get("temperature", 1.0), ce_weight=ce_weight,
+                measure_cross_entropy=measure_cross_entropy, chunk_size=loss.chunk_size)
+    if not fused:
+        s = lm_logits(student, batch.input_ids, batch.attention_mask, bf16, vocab)
+        return top_k_linear_loss(s, None, labels, top, **args)
+
+    def head_loss(head: torch.nn.Module, h_s: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        b_s = None if head.bias is None else head.bias[:vocab]
+        terms = top_k_linear_loss(h_s, head.weight[:vocab], labels, top, student_bias=b_s, **args)
+        return terms.loss, terms.divergence, terms.cross_entropy
+
+    with head_forward(student, head_loss) as head:
+        return LossTerms(*head(final_hidden(student, batch.input_ids, batch.attention_mask, bf16)))
 
 
 def teacher_head(teacher: Teacher | None, vocab: int) -> AbstractContextManager:

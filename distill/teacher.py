@@ -5,12 +5,12 @@ The loop, the sources and the objective see a ``Teacher``:
 - ``hidden_states``: its final hidden states (after the last norm) at the positions that predict a
   next token, and ``head``, its LM head: together what the fused loss needs (``logits`` where the
   loss runs on full logits; ``head_problem`` says when hidden states and head cannot stand in for
-  its logits);
+  its logits; ``top_k`` where only its top-k log-probabilities are known);
 - ``generate``: sampled responses to prompts (SeqKD), with the sources' sampling semantics;
 - ``verifier``: a KV-cached forward over drafted blocks (SKD's verification rounds).
 
 ``LocalTeacher`` is the in-process teacher, sharded by ZeRO-3 or not, and the student's own base
-weights (``teacher.student_base``).
+weights (``teacher.student_base``); ``distill.offline.teacher.CachedTeacher`` reads it from disk.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from distill.config import SamplingConfig
 from distill.generation import sample
 from distill.models import final_hidden, fused_head_problem, lm_head, lm_logits
 from distill.speculative import CachedForward
+from distill.top_k_loss import TopK
 
 Head = tuple[torch.Tensor | None, torch.Tensor | None]  # the LM head's weight and bias (or None)
 
@@ -51,14 +52,20 @@ class Teacher(ABC):
         """Final hidden states ``[B, T - 1, H]`` at the positions that predict a next token;
         ``positions`` (bool ``[B, T - 1]``): those the loss counts; others may be anything."""
 
+    def top_k(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> TopK | None:
+        """Where the teacher is known only by its top-k log-probabilities and tail mass (a compact
+        cache): those at ``positions``, row-major; None where ``hidden_states`` gives it whole."""
+        return None
+
     @abstractmethod
     def head(self, vocab: int | None = None) -> AbstractContextManager[Head]:
         """The LM head's weight and bias (rows beyond ``vocab`` dropped), whole inside the block."""
 
     @abstractmethod
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, bf16: bool = False,
-               vocab: int | None = None) -> torch.Tensor:
-        """Next-token logits ``[B, T - 1, V]`` in fp32 (the unfused loss)."""
+               vocab: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits ``[B, T - 1, V]`` in fp32 (the unfused loss); ``positions`` as for
+        ``hidden_states``."""
 
     @abstractmethod
     def head_problem(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
@@ -97,7 +104,7 @@ class LocalTeacher(Teacher):
         return lm_head(self.model, vocab)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, bf16: bool = False,
-               vocab: int | None = None) -> torch.Tensor:
+               vocab: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         return lm_logits(self.model, input_ids, attention_mask, bf16, vocab)
 
     def head_problem(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:

@@ -16,9 +16,10 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from distill.chat_template import use_one_chat_template
 from distill.checkpoint import atomic_write_text, export_model
 from distill.config import DistillConfig, check_vocabulary, sources_in_use, validate
-from distill.data import TrainData, builtin_records, encode_all, load_split, stop_ids
+from distill.data import TrainData, builtin_records, encode_split, stop_ids
 from distill.distributed import Engine
 from distill.errors import DistillError
+from distill.fingerprint import default_root
 from distill.loop import RunState, measure, run
 from distill.memory import fmt, peak_rss_bytes
 from distill.models import (
@@ -34,6 +35,7 @@ from distill.models import (
     save_model,
 )
 from distill.objective import fused_loss_problem, objective_name
+from distill.offline.teacher import CachedTeacher, cached_teacher
 from distill.plan import RunPlan
 from distill.plan import check as check_plan
 from distill.progress import console, progress_display
@@ -41,7 +43,7 @@ from distill.report import write_report
 from distill.schedule import cosine_scheduler
 from distill.sources import check as check_sources
 from distill.sources.base import SourceContext
-from distill.sources.teacher_cache import TeacherCache, default_root
+from distill.sources.teacher_cache import TeacherCache
 from distill.teacher import LocalTeacher, Teacher
 from distill.tokenizer import train_tokenizer
 from distill.tracking import MetricsLog, plot_curves
@@ -131,7 +133,9 @@ def _build(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[RunState,
     result = RunResult(run_dir, run_dir / "model", tc.steps, objective=objective_name(cfg.loss))
     data = TrainData(cfg.data, tokenizer, tc.seed)
     result.data["train"] = data.counts
-    splits = _splits(cfg, tokenizer, result)
+    splits, pairs = _splits(cfg, tokenizer, result)
+    if isinstance(teacher, CachedTeacher):
+        teacher.check_covers({"train": data.examples, **pairs})
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     student = engine.wrap_student(student, optimizer)
@@ -170,11 +174,14 @@ def _models(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[Tokenize
     # renders the data and is saved with the distilled model).
     use_one_chat_template(teacher_tok, tokenizer, str(teacher_tok_path), tok_path, cfg.data.chat_template)
     device = engine.device
-    if cfg.teacher.path and not cfg.teacher.student_base:  # (student_base: the student's own weights)
+    # The teacher's body, unless it is the student's (student_base) or an offline cache stands in for it.
+    if cfg.teacher.path and not cfg.teacher.student_base and (not cfg.teacher.cache or cfg.teacher.live):
         with engine.loading("teacher"):
             model = load_model(cfg.teacher, "teacher", device)
         check_vocab_rows(model, tokenizer, f"teacher {cfg.teacher.path}")
         teacher = LocalTeacher(engine.wrap_teacher(model), name=cfg.teacher.path)
+    if cfg.teacher.cache:
+        teacher = cached_teacher(cfg, tokenizer, device, live=teacher)
     # Seed right before the student: loading a teacher may consume random numbers, and a student
     # built from scratch must get the same initial weights with or without one.
     set_seed(cfg.trainer.seed)
@@ -188,12 +195,13 @@ def _models(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[Tokenize
     return tokenizer, teacher, student
 
 
-def _splits(cfg: DistillConfig, tokenizer: Tokenizer, result: RunResult) -> dict[str, list]:
-    """The validation (and with final_eval, test) records, encoded; what data.overlong did is said."""
+def _splits(cfg: DistillConfig, tokenizer: Tokenizer, result: RunResult) -> tuple[dict[str, list], dict[str, list]]:
+    """The validation (and with final_eval, test) records, and their token ids; what data.overlong
+    did is said."""
     splits: dict[str, list] = {}
+    pairs: dict[str, list] = {}
     for split in ("validation", "test") if cfg.final_eval else ("validation",):
-        records = load_split(cfg.data, split, tokenizer)
-        splits[split], _, result.data[split] = encode_all(records, tokenizer, cfg.data.max_length, cfg.data.overlong)
+        splits[split], pairs[split], result.data[split] = encode_split(cfg.data, split, tokenizer)
     for split, counts in result.data.items():
         said = []
         if counts.get("skipped") or counts.get("truncated"):
@@ -203,7 +211,7 @@ def _splits(cfg: DistillConfig, tokenizer: Tokenizer, result: RunResult) -> dict
             said.append(f"{counts['cut']} completions cut to fit data.max_length={cfg.data.max_length}")
         if said:
             console.print(f"[yellow]data.{split}: of {counts['records']} records, {'; '.join(said)}[/yellow]")
-    return splits
+    return splits, pairs
 
 
 def _start(state: RunState, result: RunResult) -> None:

@@ -13,7 +13,7 @@ import pytest
 from test_cli import RECIPES, _one_line_error, run_cli
 
 from distill import cli, draft_eval
-from distill.config import ASSETS, DataConfig, DistillConfig, ModelConfig, validate
+from distill.config import ASSETS, DataConfig, DistillConfig, ModelConfig, TeacherConfig, validate
 from distill.data import read_records
 from distill.draft_eval import DraftEvalConfig, evaluate_draft
 from distill.errors import DistillError
@@ -92,7 +92,7 @@ def test_an_added_unknown_key_is_refused_not_ignored():
 
 
 def test_betas_need_two_values(student_dir):
-    cfg = DistillConfig(teacher=ModelConfig(path=str(student_dir)), student=ModelConfig(path=str(student_dir)))
+    cfg = DistillConfig(teacher=TeacherConfig(path=str(student_dir)), student=ModelConfig(path=str(student_dir)))
     cfg.trainer.betas = [0.9]
     with pytest.raises(DistillError, match=r"trainer.betas must be two values in \[0, 1\).*got \[0.9\]"):
         validate(cfg)
@@ -115,7 +115,7 @@ def test_a_file_given_for_a_directory_says_what_it_is(tmp_path, student_dir):
     other.write_bytes(b"")
 
     def message(**changes) -> str:
-        cfg = DistillConfig(teacher=ModelConfig(path=str(student_dir)), student=ModelConfig(path=str(student_dir)))
+        cfg = DistillConfig(teacher=TeacherConfig(path=str(student_dir)), student=ModelConfig(path=str(student_dir)))
         for key, value in changes.items():
             obj = cfg
             *parents, leaf = key.split("__")
@@ -285,7 +285,7 @@ def test_eval_draft_names_an_unknown_task_or_difficulty(teacher_dir, student_dir
 
 
 def test_a_run_names_an_unknown_task_or_difficulty():
-    cfg = DistillConfig(teacher=ModelConfig(path=None), student=ModelConfig(path=str(ASSETS / "student")))
+    cfg = DistillConfig(teacher=TeacherConfig(path=None), student=ModelConfig(path=str(ASSETS / "student")))
     cfg.loss.kind = "ce"
     cfg.data.tasks = ["arithmetic", "poetry"]
     with pytest.raises(DistillError, match=r"^data\.tasks: \['poetry'\]; built-in tasks are"):

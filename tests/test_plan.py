@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from distill import train as train_mod
-from distill.config import ArchConfig, DistillConfig, LoraConfig, ModelConfig
+from distill.config import ArchConfig, DistillConfig, LoraConfig, ModelConfig, TeacherConfig
 from distill.errors import DistillError
 from distill.models import load_tokenizer
 from distill.plan import _saved_activations, make_plan, model_shape, render
@@ -29,7 +29,7 @@ LLAMA_70B_8B = [  # docs/scaling.md's plan (benchmarks/results/full/llama-3.1-70
 
 
 def cfg_for(teacher_dir, student_dir, **trainer) -> DistillConfig:
-    cfg = DistillConfig(teacher=ModelConfig(path=str(teacher_dir)), student=ModelConfig(path=str(student_dir)))
+    cfg = DistillConfig(teacher=TeacherConfig(path=str(teacher_dir)), student=ModelConfig(path=str(student_dir)))
     cfg.trainer = replace(cfg.trainer, device="cpu", **trainer)
     return cfg
 
@@ -189,7 +189,7 @@ def test_plan_of_an_arch_student_uses_its_tokenizer(teacher_dir):
     """A student built from scratch is sized for the tokenizer it will get (rows padded to 64): the
     one named, or the one a run trains (arch.tokenizer_vocab_size)."""
     arch = ArchConfig(hidden_size=64, num_layers=1, intermediate_size=128)
-    cfg = DistillConfig(teacher=ModelConfig(path=str(teacher_dir)),
+    cfg = DistillConfig(teacher=TeacherConfig(path=str(teacher_dir)),
                         student=ModelConfig(arch=arch, tokenizer=str(teacher_dir)))
     rows = make_plan(cfg, 1).student.rows
     assert rows % 64 == 0 and len(load_tokenizer(teacher_dir)) <= rows < len(load_tokenizer(teacher_dir)) + 64

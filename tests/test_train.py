@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import distill.loop as loop_mod
 import distill.train as train_mod
-from distill.config import DataConfig, DistillConfig, LoraConfig, LossConfig, ModelConfig, TrainerConfig
+from distill.config import DataConfig, DistillConfig, LoraConfig, LossConfig, ModelConfig, TeacherConfig, TrainerConfig
 from distill.data import length_buckets
 from distill.errors import DistillError
 from distill.objective import batch_loss, objective_name
@@ -28,7 +28,7 @@ def make_cfg(teacher_dir, student_dir, **trainer) -> DistillConfig:
              max_new_tokens=6, eval_batch_size=8, progress=False)
     t.update(trainer)
     return DistillConfig(
-        teacher=ModelConfig(path=str(teacher_dir)),
+        teacher=TeacherConfig(path=str(teacher_dir)),
         student=ModelConfig(path=str(student_dir)),
         data=DataConfig(num_train=24, num_validation=4, num_test=4, max_length=96),
         loss=LossConfig(kind="gjsd", beta=0.5),
@@ -221,7 +221,7 @@ def test_second_ctrl_c_stops_at_once(teacher_dir, student_dir, tmp_path, monkeyp
 def test_sft_and_lora_export(teacher_dir, student_dir, tmp_path):
     cfg = make_cfg(teacher_dir, student_dir, steps=3)
     cfg.loss = LossConfig(kind="ce")
-    cfg.teacher = ModelConfig()
+    cfg.teacher = TeacherConfig()
     cfg.student.lora = LoraConfig(enabled=True, r=4, alpha=8)
     result = train_mod.train(cfg, tmp_path / "lora")
     assert set(result.test) == {"student before", "student after"}

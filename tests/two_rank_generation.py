@@ -11,12 +11,12 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK=sys.arg
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from distill.config import ASSETS, DistillConfig, ModelConfig  # noqa: E402
+from distill.config import ASSETS, DistillConfig, ModelConfig, TeacherConfig  # noqa: E402
 from distill.distributed import Engine  # noqa: E402
 from distill.models import load_model  # noqa: E402
 
 rank = int(sys.argv[2])
-cfg = DistillConfig(teacher=ModelConfig(path=str(ASSETS / "teacher")),
+cfg = DistillConfig(teacher=TeacherConfig(path=str(ASSETS / "teacher")),
                     student=ModelConfig(path=str(ASSETS / "student")))
 cfg.deepspeed.stage, cfg.trainer.batch_size = 3, 2
 engine = Engine(cfg, torch.device("cpu"))

@@ -25,7 +25,8 @@ REGISTRY: dict[str, Source] = {
 
 def check(cfg: DistillConfig) -> list[Source]:
     """The sources ``cfg`` draws from, in registry order; DistillError for a weight that names no
-    source, or a source that generates with a teacher the config does not have."""
+    source, a source that generates with a teacher the config does not have, or one whose
+    sequences an offline teacher cache cannot hold where no live teacher is loaded."""
     unknown = [n for n in cfg.sources.weights if n not in REGISTRY]
     if unknown:
         raise DistillError(f"sources.weights.{unknown[0]}: no such source; the sources are {', '.join(REGISTRY)}")
@@ -33,4 +34,9 @@ def check(cfg: DistillConfig) -> list[Source]:
     for name in used:
         if REGISTRY[name].needs_teacher and not cfg.teacher.path:
             raise DistillError(f"sources.weights.{name} generates with the teacher, but teacher.path is not set")
+        if cfg.teacher.cache and not cfg.teacher.live and not REGISTRY[name].fixed and (
+                REGISTRY[name].needs_teacher or cfg.loss.kind != "ce"):
+            raise DistillError(f"sources.weights.{name}: {REGISTRY[name].what} are not known before the run, so "
+                               f"teacher.cache={cfg.teacher.cache} cannot hold the teacher's view of them; add "
+                               "teacher.live=true to load the teacher for them too")
     return [s for n, s in REGISTRY.items() if n in used]

@@ -151,6 +151,9 @@ class Source(ABC):
     name: ClassVar[str]
     what: ClassVar[str]
     needs_teacher: ClassVar[bool] = False  # generates with the teacher (refused without one)
+    # Its sequences are the dataset's, known before the run: an offline teacher cache can hold
+    # the teacher's view of them (teacher.cache); others need a live teacher.
+    fixed: ClassVar[bool] = False
 
     def models(self, ctx: SourceContext) -> tuple[torch.nn.Module, ...]:
         """The modules it generates with on this rank (gathered whole for a generation round)."""

@@ -8,6 +8,7 @@ from distill.sources.base import Pairs, Sequences, Source, SourceContext, Source
 class DatasetSource(Source):
     name = "dataset"
     what = "dataset responses (supervised KD / SFT)"
+    fixed = True
 
     def sequences(self, pairs: Pairs, ctx: SourceContext, *, step: int, seed: int, synced: bool = False
                   ) -> Sequences:

@@ -1,8 +1,7 @@
 """The teacher's responses on disk (the ``teacher`` source, SeqKD), reused across runs and recipes.
 
 One JSON file per teacher, dtype, sampling settings, stop tokens and vocabulary, named by a hash
-of them all. The teacher is identified by its weights: a SHA-256 of its config and weight files
-(memoised per file path, size and modification time, so a large teacher is read once). Entries
+of them all. The teacher is identified by its weights (``distill.fingerprint``). Entries
 are keyed by the prompt's token ids, and for sampled (not greedy) responses also by the
 generation seed and the whole batch, since a sample depends on both: a sampled batch is reused
 whole or regenerated whole. Files are written atomically; a file that does not parse, fails its
@@ -13,52 +12,16 @@ rebuilt).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
 from distill.checkpoint import atomic_write_text
 from distill.config import SamplingConfig
+from distill.fingerprint import digest as _digest
+from distill.fingerprint import weights_fingerprint
 
 FORMAT = 2
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
-
-
-def default_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distill"
-
-
-def _digest(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def teacher_fingerprint(model_dir: str | Path, root: Path) -> str:
-    """SHA-256 over the teacher's config and weight files (their names and bytes)."""
-    model_dir = Path(model_dir).resolve()
-    files = sorted(f for f in model_dir.iterdir() if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name ==
-                                                                        "config.json"))
-    memo_path = root / "fingerprints.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    total, changed = hashlib.sha256(), False
-    for f in files:
-        st = f.stat()
-        key = f"{f}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in memo:
-            h = hashlib.sha256()
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):  # noqa: B023 - fh is this iteration's
-                    h.update(block)
-            memo[key], changed = h.hexdigest(), True
-        total.update(f"{f.name}:{memo[key]}\n".encode())
-    if changed:
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(memo_path, json.dumps(memo, indent=0))
-    return total.hexdigest()
 
 
 def _through_first_stop(response: list[int], stops: list[int]) -> list[int]:
@@ -74,7 +37,7 @@ class TeacherCache:
         self.stops = list(stops)
         # Everything a response depends on: the weights (and the dtype they run in), the sampling
         # settings, where a response ends (stop tokens) and which ids may be sampled (vocab).
-        self.header = {"format": FORMAT, "teacher": teacher_fingerprint(teacher_dir, root), "dtype": dtype,
+        self.header = {"format": FORMAT, "teacher": weights_fingerprint(teacher_dir, root), "dtype": dtype,
                        "sampling": dataclasses.asdict(sampling), "stops": self.stops, "vocab": vocab}
         self.path = root / "teacher" / f"{_digest(self.header)[:32]}.json"
         self.greedy = sampling.greedy

@@ -1,0 +1,172 @@
+"""A teacher read from an offline cache (``distill cache-teacher``): its hidden states (or top-k
+log-probabilities) for the sequences the cache holds, and its LM head read alone from
+``teacher.path``. The body is never loaded, unless ``teacher.live`` also loads the whole teacher
+for what the cache cannot hold (generated sequences)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from transformers import AutoConfig
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from distill.config import DistillConfig, SamplingConfig
+from distill.errors import DistillError
+from distill.lm_head import load_lm_head
+from distill.models import fp32_linear
+from distill.offline.build import DTYPE, Pair, cache_key
+from distill.offline.store import CacheReader, key_differences, row_key
+from distill.progress import console
+from distill.speculative import CachedForward
+from distill.teacher import Head, Teacher
+from distill.top_k_loss import TopK
+
+# Key fields a training run must share with the cache. The data is checked sequence by sequence
+# (``CachedTeacher.check_covers``); the storage is the cache's own.
+MATCHED = ("format", "teacher", "teacher_dtype", "precision", "tokenizer", "vocab", "max_length")
+
+
+class CachedTeacher(Teacher):
+    """The teacher of a cache directory; ``live`` (a teacher in this process, or None) serves the
+    sequences the cache does not hold, and generation."""
+
+    def __init__(self, reader: CacheReader, weight: torch.Tensor, bias: torch.Tensor | None, config,
+                 live: Teacher | None = None, name: str = "teacher") -> None:
+        self.reader, self.weight, self.bias, self.config = reader, weight, bias, config
+        self.live, self.name = live, name
+        self.storage = reader.key["storage"]
+
+    @property
+    def module(self) -> torch.nn.Module | None:
+        return None if self.live is None else self.live.module
+
+    def generation_models(self) -> tuple[torch.nn.Module, ...]:
+        return () if self.live is None else self.live.generation_models()
+
+    def _rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None
+              ) -> list[tuple[int, dict[str, torch.Tensor]] | None] | None:
+        """Per sequence: where its counted positions start and its cached row (None for a sequence
+        with none counted); None where a sequence is not in the cache and the live teacher serves."""
+        if positions is None:
+            raise ValueError("a cached teacher needs the counted positions to find a sequence's row")
+        out = []
+        for ids, mask, counted in zip(input_ids.tolist(), attention_mask.tolist(), positions.tolist(), strict=True):
+            if not any(counted):
+                out.append(None)
+                continue
+            start = counted.index(True)
+            key = row_key(ids[: sum(mask)], start + 1)
+            if key not in self.reader:
+                if self.live is not None:
+                    return None
+                raise DistillError(f"teacher.cache: {self.reader.directory} holds no row for a sequence of this "
+                                   "batch (not one of the data it was written for)")
+            row = self.reader.row(key)
+            n = next(iter(row.values())).shape[0]
+            if n != sum(counted) or not all(counted[start: start + n]):
+                raise DistillError(f"teacher.cache: {self.reader.directory}: a row of {n} tokens for a sequence with "
+                                   f"{sum(counted)} counted; the cache does not match this data")
+            out.append((start, row))
+        return out
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, bf16: bool = False,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self._rows(input_ids, attention_mask, positions) if self.storage == "hidden" else None
+        if rows is None:
+            return self._live("its hidden states").hidden_states(input_ids, attention_mask, bf16=bf16,
+                                                                   positions=positions)
+        b, t = input_ids.shape
+        out = torch.zeros((b, t - 1, self.weight.shape[1]), dtype=self.weight.dtype)
+        for i, got in enumerate(rows):
+            if got is not None:
+                start, row = got
+                out[i, start: start + row["hidden"].shape[0]] = row["hidden"].to(out.dtype)
+        return out.to(input_ids.device)
+
+    def top_k(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> TopK | None:
+        if self.storage != "top_k":
+            return None
+        rows = self._rows(input_ids, attention_mask, positions)
+        if rows is None:
+            return None
+        got = [r for _, r in filter(None, rows)]
+        k = self.reader.key["top_k"]
+        if not got:
+            return TopK(torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k)), torch.zeros(0))
+        return TopK(torch.cat([r["ids"] for r in got]).long(), torch.cat([r["logprobs"] for r in got]).float(),
+                    torch.cat([r["tail"] for r in got]).float()).to(input_ids.device)
+
+    def head(self, vocab: int | None = None) -> AbstractContextManager[Head]:
+        if self.live is not None:
+            return self.live.head(vocab)
+        return nullcontext((self.weight[:vocab], None if self.bias is None else self.bias[:vocab]))
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, bf16: bool = False,
+               vocab: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if self.storage != "hidden":
+            return self._live("its full logits").logits(input_ids, attention_mask, bf16=bf16, vocab=vocab,
+                                                        positions=positions)
+        hidden = self.hidden_states(input_ids, attention_mask, bf16=bf16, positions=positions)
+        with self.head(vocab) as (w, b):
+            return fp32_linear(hidden, w, b)
+
+    def head_problem(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
+        return None if self.live is None else self.live.head_problem(input_ids, attention_mask)
+
+    def generate(self, prompts: list[list[int]], cfg: SamplingConfig, *, pad_id: int, stops: list[int], seed: int,
+                 vocab: int | None = None, hidden: list | None = None, synced: bool = False) -> list[list[int]]:
+        return self._live("generation").generate(prompts, cfg, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab,
+                                                 hidden=hidden, synced=synced)
+
+    def verifier(self) -> CachedForward:
+        return self._live("SKD's verification").verifier()
+
+    def _live(self, what: str) -> Teacher:
+        if self.live is None:
+            raise DistillError(f"teacher.cache: {what} needs a live teacher; the cache holds only the teacher's view "
+                               "of its data (add teacher.live=true)")
+        return self.live
+
+    def check_covers(self, splits: dict[str, list[Pair]]) -> None:
+        """Every sequence of ``splits`` must be in the cache, or a live teacher must serve the rest
+        (then said once); DistillError naming the split otherwise."""
+        for split, pairs in splits.items():
+            missing = sum(row_key(p + c, len(p)) not in self.reader for p, c in pairs)
+            if not missing:
+                continue
+            what = f"{missing} of {len(pairs)} {split} sequences are not in teacher.cache={self.reader.directory}"
+            if self.live is None:
+                raise DistillError(f"{what}: it was written for other data (data.*, data.max_length or the chat "
+                                   "template); write one for this data with distill cache-teacher, or add "
+                                   "teacher.live=true")
+            console.print(f"[yellow]{what}: the live teacher computes them[/yellow]")
+
+
+def cached_teacher(cfg: DistillConfig, tokenizer: Tokenizer, device: torch.device, live: Teacher | None = None
+                   ) -> CachedTeacher:
+    """The teacher of ``cfg.teacher.cache``, checked against this run (teacher weights, dtype,
+    precision, tokenizer, max_length), with its LM head read from ``teacher.path`` alone."""
+    reader = CacheReader(cfg.teacher.cache)
+    want = cache_key(cfg, tokenizer, data={})
+    differ = [k for k in key_differences(reader.key, want) if k in MATCHED]
+    if differ:
+        said = "; ".join(f"{k}: {_short(reader.key.get(k))} there, {_short(want[k])} here" for k in differ)
+        raise DistillError(f"teacher.cache: {reader.directory} was written for another run ({said}); write one for "
+                           "this run with distill cache-teacher")
+    if reader.key["storage"] == "top_k" and cfg.loss.temperature != 1.0:
+        raise DistillError(f"teacher.cache: {reader.directory} holds top-{reader.key['top_k']} log-probabilities at "
+                           f"temperature 1; loss.temperature={cfg.loss.temperature} needs the whole distribution "
+                           "(a hidden-state cache: teacher.cache_top_k=0)")
+    head = load_lm_head(cfg.teacher.path, DTYPE[cfg.teacher.dtype])
+    if head.weight.shape[0] < len(tokenizer):
+        raise DistillError(f"teacher {cfg.teacher.path}: its LM head has {head.weight.shape[0]} rows for a "
+                           f"vocabulary of {len(tokenizer)}")
+    config = AutoConfig.from_pretrained(cfg.teacher.path)
+    bias = None if head.bias is None else head.bias.to(device)
+    return CachedTeacher(reader, head.weight.to(device), bias, config, live, name=cfg.teacher.path)
+
+
+def _short(value: object) -> str:
+    """A key's value for a message: digests cut to 12 characters."""
+    return value[:12] if isinstance(value, str) and len(value) == 64 else str(value)
