@@ -31,8 +31,11 @@ class Placement:
     shard_teacher_asked: bool = True
     offload_optimizer_asked: bool = False
     offload_params_asked: bool = False
-    # A teacher with weights of its own to place (not none, not the student's base weights).
+    # A teacher with weights of its own to place (not none, not the student's base weights, not
+    # read from an offline cache alone).
     own_teacher: bool = False
+    # The teacher is read from an offline cache (teacher.cache): this process holds its LM head only.
+    teacher_head_only: bool = False
 
     @classmethod
     def of(cls, cfg: DistillConfig, world: int, device: str | None = None) -> Placement:
@@ -42,7 +45,9 @@ class Placement:
                    student_dtype=cfg.student.dtype, teacher_dtype=cfg.teacher.dtype,
                    shard_teacher_asked=ds.shard_teacher, offload_optimizer_asked=ds.offload_optimizer,
                    offload_params_asked=ds.offload_params,
-                   own_teacher=bool(cfg.teacher.path) and not cfg.teacher.student_base)
+                   own_teacher=bool(cfg.teacher.path) and not cfg.teacher.student_base and (
+                       not cfg.teacher.cache or cfg.teacher.live),
+                   teacher_head_only=bool(cfg.teacher.cache) and not cfg.teacher.live)
 
     def with_stage(self, stage: int, offload: bool = False) -> Placement:
         """The same run at another ZeRO stage, with or without offload (the plan's comparison)."""
@@ -72,7 +77,9 @@ class Placement:
 
     def sharded(self, role: str) -> bool:
         """Whether the weights ``role`` (student, teacher) computes with are partitioned; a teacher
-        that is the student's base is placed as the student."""
+        that is the student's base is placed as the student; a cached teacher's head is whole."""
+        if role == "teacher" and self.teacher_head_only:
+            return False
         if role == "student" or not self.own_teacher:
             return self.shard_student
         return self.shard_teacher

@@ -316,7 +316,9 @@ def _resident(p: Plan, cfg: DistillConfig, s: ModelShape, t: ModelShape | None) 
         p.resident["optimizer state"] = opt
     if pl.offload_params:
         p.cpu += s.parameters * b // w
-    if t is not None and not cfg.teacher.student_base:  # a teacher of its own: a second set of weights
+    if t is not None and pl.teacher_head_only:  # an offline cache: the teacher's LM head alone
+        p.resident["teacher LM head"] = t.rows * t.hidden * t.bytes_per_weight
+    elif t is not None and pl.own_teacher:  # a teacher of its own: a second set of weights
         tw = t.parameters * t.bytes_per_weight // (world if pl.shard_teacher else 1)
         if pl.offload_params and pl.shard_teacher:
             p.cpu += tw
@@ -384,7 +386,7 @@ def _generation(p: Plan, cfg: DistillConfig, s: ModelShape, t: ModelShape | None
     (every rank in step: synced). A round of both models (SKD) needs both whole."""
     pl = p.placement
     world = pl.world
-    rounds = _rounds(cfg, cfg.trainer.batch_size // world, t is not None)
+    rounds = _rounds(cfg, cfg.trainer.batch_size // world, t is not None and not pl.teacher_head_only)
     models = {"student": s, "teacher": t}
     sharded = {"student": pl.shard_student, "teacher": pl.shard_teacher}
     # Whose weights are gathered: a teacher that is the student's base is the student's.
@@ -475,9 +477,11 @@ def make_plan(cfg: DistillConfig, world: int | None = None) -> RunPlan:
                  + (", activation checkpointing" if tc.activation_checkpointing else "")
                  + (", optimizer state on the CPU" if ds.offload_optimizer else "")
                  + (", weights on the CPU" if ds.offload_params else "")
-                 + ("" if t is None or world == 1 else "; teacher " + (
+                 + ("" if t is None or world == 1 or placement.teacher_head_only else "; teacher " + (
                      "sharded with ZeRO-3 (inference only)" if placement.shard_teacher
-                     else "replicated on every rank")))
+                     else "replicated on every rank"))
+                 + (f"; teacher read from the cache {cfg.teacher.cache} (its LM head in memory)"
+                    if placement.teacher_head_only else ""))
     plan = RunPlan(sources=_sources(cfg), loss=objective_name(cfg.loss), kernel=kernel, placement=where,
                    rows_per_rank=rows, length=length, student=s, teacher=t, chosen=chosen, stages=stages,
                    available=_available(cfg, device, world), device=device)

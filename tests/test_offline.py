@@ -245,3 +245,18 @@ def test_a_killed_cache_teacher_resumes_at_its_shard_and_writes_the_same_cache(t
     assert not list(cut.glob(".shard_*"))
     for name in sorted(p.name for p in (tmp_path / "whole").iterdir()):
         assert (cut / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_the_commands_say_what_is_wrong_in_one_line(caches, tmp_path):
+    from test_cli import _one_line_error, run_cli
+
+    cfg, _ = caches["hidden"]
+    proc = run_cli("recipe=gkd", f"teacher.path={cfg.teacher.path}", f"student.path={cfg.student.path}",
+                   f"teacher.cache={cfg.teacher.cache}", cwd=tmp_path)
+    _one_line_error(proc, "sources.weights.student", "teacher.live=true")
+    assert not (tmp_path / "outputs").exists()
+    proc = run_cli("cache-teacher", f"teacher.path={cfg.teacher.path}", cwd=tmp_path)
+    _one_line_error(proc, "cache-teacher: teacher.cache is not set")
+    proc = run_cli("cache-teacher", f"teacher.cache={tmp_path / 'c'}", "teacher.cache_top_k=100000", cwd=tmp_path)
+    _one_line_error(proc, "teacher.cache_top_k=100000 must be below the vocabulary")

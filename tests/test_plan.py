@@ -101,6 +101,21 @@ def test_each_stage_divides_what_it_shards(teacher_dir, student_dir):
     assert state(p0) > state(p1) > state(p2) > state(p3) > state(off)
 
 
+
+def test_a_cached_teacher_is_planned_as_its_head(teacher_dir, student_dir, tmp_path):
+    """teacher.cache: each rank holds the teacher's LM head only, never shards or gathers the
+    teacher, and runs no teacher generation (its evaluation row needs the body)."""
+    t = model_shape(ModelConfig(path=str(teacher_dir)), "teacher")
+    cfg = cfg_for(teacher_dir, student_dir, batch_size=8)
+    cfg.teacher.cache = str(tmp_path / "cache")
+    for p in make_plan(cfg, 2).stages:
+        assert p.resident["teacher LM head"] == t.rows * t.hidden * 4 and "teacher weights" not in p.resident
+        assert "teacher" not in p.gathers and not any("teacher" in k for k in p.generation)
+    plan = make_plan(cfg, 1)
+    assert plan.chosen.generation_what == "evaluation (student)" and "teacher read from the cache" in plan.placement
+    cfg.teacher.live = True  # the body too, for what the cache cannot hold
+    assert make_plan(cfg, 2).stages[1].resident["teacher weights"] == 4 * t.parameters // 2
+
 def test_bf16_weights_get_an_fp32_master_copy_on_deepspeed(teacher_dir, student_dir):
     cfg = cfg_for(teacher_dir, student_dir, batch_size=8)
     cfg.student = replace(cfg.student, dtype="bfloat16")
