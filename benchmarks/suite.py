@@ -25,7 +25,7 @@ from benchmarks.metrics import write_json
 
 ROOT = Path(__file__).parent
 MEMBERS = ("fused_loss", "train_step", "sampling", "skd", "recipes", "trl_gkd", "draft_eval", "plan_memory",
-           "zero_agreement")
+           "zero_agreement", "teacher_cache")
 
 SUITES: dict[str, dict[str, dict]] = {
     "ci": {
@@ -51,6 +51,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "draft_eval": {},
         "plan_memory": {},
         "zero_agreement": {},
+        "teacher_cache": {},
     },
     "gpu": {
         "fused_loss": {"mode": "gpu"},
