@@ -8,7 +8,7 @@ models, and ``recipe=NAME`` selects a whole recipe (tested: no YAML restates a d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -321,6 +321,10 @@ class DistillConfig:
     output_dir: str | None = None
     # Evaluate teacher and student on the test split before and after training.
     final_eval: bool = True
+
+    def __post_init__(self) -> None:
+        if type(self.teacher) is ModelConfig:  # a teacher given as a model, as before TeacherConfig existed
+            self.teacher = TeacherConfig(**{f.name: getattr(self.teacher, f.name) for f in fields(ModelConfig)})
 
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -260,3 +260,8 @@ def test_the_commands_say_what_is_wrong_in_one_line(caches, tmp_path):
     _one_line_error(proc, "cache-teacher: teacher.cache is not set")
     proc = run_cli("cache-teacher", f"teacher.cache={tmp_path / 'c'}", "teacher.cache_top_k=100000", cwd=tmp_path)
     _one_line_error(proc, "teacher.cache_top_k=100000 must be below the vocabulary")
+
+
+def test_a_teacher_given_as_a_plain_model_config_still_works():
+    cfg = DistillConfig(teacher=ModelConfig(path="t", dtype="bfloat16"))
+    assert isinstance(cfg.teacher, TeacherConfig) and cfg.teacher.dtype == "bfloat16" and cfg.teacher.cache is None

@@ -61,6 +61,9 @@ def test_wheel_installs_the_kernels_inside_distill(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "distill/kernels/divergence.py" in names and "distill/recipes/config.yaml" in names
     assert not [n for n in names if n.split("/")[0] in ("kernels", "kernels.py")]
+    # Every subpackage of the checkout is in the wheel (pyproject.toml lists them by name).
+    packages = [p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "distill").rglob("__init__.py")]
+    assert [p for p in packages if f"{p}/__init__.py" not in names] == []
     site = tmp_path / "site"
     installed = _run(["-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], tmp_path)
     assert installed.returncode == 0, installed.stderr[-3000:]
