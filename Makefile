@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "$$CONSTRAINTS" $(VENV) $(LOCK)
 	grep -q -x torch $(VENV)/kept.txt || $(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt $(TORCH)
-	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test,bench]"
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test,bench,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -60,7 +60,7 @@ lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet $(TORCH)
-	.venv-lock/bin/python -m pip install --quiet -e ".[test,bench]"
+	.venv-lock/bin/python -m pip install --quiet -e ".[test,bench,ray]"
 	.venv-lock/bin/python -m pytest -q
 	{ echo "# Exact versions that passed the test suite (make lock): CPU Linux, Python 3.11."; \
 	  echo "# make demo / make test install from here; torch carries no local tag, so a CUDA build matches."; \
