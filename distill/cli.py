@@ -8,6 +8,8 @@
     distill plan deepspeed=zero3 plan.world_size=8   # the run's plan and per-rank memory, nothing loaded
     distill cache-teacher teacher.cache=DIR  # the teacher over the run's data, once; then train with
                                              # teacher.cache=DIR: no teacher forward (distill.offline)
+    distill serve-teacher teacher.remote=NAME teacher.path=DIR   # the teacher served on Ray; then
+                                             # train with teacher.remote=NAME (distill.remote)
     deepspeed --num_gpus 8 --module distill deepspeed=zero3 ...   # or torchrun --nproc-per-node 8 -m distill
 
 Two more commands take ``key=value`` options of their typed configs:
@@ -415,6 +417,19 @@ def _cache_teacher(args: list[str]) -> typing.NoReturn:
     sys.exit(0)
 
 
+def _serve_teacher(args: list[str]) -> typing.NoReturn:
+    """``distill serve-teacher teacher.remote=NAME [overrides]``: the teacher's workers on Ray, until
+    Ctrl-C or SIGTERM (``distill.remote``)."""
+    from distill.remote.serve import serve_teacher
+
+    console = make_console()
+    try:
+        serve_teacher(_composed(args), say=lambda line: console.print(line, markup=False))
+    except (DistillError, OmegaConfBaseException) as e:
+        _fail(f"serve-teacher: {e}")
+    sys.exit(0)
+
+
 def main() -> None:
     """Console-script entry point."""
     # FutureWarnings tell the authors of the calling code (DeepSpeed's collectives, PEFT's checks)
@@ -428,7 +443,8 @@ def main() -> None:
         _plan(sys.argv[2:])
     subcommand = len(sys.argv) > 1 and sys.argv[1] in ("eval-draft", "export-draft")
     cache = len(sys.argv) > 1 and sys.argv[1] == "cache-teacher"
-    if not subcommand and not cache:
+    serve = len(sys.argv) > 1 and sys.argv[1] == "serve-teacher"
+    if not subcommand and not cache and not serve:
         try:
             parsed = _check_overrides(sys.argv[1:])
         except DistillError as e:
@@ -447,6 +463,8 @@ def main() -> None:
         return
     if cache:
         _cache_teacher(sys.argv[2:])
+    if serve:
+        _serve_teacher(sys.argv[2:])
     _hydra_main()
 
 

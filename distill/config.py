@@ -82,6 +82,15 @@ class TeacherConfig(ModelConfig):
     # With teacher.cache: load the whole teacher too, for the sources the cache cannot serve
     # (on-policy, SeqKD, SKD responses are not known in advance).
     live: bool = False
+    # A teacher served on Ray by `distill serve-teacher teacher.remote=NAME`: its workers compute
+    # the hidden states (and SeqKD samples); this process holds the LM head of teacher.path alone.
+    remote: str | None = None
+    # The Ray cluster the workers run in: "auto" (the one on this machine) or HOST:PORT.
+    remote_address: str = "auto"
+    # Hidden states on the wire: float32 (remote equals local) or bfloat16 (half the bytes).
+    remote_dtype: str = "float32"
+    # serve-teacher: how many workers, each holding the whole teacher (a GPU each, or a CPU core).
+    remote_workers: int = 1
 
 
 @dataclass
@@ -419,6 +428,16 @@ def _validate_teacher_cache(cfg: DistillConfig) -> None:
         raise DistillError("teacher.cache holds a teacher of its own; teacher.student_base is the student's weights")
     if t.cache and cfg.data.stream:
         raise DistillError("teacher.cache holds a fixed dataset; data.stream draws new examples without end")
+    if t.remote is not None:
+        if not t.path:
+            raise DistillError("teacher.remote: teacher.path is not set (its LM head, and the weights the workers "
+                               "must hold)")
+        if t.remote_dtype not in ("float32", "bfloat16"):
+            raise DistillError(f"teacher.remote_dtype must be float32 or bfloat16; got {t.remote_dtype!r}")
+        if t.remote_workers < 1:
+            raise DistillError(f"teacher.remote_workers must be >= 1; got {t.remote_workers}")
+        if t.cache or t.student_base:
+            raise DistillError("teacher.remote is the teacher; unset teacher.cache and teacher.student_base")
     if t.live and not t.cache:
         raise DistillError("teacher.live loads the teacher beside teacher.cache; without a cache it is live anyway")
 

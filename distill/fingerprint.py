@@ -53,7 +53,10 @@ def weights_fingerprint(model_dir: str | Path, root: Path) -> str:
     return total.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
-    """SHA-256 of what a tokenizer maps text to: its vocabulary, special tokens and chat template."""
-    return digest({"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens,
-                   "chat_template": getattr(tokenizer, "chat_template", None)})
+def tokenizer_fingerprint(tokenizer: Tokenizer, template: bool = True) -> str:
+    """SHA-256 of what a tokenizer maps text to: its vocabulary, special tokens and (``template``)
+    its chat template."""
+    what = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens}
+    if template:
+        what["chat_template"] = getattr(tokenizer, "chat_template", None)
+    return digest(what)

@@ -34,7 +34,8 @@ class Placement:
     # A teacher with weights of its own to place (not none, not the student's base weights, not
     # read from an offline cache alone).
     own_teacher: bool = False
-    # The teacher is read from an offline cache (teacher.cache): this process holds its LM head only.
+    # The teacher is read from an offline cache (teacher.cache) or served (teacher.remote): this
+    # process holds its LM head only.
     teacher_head_only: bool = False
 
     @classmethod
@@ -45,9 +46,9 @@ class Placement:
                    student_dtype=cfg.student.dtype, teacher_dtype=cfg.teacher.dtype,
                    shard_teacher_asked=ds.shard_teacher, offload_optimizer_asked=ds.offload_optimizer,
                    offload_params_asked=ds.offload_params,
-                   own_teacher=bool(cfg.teacher.path) and not cfg.teacher.student_base and (
-                       not cfg.teacher.cache or cfg.teacher.live),
-                   teacher_head_only=bool(cfg.teacher.cache) and not cfg.teacher.live)
+                   own_teacher=bool(cfg.teacher.path) and not cfg.teacher.student_base and not cfg.teacher.remote
+                   and (not cfg.teacher.cache or cfg.teacher.live),
+                   teacher_head_only=bool(cfg.teacher.cache) and not cfg.teacher.live or bool(cfg.teacher.remote))
 
     def with_stage(self, stage: int, offload: bool = False) -> Placement:
         """The same run at another ZeRO stage, with or without offload (the plan's comparison)."""

@@ -16,14 +16,16 @@ weights (``teacher.student_base``); ``distill.offline.teacher.CachedTeacher`` re
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from distill.config import SamplingConfig
+from distill.errors import DistillError
 from distill.generation import sample
-from distill.models import final_hidden, fused_head_problem, lm_head, lm_logits
+from distill.lm_head import load_lm_head
+from distill.models import final_hidden, fp32_linear, fused_head_problem, lm_head, lm_logits
 from distill.speculative import CachedForward
 from distill.top_k_loss import TopK
 
@@ -117,6 +119,46 @@ class LocalTeacher(Teacher):
 
     def verifier(self) -> CachedForward:
         return CachedForward(self.model)
+
+
+class HeadTeacher(Teacher):
+    """A teacher that runs elsewhere (an offline cache, a served model) and sends hidden states:
+    this process holds its LM head alone, read from its checkpoint (``distill.lm_head``), and
+    applies it where full logits are asked for."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, config: PretrainedConfig,
+                 name: str = "teacher") -> None:
+        self.weight, self.bias, self.config, self.name = weight, bias, config, name
+
+    @classmethod
+    def head_of(cls, path: str, dtype: torch.dtype, device: torch.device, vocab: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None, PretrainedConfig]:
+        """The LM head of the checkpoint at ``path`` on ``device``, checked to cover ``vocab``, and its config."""
+        head = load_lm_head(path, dtype)
+        if head.weight.shape[0] < vocab:
+            raise DistillError(f"teacher {path}: its LM head has {head.weight.shape[0]} rows for a vocabulary of "
+                               f"{vocab}")
+        return head.weight.to(device), None if head.bias is None else head.bias.to(device), \
+            AutoConfig.from_pretrained(path)
+
+    def head(self, vocab: int | None = None) -> AbstractContextManager[Head]:
+        return nullcontext((self.weight[:vocab], None if self.bias is None else self.bias[:vocab]))
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, bf16: bool = False,
+               vocab: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, attention_mask, bf16=bf16, positions=positions)
+        with self.head(vocab) as (w, b):
+            return fp32_linear(hidden, w, b)
+
+    def head_problem(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
+        return None  # a head whose logits are transformed after it is refused when it is read
+
+    def scatter(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[N, H]`` of the counted ``positions`` (bool ``[B, T - 1]``, row-major)
+        laid out as ``hidden_states`` returns them, zeros elsewhere, in the head's dtype."""
+        out = torch.zeros((*positions.shape, self.weight.shape[1]), dtype=self.weight.dtype, device=positions.device)
+        out[positions] = rows.to(out.device, out.dtype)
+        return out
 
 
 def as_teacher(teacher: Teacher | PreTrainedModel | None) -> Teacher | None:

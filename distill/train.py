@@ -39,6 +39,7 @@ from distill.offline.teacher import CachedTeacher, cached_teacher
 from distill.plan import RunPlan
 from distill.plan import check as check_plan
 from distill.progress import console, progress_display
+from distill.remote.teacher import remote_teacher
 from distill.report import write_report
 from distill.schedule import cosine_scheduler
 from distill.sources import check as check_sources
@@ -174,14 +175,18 @@ def _models(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[Tokenize
     # renders the data and is saved with the distilled model).
     use_one_chat_template(teacher_tok, tokenizer, str(teacher_tok_path), tok_path, cfg.data.chat_template)
     device = engine.device
-    # The teacher's body, unless it is the student's (student_base) or an offline cache stands in for it.
-    if cfg.teacher.path and not cfg.teacher.student_base and (not cfg.teacher.cache or cfg.teacher.live):
+    # The teacher's body, unless it is the student's (student_base), served elsewhere (remote), or an
+    # offline cache stands in for it.
+    if cfg.teacher.path and not cfg.teacher.student_base and not cfg.teacher.remote and (
+            not cfg.teacher.cache or cfg.teacher.live):
         with engine.loading("teacher"):
             model = load_model(cfg.teacher, "teacher", device)
         check_vocab_rows(model, tokenizer, f"teacher {cfg.teacher.path}")
         teacher = LocalTeacher(engine.wrap_teacher(model), name=cfg.teacher.path)
     if cfg.teacher.cache:
         teacher = cached_teacher(cfg, tokenizer, device, live=teacher)
+    if cfg.teacher.remote:
+        teacher = remote_teacher(cfg, tokenizer, device, rank=engine.rank)
     # Seed right before the student: loading a teacher may consume random numbers, and a student
     # built from scratch must get the same initial weights with or without one.
     set_seed(cfg.trainer.seed)

@@ -5,21 +5,18 @@ for what the cache cannot hold (generated sequences)."""
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 
 import torch
-from transformers import AutoConfig
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import DistillConfig, SamplingConfig
 from distill.errors import DistillError
-from distill.lm_head import load_lm_head
-from distill.models import fp32_linear
 from distill.offline.build import DTYPE, Pair, cache_key
 from distill.offline.store import CacheReader, key_differences, row_key
 from distill.progress import console
 from distill.speculative import CachedForward
-from distill.teacher import Head, Teacher
+from distill.teacher import Head, HeadTeacher, Teacher
 from distill.top_k_loss import TopK
 
 # Key fields a training run must share with the cache. The data is checked sequence by sequence
@@ -27,14 +24,14 @@ from distill.top_k_loss import TopK
 MATCHED = ("format", "teacher", "teacher_dtype", "precision", "tokenizer", "vocab", "max_length")
 
 
-class CachedTeacher(Teacher):
+class CachedTeacher(HeadTeacher):
     """The teacher of a cache directory; ``live`` (a teacher in this process, or None) serves the
     sequences the cache does not hold, and generation."""
 
     def __init__(self, reader: CacheReader, weight: torch.Tensor, bias: torch.Tensor | None, config,
                  live: Teacher | None = None, name: str = "teacher") -> None:
-        self.reader, self.weight, self.bias, self.config = reader, weight, bias, config
-        self.live, self.name = live, name
+        super().__init__(weight, bias, config, name)
+        self.reader, self.live = reader, live
         self.storage = reader.key["storage"]
 
     @property
@@ -76,13 +73,9 @@ class CachedTeacher(Teacher):
         if rows is None:
             return self._live("its hidden states").hidden_states(input_ids, attention_mask, bf16=bf16,
                                                                    positions=positions)
-        b, t = input_ids.shape
-        out = torch.zeros((b, t - 1, self.weight.shape[1]), dtype=self.weight.dtype)
-        for i, got in enumerate(rows):
-            if got is not None:
-                start, row = got
-                out[i, start: start + row["hidden"].shape[0]] = row["hidden"].to(out.dtype)
-        return out.to(input_ids.device)
+        got = [r["hidden"] for _, r in filter(None, rows)]
+        rows_of = torch.cat(got) if got else torch.zeros((0, self.weight.shape[1]))
+        return self.scatter(rows_of, positions.to(input_ids.device))  # rows are in the positions' order
 
     def top_k(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> TopK | None:
         if self.storage != "top_k":
@@ -98,18 +91,14 @@ class CachedTeacher(Teacher):
                     torch.cat([r["tail"] for r in got]).float()).to(input_ids.device)
 
     def head(self, vocab: int | None = None) -> AbstractContextManager[Head]:
-        if self.live is not None:
-            return self.live.head(vocab)
-        return nullcontext((self.weight[:vocab], None if self.bias is None else self.bias[:vocab]))
+        return super().head(vocab) if self.live is None else self.live.head(vocab)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, bf16: bool = False,
                vocab: int | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         if self.storage != "hidden":
             return self._live("its full logits").logits(input_ids, attention_mask, bf16=bf16, vocab=vocab,
                                                         positions=positions)
-        hidden = self.hidden_states(input_ids, attention_mask, bf16=bf16, positions=positions)
-        with self.head(vocab) as (w, b):
-            return fp32_linear(hidden, w, b)
+        return super().logits(input_ids, attention_mask, bf16=bf16, vocab=vocab, positions=positions)
 
     def head_problem(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
         return None if self.live is None else self.live.head_problem(input_ids, attention_mask)
@@ -158,13 +147,8 @@ def cached_teacher(cfg: DistillConfig, tokenizer: Tokenizer, device: torch.devic
         raise DistillError(f"teacher.cache: {reader.directory} holds top-{reader.key['top_k']} log-probabilities at "
                            f"temperature 1; loss.temperature={cfg.loss.temperature} needs the whole distribution "
                            "(a hidden-state cache: teacher.cache_top_k=0)")
-    head = load_lm_head(cfg.teacher.path, DTYPE[cfg.teacher.dtype])
-    if head.weight.shape[0] < len(tokenizer):
-        raise DistillError(f"teacher {cfg.teacher.path}: its LM head has {head.weight.shape[0]} rows for a "
-                           f"vocabulary of {len(tokenizer)}")
-    config = AutoConfig.from_pretrained(cfg.teacher.path)
-    bias = None if head.bias is None else head.bias.to(device)
-    return CachedTeacher(reader, head.weight.to(device), bias, config, live, name=cfg.teacher.path)
+    weight, bias, config = HeadTeacher.head_of(cfg.teacher.path, DTYPE[cfg.teacher.dtype], device, len(tokenizer))
+    return CachedTeacher(reader, weight, bias, config, live, name=cfg.teacher.path)
 
 
 def _short(value: object) -> str:

@@ -1,0 +1,85 @@
+"""The trainer's side of a served teacher: ``RemoteTeacher`` sends token ids to the workers of
+``teacher.remote=NAME`` and receives the final hidden states at the positions the loss counts (or
+SeqKD samples); the LM head, read from ``teacher.path`` alone, is applied here. At connect every
+worker's teacher is checked against this run's (weights, tokenizer, dtype)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from distill.config import DistillConfig, SamplingConfig
+from distill.errors import DistillError
+from distill.fingerprint import default_root, tokenizer_fingerprint, weights_fingerprint
+from distill.remote.cluster import find_workers, init, ray_module
+from distill.speculative import CachedForward
+from distill.teacher import HeadTeacher
+
+IDENTITY = ("teacher", "tokenizer", "dtype")
+
+
+class RemoteTeacher(HeadTeacher):
+    """A teacher served by ``workers`` (Ray actor handles); this rank sends to ``workers[rank % n]``."""
+
+    def __init__(self, workers: list, weight: torch.Tensor, bias: torch.Tensor | None, config, *, name: str,
+                 wire: str = "float32", rank: int = 0) -> None:
+        super().__init__(weight, bias, config, name)
+        self.workers, self.wire = workers, wire
+        self.worker = workers[rank % len(workers)]
+
+    def _get(self, ref, what: str):
+        """The answer of a request; DistillError in one line where its worker died for good (Ray
+        restarts a worker and sends the request again ``cluster.RESTARTS`` times first)."""
+        ray = ray_module()
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            raise DistillError(f"teacher.remote={self.name}: a worker died and did not come back during {what} "
+                               f"({type(e).__name__}); the run stops at its last checkpoint: serve the teacher again "
+                               "and resume") from None
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, bf16: bool = False,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = attention_mask[:, 1:].bool()
+        ref = self.worker.forward.remote(input_ids.cpu(), attention_mask.cpu(), positions.cpu(), bf16, self.wire)
+        rows = self._get(ref, "a forward")
+        if rows.shape != (int(positions.sum()), self.weight.shape[1]):
+            raise DistillError(f"teacher.remote={self.name}: a worker answered {tuple(rows.shape)} hidden states for "
+                               f"{int(positions.sum())} positions of {self.weight.shape[1]}")
+        return self.scatter(rows, positions.to(input_ids.device))
+
+    def generate(self, prompts: list[list[int]], cfg: SamplingConfig, *, pad_id: int, stops: list[int], seed: int,
+                 vocab: int | None = None, hidden: list | None = None, synced: bool = False) -> list[list[int]]:
+        ref = self.worker.generate.remote(prompts, dataclasses.asdict(cfg), pad_id, stops, seed, vocab,
+                                          hidden is not None, self.wire)
+        responses, states = self._get(ref, "a generation")
+        if hidden is not None:
+            hidden.extend(h.to(self.weight.dtype) for h in states)
+        return responses
+
+    def verifier(self) -> CachedForward:
+        raise DistillError(f"teacher.remote={self.name}: SKD's verification rounds run with a teacher in this "
+                           "process for now (sources.weights.skd needs teacher.path without teacher.remote)")
+
+
+def remote_teacher(cfg: DistillConfig, tokenizer: Tokenizer, device: torch.device, rank: int = 0) -> RemoteTeacher:
+    """Connect to the workers of ``teacher.remote`` and check that they serve this run's teacher."""
+    t = cfg.teacher
+    ray = init(t.remote_address)
+    workers = find_workers(t.remote)
+    if not workers:
+        raise DistillError(f"teacher.remote={t.remote}: no workers of that name in the Ray cluster "
+                           f"({t.remote_address}); start them with distill serve-teacher teacher.remote={t.remote}")
+    want = {"teacher": weights_fingerprint(t.path, default_root()),
+            "tokenizer": tokenizer_fingerprint(tokenizer, template=False), "dtype": t.dtype}
+    for i, have in enumerate(ray.get([w.identity.remote() for w in workers])):
+        differ = [k for k in IDENTITY if have.get(k) != want[k]]
+        if differ:
+            said = "; ".join(f"{k}: {str(have.get(k))[:12]} there, {str(want[k])[:12]} here" for k in differ)
+            raise DistillError(f"teacher.remote={t.remote}: worker {i} serves another teacher than teacher.path="
+                               f"{t.path} ({said}, from {have.get('path')})")
+    weight, bias, config = HeadTeacher.head_of(t.path, getattr(torch, t.dtype), device, len(tokenizer))
+    return RemoteTeacher(workers, weight, bias, config, name=t.remote, wire=t.remote_dtype, rank=rank)

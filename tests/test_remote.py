@@ -1,0 +1,182 @@
+"""A teacher served on Ray (``distill serve-teacher``) on a local cluster: the same losses,
+samples and runs as the teacher in this process; a worker killed mid-run is restarted and the run
+ends identical; a teacher that differs, or workers that are gone, stop the run in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import distill.train as train_mod
+from distill.config import (
+    DataConfig,
+    DistillConfig,
+    LossConfig,
+    ModelConfig,
+    SamplingConfig,
+    TeacherConfig,
+    TrainerConfig,
+)
+from distill.data import collate
+from distill.errors import DistillError
+from distill.models import load_model
+from distill.objective import batch_loss
+from distill.offline.build import encoded_splits, run_tokenizer
+from distill.remote.teacher import RemoteTeacher, remote_teacher
+from distill.teacher import LocalTeacher
+from distill.tracking import MetricsLog
+
+pytestmark = pytest.mark.slow  # a Ray cluster and serve-teacher subprocesses
+WALL_CLOCK = ("tokens_per_s", "train_seconds", "gen_seconds", "gen_tokens_per_s")
+
+
+def serve(teacher_dir, name: str, cwd, workers: int = 1) -> subprocess.Popen:
+    """``distill serve-teacher`` in a subprocess (its output in ``cwd/NAME.log``), once it is ready."""
+    log = cwd / f"{name}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve-teacher", f"teacher.path={teacher_dir}",
+                                 f"teacher.remote={name}", f"teacher.remote_workers={workers}"], cwd=cwd,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if "ready" in log.read_text():
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"serve-teacher did not get ready: {log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.log.read_text()[-3000:]
+    return proc.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def served(teacher_dir, tmp_path_factory):
+    """The test teacher served as ``t`` (one worker: the other CPU is for the next server); this
+    process disconnects at the end."""
+    proc = serve(teacher_dir, "t", tmp_path_factory.mktemp("serve"))
+    yield "t"
+    import ray
+
+    ray.shutdown()
+    assert "serve-teacher t: stopped" in stop(proc)
+
+
+def make_cfg(teacher_dir, student_dir, remote=None) -> DistillConfig:
+    return DistillConfig(
+        teacher=TeacherConfig(path=str(teacher_dir), remote=remote),
+        student=ModelConfig(path=str(student_dir)),
+        data=DataConfig(num_train=24, num_validation=4, num_test=4, max_length=96),
+        loss=LossConfig(kind="gjsd", beta=0.5),
+        trainer=TrainerConfig(steps=3, batch_size=4, lr=3e-3, warmup_steps=1, eval_every=3, save_every=3,
+                              log_every=1, max_new_tokens=6, eval_batch_size=8, progress=False),
+    )
+
+
+def test_the_remote_teacher_gives_the_local_losses_and_samples(served, teacher_dir, student_dir):
+    cfg = make_cfg(teacher_dir, student_dir, served)
+    tokenizer = run_tokenizer(cfg)
+    pairs = encoded_splits(cfg, tokenizer)["train"][:8]
+    batch = collate(pairs, tokenizer.pad_token_id)
+    cpu = torch.device("cpu")
+    local = LocalTeacher(load_model(cfg.teacher, "teacher", cpu))
+    student = load_model(cfg.student, "student", cpu)
+    remote = remote_teacher(cfg, tokenizer, cpu)
+    vocab = len(tokenizer)
+    for kind in ("fkl", "rkl", "gjsd", "tvd", "skew_rkl"):
+        for fused in (True, False):
+            loss = LossConfig(kind=kind, ce_weight=0.25)
+            a, b = (batch_loss(loss, student, t, batch, bf16=False, vocab=vocab, fused=fused).loss.detach()
+                    for t in (local, remote))
+            assert torch.equal(a, b), (kind, fused, a, b)  # the same forward on the same batch, elsewhere
+    prompts = [p for p, _ in pairs[:4]]
+    sampling = SamplingConfig(max_new_tokens=8)
+    got = []
+    for t in (local, remote):
+        hidden = []
+        responses = t.generate(prompts, sampling, pad_id=tokenizer.pad_token_id, stops=[tokenizer.eos_token_id],
+                               seed=7, vocab=vocab, hidden=hidden)
+        got.append((responses, hidden))
+    assert got[0][0] == got[1][0] and all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1], strict=True))
+    # bf16 on the wire: half the bytes, and the loss within bf16's rounding.
+    half = remote_teacher(make_cfg(teacher_dir, student_dir, served), tokenizer, cpu)
+    half.wire = "bfloat16"
+    a, b = (batch_loss(LossConfig(kind="fkl"), student, t, batch, bf16=False, vocab=vocab, fused=True).loss.detach()
+            for t in (local, half))
+    assert not torch.equal(a, b) and torch.allclose(a, b, rtol=1e-2)
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK and k != "teacher_ce"} for r in rows]
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_identical(served, teacher_dir, student_dir, tmp_path,
+                                                                         monkeypatch):
+    live = train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "local")
+    remote = train_mod.train(make_cfg(teacher_dir, student_dir, served), tmp_path / "remote")
+    assert _strip(MetricsLog.read(live.run_dir / "metrics.jsonl")) == _strip(
+        MetricsLog.read(remote.run_dir / "metrics.jsonl"))
+    # A kill -9 of the worker before the third forward: Ray restarts it and sends the request again.
+    import ray
+
+    calls, killed = {"n": 0}, []
+    real = RemoteTeacher.hidden_states
+
+    def killing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            pid = ray.get(self.worker.identity.remote())["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RemoteTeacher, "hidden_states", killing)
+    again = train_mod.train(make_cfg(teacher_dir, student_dir, served), tmp_path / "killed")
+    assert killed and calls["n"] > 3
+    cfg = make_cfg(teacher_dir, student_dir, served)
+    worker = remote_teacher(cfg, run_tokenizer(cfg), torch.device("cpu")).worker
+    assert ray.get(worker.identity.remote())["pid"] != killed[0]  # a new process answers since the kill
+    assert _strip(MetricsLog.read(again.run_dir / "metrics.jsonl")) == _strip(
+        MetricsLog.read(remote.run_dir / "metrics.jsonl"))
+    wa, wb = (load_file(str(r.model_dir / "model.safetensors")) for r in (remote, again))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_another_teacher_is_refused_at_connect(served, tokenizer_dir, teacher_dir, student_dir, tmp_path):
+    from conftest import make_llama
+
+    other = make_llama(tokenizer_dir, tmp_path / "other", hidden=48, vocab_pad=24, seed=5)
+    cfg = make_cfg(other, student_dir, served)
+    with pytest.raises(DistillError, match=r"teacher.remote=t: worker 0 serves another teacher .*\(teacher: "):
+        remote_teacher(cfg, run_tokenizer(cfg), torch.device("cpu"))
+    cfg = make_cfg(teacher_dir, student_dir, "nobody")
+    with pytest.raises(DistillError, match="teacher.remote=nobody: no workers of that name"):
+        remote_teacher(cfg, run_tokenizer(cfg), torch.device("cpu"))
+
+
+def test_workers_that_are_gone_stop_the_run_in_one_line(served, teacher_dir, student_dir, tmp_path):
+    """serve-teacher killed: its workers go with it (once Ray sees their owner gone), nothing restarts
+    them, and the next request stops the run in one line; no answer is ever partial."""
+    proc = serve(teacher_dir, "gone", tmp_path)
+    cfg = make_cfg(teacher_dir, student_dir, "gone")
+    tokenizer = run_tokenizer(cfg)
+    teacher = remote_teacher(cfg, tokenizer, torch.device("cpu"))
+    batch = collate(encoded_splits(cfg, tokenizer)["train"][:2], tokenizer.pad_token_id)
+    want = teacher.hidden_states(batch.input_ids, batch.attention_mask)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 120
+    with pytest.raises(DistillError, match="teacher.remote=gone: a worker died and did not come back"):
+        while time.time() < deadline:  # until Ray has noticed: every answer before that is whole
+            assert torch.equal(teacher.hidden_states(batch.input_ids, batch.attention_mask), want)
+            time.sleep(1)
