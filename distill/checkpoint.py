@@ -21,8 +21,9 @@ CHECKPOINT_PREFIX = "step-"
 
 
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a scratch directory beside ``final``; on success it is fsynced and renamed into place."""
+def atomic_dir(final: Path, fsync_files: bool = True) -> Iterator[Path]:
+    """Yield a scratch directory beside ``final``; on success it is fsynced and renamed into place
+    (``fsync_files=False``: its files were fsynced by their writers, the directories are here)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     old = final.with_name(f".{final.name}.old")
@@ -36,9 +37,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~umask)
         for f in tmp.rglob("*"):
             os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-            if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
+            if f.is_file() and fsync_files:
+                fsync_file(f)
         fsync_dir(tmp)
         if final.exists():
             # Move the old copy aside first so that a crash never leaves neither.
@@ -74,6 +74,11 @@ def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def fsync_file(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def fsync_dir(path: Path) -> None:

@@ -30,6 +30,7 @@ import datetime
 import functools
 import io
 import os
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, redirect_stdout
@@ -42,6 +43,7 @@ import torch.distributed as dist
 from distill.checkpoint import (
     atomic_dir,
     checkpoint_dir,
+    fsync_file,
     list_checkpoints,
     load_latest_checkpoint,
     prune_checkpoints,
@@ -145,6 +147,14 @@ class Engine:
             return [obj]
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
+        return out
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0, in rank order (None on the other ranks)."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] | None = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
         return out
 
     def broadcast(self, obj: Any) -> Any:
@@ -301,16 +311,31 @@ class Engine:
         state = {**state, "world_size": self.world, "stage": self.stage}
 
         def write(tmp: Path) -> None:
-            # Frozen weights (a LoRA student's base) come from student.path on resume.
-            self.student_engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False,
-                                                exclude_frozen_parameters=True)
-            torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
-            if self.is_main:
-                torch.save(state, tmp / "trainer_state.pt")
-            self.barrier()  # every rank's files are in before rank 0 renames the directory
+            # Each rank writes and fsyncs its own files; then every rank learns whether all did,
+            # before rank 0 renames the directory: a rank that failed stops every rank at once
+            # (no rank is left waiting at a barrier), and nothing half-written is renamed.
+            problem = None
+            try:
+                before = _files(tmp)
+                # Frozen weights (a LoRA student's base) come from student.path on resume.
+                self.student_engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False,
+                                                    exclude_frozen_parameters=True)
+                torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
+                if self.is_main:
+                    torch.save(state, tmp / "trainer_state.pt")
+                for f in _files(tmp) - before:
+                    if _written_by(f.name, self.rank):
+                        fsync_file(f)
+            except Exception as e:  # a full disk, a lost mount: reported by every rank below
+                problem = f"{type(e).__name__}: {e}"
+            failed = [(r, p) for r, p in enumerate(self.all_gather(problem)) if p is not None]
+            if failed:
+                rank, what = failed[0]
+                raise DistillError(f"checkpoint step {step}: rank {rank} could not write its part ({what}); "
+                                   f"no rank saved it, and the run stops at its last checkpoint")
 
         if self.is_main:
-            with atomic_dir(checkpoint_dir(run_dir, step)) as tmp:
+            with atomic_dir(checkpoint_dir(run_dir, step), fsync_files=False) as tmp:
                 write(Path(self.broadcast(str(tmp))))
             prune_checkpoints(run_dir, keep)
         else:
@@ -346,6 +371,18 @@ class Engine:
                                             load_lr_scheduler_states=False, load_module_strict=False)
         set_rng_state(torch.load(latest / f"rng-{self.rank}.pt", weights_only=False))
         return state
+
+
+def _files(directory: Path) -> set[Path]:
+    return {f for f in directory.rglob("*") if f.is_file()}
+
+
+def _written_by(name: str, rank: int) -> bool:
+    """Whether rank ``rank`` wrote the checkpoint file ``name``: its own (DeepSpeed's
+    ``zero_pp_rank_R_...``, ``rng-R.pt``), or for rank 0 the shared ones (the trainer state,
+    DeepSpeed's ``mp_rank_00_model_states.pt``)."""
+    own = re.search(r"(?:zero_pp_rank_|rng-)(\d+)", name)
+    return int(own.group(1)) == rank if own else rank == 0
 
 
 # DeepSpeed releases whose ZeRO-3 hook internals _zero3_hooks_off was written against and tested with.

@@ -216,10 +216,11 @@ def save(state: RunState) -> None:
                      "data": state.data.state_dict(), "test": state.test, "validation": state.validation}
     engine.save_checkpoint(state.run_dir, state.step, state.student, trainer_state, tc.keep_checkpoints)
     state.last_saved = state.step
-    if cache is not None:
-        for entries in engine.all_gather(cache.entries)[1:]:  # every rank's responses, one file
-            cache.merge(entries)
+    if cache is not None:  # the responses new on every rank since the last save, into rank 0's one file
+        gathered = engine.gather(cache.take_new())
         if engine.is_main:
+            for entries in gathered[1:]:
+                cache.merge(entries)
             cache.save()
 
 

@@ -106,6 +106,21 @@ def test_ranks_stay_in_step_through_uneven_generation_rounds():
     assert all(p.returncode == 0 for p in procs) and outs[0][0].strip().endswith("in step"), outs[0][1][-3000:]
 
 
+
+def test_a_rank_that_cannot_write_its_checkpoint_stops_every_rank_at_once(tmp_path):
+    """The success flag is gathered before rank 0 renames the directory (tests/two_rank_checkpoint.py)."""
+    port = str(_free_port())
+    script = str(Path(__file__).with_name("two_rank_checkpoint.py"))
+    procs = [subprocess.Popen([sys.executable, script, port, str(rank), str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env()) for rank in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]  # a rank left at a barrier would time out
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    assert outs[0][0].strip().endswith("clean")
+
 def test_two_zero3_ranks_train_as_one_process(runs):
     one, two = train_rows(runs["one"]), train_rows(runs["zero3"])
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]

@@ -42,6 +42,7 @@ class TeacherCache:
         self.path = root / "teacher" / f"{_digest(self.header)[:32]}.json"
         self.greedy = sampling.greedy
         self.entries: dict[str, list[int]] = {}
+        self.new: set[str] = set()  # keys stored on this rank since the last take_new
         self.dirty = False
         if self.path.exists():
             self.entries = self._load()
@@ -81,7 +82,13 @@ class TeacherCache:
         """Keep responses to ``prompts``, generated as part of ``batch`` (the prompts asked for)."""
         for k, r in zip(self._keys(prompts, seed, batch), responses, strict=True):
             self.entries[k] = list(r)
+            self.new.add(k)
         self.dirty = True
+
+    def take_new(self) -> dict[str, list[int]]:
+        """The entries stored here since the last call (what other ranks' caches lack)."""
+        new, self.new = {k: self.entries[k] for k in self.new}, set()
+        return new
 
     def merge(self, entries: dict[str, list[int]]) -> None:
         """Add another cache's entries (another rank's responses of this run)."""
