@@ -383,6 +383,14 @@ class EpochSampler:
             self.position += len(chunk)
         return out
 
+    def peek(self, k: int) -> list[int]:
+        """What ``take(k)`` would give, without moving on."""
+        position = self.position
+        try:
+            return self.take(k)
+        finally:
+            self.position = position
+
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "n": self.n, "seed": self.seed}
 
@@ -425,6 +433,13 @@ class TrainData:
             self.position += size
             return pairs
         return [self.examples[i] for i in self.sampler.take(size)]
+
+    def peek_pairs(self, size: int) -> list[tuple[list[int], list[int]]] | None:
+        """The pairs the next ``next_pairs`` calls will give, ``size`` of them, without moving on;
+        None for a stream (it cannot look ahead)."""
+        if self.cfg.stream:
+            return None
+        return [self.examples[i] for i in self.sampler.peek(size)]
 
     def next_batch(self, size: int) -> Batch:
         return collate(self.next_pairs(size), self.tokenizer.pad_token_id)

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import DistillConfig
-from distill.data import Batch, Record, TrainData, collate, length_buckets, split_groups
+from distill.data import IGNORE_INDEX, Batch, Record, TrainData, collate, length_buckets, split_groups
 from distill.distributed import Engine
 from distill.errors import DistillError
 from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses
@@ -97,6 +97,7 @@ def run(state: RunState) -> None:
         for _ in range(state.step, tc.steps):  # optimizer_step counts state.step on
             source = draw(state, window)
             micro, hidden = micro_batches(state, source, window)
+            prefetch(state)
             n_counted = accumulate(state, micro, hidden, window)
             optimizer_step(state, n_counted, window)
             if state.step % tc.log_every == 0 or state.step == tc.steps:
@@ -135,15 +136,42 @@ def micro_batches(state: RunState, name: str, window: Window) -> tuple[list[Batc
                                    synced=synced)
         window.generation.add(got.stats)
         window.t_start += got.stats.seconds  # tokens/s counts training time only
-        lengths = [len(p) + len(r) for p, r in got.pairs]
-        groups = length_buckets(lengths, tc.length_buckets)
-        # Sharded forwards and backwards are collective: every rank runs as many.
-        for group in split_groups(groups, lengths, engine.all_max(len(groups))):
-            part = [got.pairs[i] for i in group]
-            micro.append(collate(part, state.data.tokenizer.pad_token_id))
+        for group, batch in collated(state, got.pairs):
+            micro.append(batch)
             micro_hidden.append(None if got.hidden is None else
-                                aligned_hidden(part, [got.hidden[i] for i in group], micro[-1]))
+                                aligned_hidden([got.pairs[i] for i in group], [got.hidden[i] for i in group], batch))
     return micro, micro_hidden
+
+
+def collated(state: RunState, pairs: list) -> list[tuple[list[int], Batch]]:
+    """A micro-batch's pairs in length groups, each collated (the group's indices and its batch).
+    Sharded forwards and backwards are collective: every rank makes as many groups."""
+    lengths = [len(p) + len(r) for p, r in pairs]
+    groups = length_buckets(lengths, state.cfg.trainer.length_buckets)
+    pad = state.data.tokenizer.pad_token_id
+    return [(group, collate([pairs[i] for i in group], pad))
+            for group in split_groups(groups, lengths, state.engine.all_max(len(groups)))]
+
+
+def prefetch(state: RunState) -> None:
+    """Ask a teacher that runs elsewhere for the next step's hidden states now, so that it computes
+    them while this step trains: where the next step draws the dataset (known before the run), its
+    micro-batches are made as ``micro_batches`` will make them, from the data ahead (not taken)."""
+    tc, teacher = state.cfg.trainer, state.loss_teacher
+    nxt = state.step + 1
+    if teacher is None or not teacher.prefetches or nxt >= tc.steps:
+        return
+    if not REGISTRY[draw_source(state.cfg.sources.weights, tc.seed, nxt, tc.steps)].fixed:
+        return
+    ahead = state.data.peek_pairs(tc.batch_size * tc.grad_accum)
+    if ahead is None:
+        return
+    batches = []
+    for m in range(tc.grad_accum):
+        mine = state.engine.shard(ahead[m * tc.batch_size: (m + 1) * tc.batch_size])
+        batches += [(b.input_ids, b.attention_mask, b.labels[:, 1:] != IGNORE_INDEX)
+                    for _, b in collated(state, mine)]
+    teacher.prefetch(batches, bf16=tc.precision == "bf16")
 
 
 def accumulate(state: RunState, micro: list[Batch], hidden: list[torch.Tensor | None], window: Window) -> int:

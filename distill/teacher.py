@@ -37,6 +37,7 @@ class Teacher(ABC):
 
     name: str
     config: PretrainedConfig  # its model config: vocabulary rows, transforms after the LM head
+    prefetches: bool = False  # whether ``prefetch`` starts anything (a teacher that runs elsewhere)
 
     @property
     def module(self) -> torch.nn.Module | None:
@@ -58,6 +59,12 @@ class Teacher(ABC):
         """Where the teacher is known only by its top-k log-probabilities and tail mass (a compact
         cache): those at ``positions``, row-major; None where ``hidden_states`` gives it whole."""
         return None
+
+    def prefetch(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bf16: bool = False) -> None:
+        """Start computing the hidden states of ``batches`` ((input_ids, attention_mask, positions)
+        each) that ``hidden_states`` will be asked for next, where the teacher runs elsewhere and
+        can work while this process trains; by default nothing."""
+        return
 
     @abstractmethod
     def head(self, vocab: int | None = None) -> AbstractContextManager[Head]:

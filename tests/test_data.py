@@ -228,3 +228,11 @@ def test_length_buckets_split_only_where_padding_falls():
     # Positions computed: 3 groups of 9-12 / 40 / 75-80 make 236, 4 would make 231 (under 10% fewer).
     three = [9, 80, 12, 75, 40, 11]
     assert [[three[i] for i in g] for g in length_buckets(three, 4)] == [[9, 11, 12], [40], [75, 80]]
+
+
+def test_peeking_ahead_gives_what_the_next_takes_give_and_moves_nothing():
+    """The loop asks a served teacher for the next step's batch ahead of time (distill.loop.prefetch)."""
+    sampler = EpochSampler(7, seed=5)
+    sampler.take(5)
+    ahead = sampler.peek(6)  # across the epoch boundary
+    assert sampler.position == 5 and sampler.take(2) + sampler.take(4) == ahead

@@ -123,9 +123,14 @@ def _strip(rows):
 def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_identical(served, teacher_dir, student_dir, tmp_path,
                                                                          monkeypatch):
     live = train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "local")
+    made = []
+    monkeypatch.setattr(train_mod, "remote_teacher", lambda *a, **k: made.append(remote_teacher(*a, **k)) or made[-1])
     remote = train_mod.train(make_cfg(teacher_dir, student_dir, served), tmp_path / "remote")
+    monkeypatch.undo()
     assert _strip(MetricsLog.read(live.run_dir / "metrics.jsonl")) == _strip(
         MetricsLog.read(remote.run_dir / "metrics.jsonl"))
+    # Steps 2 and 3 found their hidden states asked for during the step before (prefetch).
+    assert made[0].prefetched >= 2 and not made[0].pending
     # A kill -9 of the worker before the third forward: Ray restarts it and sends the request again.
     import ray
 

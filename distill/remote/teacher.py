@@ -6,6 +6,7 @@ worker's teacher is checked against this run's (weights, tokenizer, dtype)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import torch
 from transformers import PreTrainedTokenizerBase as Tokenizer
@@ -28,6 +29,16 @@ class RemoteTeacher(HeadTeacher):
         super().__init__(weight, bias, config, name)
         self.workers, self.wire = workers, wire
         self.worker = workers[rank % len(workers)]
+        self.pending: dict[bytes, object] = {}  # requests sent ahead (prefetch), by their inputs
+        self.prefetched = 0  # answers that were asked for ahead
+
+    prefetches = True
+
+    def _request(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, bf16: bool):
+        return self.worker.forward.remote(input_ids.cpu(), attention_mask.cpu(), positions.cpu(), bf16, self.wire)
+
+    def prefetch(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bf16: bool = False) -> None:
+        self.pending = {_key(*b, bf16): self._request(*b, bf16) for b in batches}
 
     def _get(self, ref, what: str):
         """The answer of a request; DistillError in one line where its worker died for good (Ray
@@ -44,7 +55,10 @@ class RemoteTeacher(HeadTeacher):
                       positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is None:
             positions = attention_mask[:, 1:].bool()
-        ref = self.worker.forward.remote(input_ids.cpu(), attention_mask.cpu(), positions.cpu(), bf16, self.wire)
+        ref = self.pending.pop(_key(input_ids, attention_mask, positions, bf16), None)
+        self.prefetched += ref is not None
+        if ref is None:
+            ref = self._request(input_ids, attention_mask, positions, bf16)
         rows = self._get(ref, "a forward")
         if rows.shape != (int(positions.sum()), self.weight.shape[1]):
             raise DistillError(f"teacher.remote={self.name}: a worker answered {tuple(rows.shape)} hidden states for "
@@ -63,6 +77,16 @@ class RemoteTeacher(HeadTeacher):
     def verifier(self) -> CachedForward:
         raise DistillError(f"teacher.remote={self.name}: SKD's verification rounds run with a teacher in this "
                            "process for now (sources.weights.skd needs teacher.path without teacher.remote)")
+
+
+def _key(input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, bf16: bool) -> bytes:
+    """What a forward's answer depends on, as bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in (input_ids, attention_mask, positions):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(bytes([bf16]))
+    return h.digest()
 
 
 def remote_teacher(cfg: DistillConfig, tokenizer: Tokenizer, device: torch.device, rank: int = 0) -> RemoteTeacher:
