@@ -25,7 +25,7 @@ from benchmarks.metrics import write_json
 
 ROOT = Path(__file__).parent
 MEMBERS = ("fused_loss", "train_step", "sampling", "skd", "recipes", "trl_gkd", "draft_eval", "plan_memory",
-           "zero_agreement", "teacher_cache")
+           "zero_agreement", "teacher_cache", "remote_teacher")
 
 SUITES: dict[str, dict[str, dict]] = {
     "ci": {
@@ -52,6 +52,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "plan_memory": {},
         "zero_agreement": {},
         "teacher_cache": {},
+        "remote_teacher": {},
     },
     "gpu": {
         "fused_loss": {"mode": "gpu"},
