@@ -91,6 +91,9 @@ class TeacherConfig(ModelConfig):
     remote_dtype: str = "float32"
     # serve-teacher: how many workers, each holding the whole teacher (a GPU each, or a CPU core).
     remote_workers: int = 1
+    # serve-teacher on the CPU: torch threads per worker (null: every core of its machine, as a
+    # teacher in the trainer's process uses; Ray would give each worker one).
+    remote_threads: int | None = None
 
 
 @dataclass
@@ -436,6 +439,8 @@ def _validate_teacher_cache(cfg: DistillConfig) -> None:
             raise DistillError(f"teacher.remote_dtype must be float32 or bfloat16; got {t.remote_dtype!r}")
         if t.remote_workers < 1:
             raise DistillError(f"teacher.remote_workers must be >= 1; got {t.remote_workers}")
+        if t.remote_threads is not None and t.remote_threads < 1:
+            raise DistillError(f"teacher.remote_threads must be >= 1 (or null: every core); got {t.remote_threads}")
         if t.cache or t.student_base:
             raise DistillError("teacher.remote is the teacher; unset teacher.cache and teacher.student_base")
     if t.live and not t.cache:

@@ -16,10 +16,13 @@ WIRE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class TeacherWorker:
-    """The teacher at ``path`` (its tokenizer at ``tokenizer``) in ``dtype`` on ``device``."""
+    """The teacher at ``path`` (its tokenizer at ``tokenizer``) in ``dtype`` on ``device``, with
+    ``threads`` torch threads on the CPU (None: every core)."""
 
-    def __init__(self, path: str, tokenizer: str | None, dtype: str, device: str) -> None:
+    def __init__(self, path: str, tokenizer: str | None, dtype: str, device: str, threads: int | None = None) -> None:
         self.device = resolve_device(device)
+        if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 for a worker of one CPU
+            torch.set_num_threads(threads or os.cpu_count() or 1)
         self.model = load_model(ModelConfig(path=path, dtype=dtype), "teacher", self.device).eval()
         tok = load_tokenizer(tokenizer or path, "teacher")
         params = {id(p): p for p in self.model.parameters()}.values()
