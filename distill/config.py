@@ -94,6 +94,9 @@ class TeacherConfig(ModelConfig):
     # serve-teacher on the CPU: torch threads per worker (null: every core of its machine, as a
     # teacher in the trainer's process uses; Ray would give each worker one).
     remote_threads: int | None = None
+    # serve-teacher: several callers' requests (ranks, jobs) that arrive together share a forward;
+    # their answers then equal unshared ones to float rounding (a caller alone: bit for bit).
+    remote_batching: bool = True
 
 
 @dataclass

@@ -209,3 +209,29 @@ def test_a_trainer_killed_and_resumed_ends_as_an_uninterrupted_run(served, teach
     assert "resuming" in resumed.stderr
     wa, wb = (load_file(str(d / "model" / "model.safetensors")) for d in (tmp_path / "whole", cut))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_requests_sent_together_share_a_forward(served, teacher_dir, student_dir):
+    """Several callers' requests (ranks, jobs) that arrive while a forward runs are answered by one
+    forward: each answer as its own forward's, to float rounding (other padding widths)."""
+    import ray
+
+    cfg = make_cfg(teacher_dir, student_dir, served)
+    tokenizer = run_tokenizer(cfg)
+    pairs = encoded_splits(cfg, tokenizer)["train"]
+    teacher = remote_teacher(cfg, tokenizer, torch.device("cpu"))
+    requests = []
+    for i in range(8):  # of different widths
+        b = collate(pairs[3 * i: 3 * i + 2 + i % 3], tokenizer.pad_token_id)
+        requests.append((b.input_ids, b.attention_mask, b.labels[:, 1:] != -100, False, "float32"))
+    alone = [ray.get(teacher.worker.forward.remote(*r, f"caller{i}")) for i, r in enumerate(requests)]
+    before = ray.get(teacher.worker.counts.remote())
+    together = ray.get([teacher.worker.forward.remote(*r, f"caller{i}") for i, r in enumerate(requests)])
+    after = ray.get(teacher.worker.counts.remote())
+    assert after["requests"] - before["requests"] == 8 and after["forwards"] - before["forwards"] < 8
+    # One caller's requests never share a forward: each is computed as on its own, bit for bit.
+    mine = ray.get([teacher.worker.forward.remote(*r, "one caller") for r in requests])
+    assert ray.get(teacher.worker.counts.remote())["forwards"] - after["forwards"] == 8
+    assert all(torch.equal(a, b) for a, b in zip(alone, mine, strict=True))
+    for a, b in zip(alone, together, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5)

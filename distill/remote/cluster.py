@@ -10,6 +10,7 @@ cluster is not on this machine.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 from distill.errors import DistillError
@@ -36,6 +37,8 @@ def init(address: str, start: bool = False):
     """Join the Ray cluster at ``address`` ("auto": the one on this machine), or with ``start``,
     where "auto" finds none, start one on this machine (it ends with this process); with token
     authentication and without the dashboard."""
+    # Ray reads RAY_AUTH_MODE when it is imported: a program that imported it first has no token.
+    late = "ray" in sys.modules and "RAY_AUTH_MODE" not in os.environ
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = ray_module()
@@ -50,8 +53,9 @@ def init(address: str, start: bool = False):
     except ConnectionError as e:
         if not (start and address == "auto"):
             where = "on this machine" if address == "auto" else f"at {address}"
-            raise DistillError(f"no Ray cluster {where} ({e}); start the teacher first: distill serve-teacher "
-                               "teacher.remote=NAME ...") from None
+            hint = ("; Ray was imported before distill set RAY_AUTH_MODE=token: set it in the environment "
+                    "first" if late else "; start the teacher first: distill serve-teacher teacher.remote=NAME")
+            raise DistillError(f"cannot join a Ray cluster {where} ({e}){hint}") from None
         ray.init(include_dashboard=False, **options)
     return ray
 

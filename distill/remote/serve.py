@@ -40,7 +40,8 @@ def start_workers(cfg: DistillConfig) -> tuple[list, list[dict], str]:
                            f"{free:g} free (lower teacher.remote_workers, or add nodes: ray start --address=...)")
     actor = ray.remote(max_restarts=RESTARTS, max_task_retries=RESTARTS, **resources)(TeacherWorker)
     handles = [actor.options(name=worker_name(t.remote, i), namespace=NAMESPACE).remote(
-        t.path, t.tokenizer, t.dtype, device.type, t.remote_threads) for i in range(t.remote_workers)]
+        t.path, t.tokenizer, t.dtype, device.type, t.remote_threads, t.remote_batching)
+        for i in range(t.remote_workers)]
     try:
         identities = ray.get([h.identity.remote() for h in handles])
     except ray.exceptions.RayError as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import uuid
 
 import torch
 from transformers import PreTrainedTokenizerBase as Tokenizer
@@ -29,13 +30,15 @@ class RemoteTeacher(HeadTeacher):
         super().__init__(weight, bias, config, name)
         self.workers, self.wire = workers, wire
         self.worker = workers[rank % len(workers)]
+        self.caller = uuid.uuid4().hex  # the workers share a forward among callers, never within one
         self.pending: dict[bytes, object] = {}  # requests sent ahead (prefetch), by their inputs
         self.prefetched = 0  # answers that were asked for ahead
 
     prefetches = True
 
     def _request(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, bf16: bool):
-        return self.worker.forward.remote(input_ids.cpu(), attention_mask.cpu(), positions.cpu(), bf16, self.wire)
+        return self.worker.forward.remote(input_ids.cpu(), attention_mask.cpu(), positions.cpu(), bf16, self.wire,
+                                          self.caller)
 
     def prefetch(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bf16: bool = False) -> None:
         self.pending = {_key(*b, bf16): self._request(*b, bf16) for b in batches}

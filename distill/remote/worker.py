@@ -1,11 +1,14 @@
 """A teacher worker: one process holding the whole teacher, answering forwards (hidden states at
-given positions) and generations (SeqKD samples). ``serve`` runs it as a Ray actor."""
+given positions, several callers' requests batched into one forward) and generations (SeqKD
+samples). ``serve`` runs it as a Ray actor (an asynchronous one: ``forward`` is a coroutine)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import torch
+import torch.nn.functional as F
 
 from distill.config import ModelConfig, SamplingConfig
 from distill.fingerprint import default_root, tokenizer_fingerprint, weights_fingerprint
@@ -13,13 +16,18 @@ from distill.generation import sample
 from distill.models import final_hidden, load_model, load_tokenizer, resolve_device
 
 WIRE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# How long a forward waits for more requests to join it (from several ranks or jobs), in seconds.
+BATCH_WINDOW = 0.002
 
 
 class TeacherWorker:
     """The teacher at ``path`` (its tokenizer at ``tokenizer``) in ``dtype`` on ``device``, with
-    ``threads`` torch threads on the CPU (None: every core)."""
+    ``threads`` torch threads on the CPU (None: every core); ``batching``: several callers'
+    requests share a forward."""
 
-    def __init__(self, path: str, tokenizer: str | None, dtype: str, device: str, threads: int | None = None) -> None:
+    def __init__(self, path: str, tokenizer: str | None, dtype: str, device: str, threads: int | None = None,
+                 batching: bool = True) -> None:
+        self.batching = batching
         self.device = resolve_device(device)
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 for a worker of one CPU
             torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -32,17 +40,71 @@ class TeacherWorker:
             "device": str(self.device),
             "parameters": sum(p.numel() for p in params), "bytes": sum(p.numel() * p.element_size() for p in params),
         }
+        self._queue: list = []  # forward requests waiting for the next forward
+        self._draining = False
+        self.stats = {"forwards": 0, "requests": 0}
 
     def identity(self) -> dict:
         """What the trainer checks at connect (weights, tokenizer, dtype), and what this worker holds."""
         return {**self._identity, "pid": os.getpid()}
 
+    async def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                      bf16: bool, wire: str, caller: str = "") -> torch.Tensor:
+        """The final hidden states at ``positions`` (bool ``[B, T - 1]``), row-major ``[N, H]``.
+        Requests of several callers (ranks, jobs) that arrive while a forward runs are answered by
+        one forward together (with batching on), at most one of each caller's: a caller alone (its
+        next step's request sent ahead and this one's) gets every answer as from its own forward,
+        bit for bit; answers shared with other callers' equal it to float rounding."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._queue.append((input_ids, attention_mask, positions, bf16, wire, caller, answer))
+        if not self._draining:
+            self._draining = True
+            loop.create_task(self._drain())
+        return await answer
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                if self.batching:
+                    await asyncio.sleep(BATCH_WINDOW)  # requests sent meanwhile join this forward
+                group, callers = [], set()
+                for r in self._queue:  # the oldest request of each caller, of the oldest's precision
+                    if r[5] not in callers and r[3] == self._queue[0][3] and (self.batching or not group):
+                        group.append(r)
+                        callers.add(r[5])
+                self._queue = [r for r in self._queue if all(r is not g for g in group)]
+                if group:
+                    bf16 = group[0][3]
+                    try:
+                        for r, rows in zip(group, self._forward_together(group, bf16), strict=True):
+                            r[-1].set_result(rows)
+                    except Exception as e:  # every caller of the failed forward gets its error
+                        for r in group:
+                            if not r[-1].done():
+                                r[-1].set_exception(e)
+        finally:
+            self._draining = False
+
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, bf16: bool,
-                wire: str) -> torch.Tensor:
-        """The final hidden states at ``positions`` (bool ``[B, T - 1]``), row-major ``[N, H]``."""
-        hidden = final_hidden(self.model, input_ids.to(self.device), attention_mask.to(self.device), bf16)
-        return hidden[positions.to(self.device)].to(WIRE[wire]).cpu()
+    def _forward_together(self, requests: list, bf16: bool) -> list[torch.Tensor]:
+        """One forward over the requests' sequences, right-padded to the longest (masked)."""
+        width = max(r[0].shape[1] for r in requests)
+        ids = torch.cat([F.pad(r[0], (0, width - r[0].shape[1])) for r in requests])
+        mask = torch.cat([F.pad(r[1], (0, width - r[1].shape[1])) for r in requests])
+        hidden = final_hidden(self.model, ids.to(self.device), mask.to(self.device), bf16)
+        self.stats["forwards"] += 1
+        self.stats["requests"] += len(requests)
+        out, row = [], 0
+        for input_ids, _, positions, _, wire, _, _ in requests:
+            b, t = input_ids.shape
+            out.append(hidden[row: row + b, : t - 1][positions.to(self.device)].to(WIRE[wire]).cpu())
+            row += b
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Forwards run and requests answered (several callers' requests share a forward)."""
+        return dict(self.stats)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: dict, pad_id: int, stops: list[int], seed: int,
