@@ -42,15 +42,15 @@ class CachedTeacher(HeadTeacher):
         return () if self.live is None else self.live.generation_models()
 
     def _rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None
-              ) -> list[tuple[int, dict[str, torch.Tensor]] | None] | None:
-        """Per sequence: where its counted positions start and its cached row (None for a sequence
-        with none counted); None where a sequence is not in the cache and the live teacher serves."""
+              ) -> list[dict[str, torch.Tensor]] | None:
+        """The cached rows of the sequences with counted positions, in order (each row's entries
+        are its counted positions', checked); None where a sequence is not in the cache and the
+        live teacher serves."""
         if positions is None:
             raise ValueError("a cached teacher needs the counted positions to find a sequence's row")
         out = []
         for ids, mask, counted in zip(input_ids.tolist(), attention_mask.tolist(), positions.tolist(), strict=True):
             if not any(counted):
-                out.append(None)
                 continue
             start = counted.index(True)
             key = row_key(ids[: sum(mask)], start + 1)
@@ -64,7 +64,7 @@ class CachedTeacher(HeadTeacher):
             if n != sum(counted) or not all(counted[start: start + n]):
                 raise DistillError(f"teacher.cache: {self.reader.directory}: a row of {n} tokens for a sequence with "
                                    f"{sum(counted)} counted; the cache does not match this data")
-            out.append((start, row))
+            out.append(row)
         return out
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, bf16: bool = False,
@@ -73,7 +73,7 @@ class CachedTeacher(HeadTeacher):
         if rows is None:
             return self._live("its hidden states").hidden_states(input_ids, attention_mask, bf16=bf16,
                                                                    positions=positions)
-        got = [r["hidden"] for _, r in filter(None, rows)]
+        got = [r["hidden"] for r in rows]
         rows_of = torch.cat(got) if got else torch.zeros((0, self.weight.shape[1]))
         return self.scatter(rows_of, positions.to(input_ids.device))  # rows are in the positions' order
 
@@ -83,12 +83,11 @@ class CachedTeacher(HeadTeacher):
         rows = self._rows(input_ids, attention_mask, positions)
         if rows is None:
             return None
-        got = [r for _, r in filter(None, rows)]
         k = self.reader.key["top_k"]
-        if not got:
+        if not rows:
             return TopK(torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k)), torch.zeros(0))
-        return TopK(torch.cat([r["ids"] for r in got]).long(), torch.cat([r["logprobs"] for r in got]).float(),
-                    torch.cat([r["tail"] for r in got]).float()).to(input_ids.device)
+        return TopK(torch.cat([r["ids"] for r in rows]).long(), torch.cat([r["logprobs"] for r in rows]).float(),
+                    torch.cat([r["tail"] for r in rows]).float()).to(input_ids.device)
 
     def head(self, vocab: int | None = None) -> AbstractContextManager[Head]:
         return super().head(vocab) if self.live is None else self.live.head(vocab)
