@@ -262,6 +262,10 @@ def child(tool: str, recipe: str, seed: int, steps: int, out: Path) -> dict:
             "accuracy": _accuracy(cfg, model_dir)}
 
 
+# The peak-memory ratio's resolution: the run-to-run variation of one commit's peak (measured below).
+MEMORY_RESOLUTION = 0.05
+
+
 def _spawn(tool: str, recipe: str, seed: int, steps: int) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix=f"distill-trl-{tool}-"))
     try:
@@ -314,7 +318,10 @@ def run(out: Path, seed: int = 0, steps: int = 300, seeds: list[int] | None = No
                                   for k in phases}
         summary[recipe] = row
         metrics[f"{recipe} distill over trl loop time"] = metric(row["loop_ratio"], "lower", "ratio")
-        metrics[f"{recipe} distill over trl peak memory"] = metric(row["memory_ratio"], "lower", "memory")
+        # One commit's distill GKD run peaks at 623 or 646 MiB from run to run (4 runs each of two
+        # commits, 2026-12-06): a resolution of 5%, not the default 2%.
+        metrics[f"{recipe} distill over trl peak memory"] = metric(row["memory_ratio"], "lower", "memory",
+                                                                   floor=MEMORY_RESOLUTION * row["memory_ratio"])
     batch = distill_config(recipes[0], steps, seeds[0], Path(tempfile.gettempdir())).trainer.batch_size
     result = {"environment": environment(), "trl": trl.__version__, "steps": steps, "seeds": seeds, "batch": batch,
               "mapping": {r: [list(m) for m in rows] for r, rows in mappings.items()}, "trl_cannot": TRL_CANNOT,
