@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase as Tokenizer
@@ -60,3 +61,19 @@ def tokenizer_fingerprint(tokenizer: Tokenizer, template: bool = True) -> str:
     if template:
         what["chat_template"] = getattr(tokenizer, "chat_template", None)
     return digest(what)
+
+
+def differences(have: dict, want: dict, fields: Iterable[str] | None = None) -> list[str]:
+    """The fields (of ``fields``, or all) whose values differ between two keys or identities."""
+    names = sorted(set(have) | set(want)) if fields is None else list(fields)
+    return [k for k in names if have.get(k) != want.get(k)]
+
+
+def mismatch(have: dict, want: dict, fields: Iterable[str]) -> str:
+    """How ``have`` differs from ``want`` in ``fields``, for one line ("dtype: float32 there,
+    bfloat16 here; ..."; digests cut to 12 characters); "" where it does not."""
+    def short(value: object) -> str:
+        return value[:12] if isinstance(value, str) and len(value) == 64 else str(value)
+
+    return "; ".join(f"{k}: {short(have.get(k))} there, {short(want.get(k))} here"
+                     for k in differences(have, want, fields))

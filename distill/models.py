@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from distill.chat_template import use_one_chat_template
 from distill.config import ArchConfig, LoraConfig, ModelConfig
 from distill.errors import DistillError
 from distill.sharding import full_numel, full_shape, gathered, is_sharded
@@ -63,6 +64,18 @@ def check_same_tokenizer(a: Tokenizer, b: Tokenizer, a_path: str, b_path: str) -
         ia, ib = getattr(a, attr + "_id"), getattr(b, attr + "_id")
         if ia != ib:
             raise DistillError(f"tokenizers differ in {attr} ({ia} vs {ib}): {a_path} and {b_path}")
+
+
+def match_teacher_tokenizer(teacher: ModelConfig, tokenizer: Tokenizer, path: str, chat_template: str | None
+                            ) -> None:
+    """Before any compute: the teacher's tokenizer must be the student's ``tokenizer`` (from
+    ``path``), token by token, and both render chat alike (``data.chat_template``:
+    ``use_one_chat_template``). Without a teacher, only the chat-template choice applies."""
+    teacher_path = teacher.tokenizer or teacher.path
+    teacher_tok = load_tokenizer(teacher_path, "teacher") if teacher.path else None
+    if teacher_tok is not None:
+        check_same_tokenizer(teacher_tok, tokenizer, str(teacher_path), path)
+    use_one_chat_template(teacher_tok, tokenizer, str(teacher_path), path, chat_template)
 
 
 def check_vocab_rows(model: PreTrainedModel, tokenizer: Tokenizer, where: str) -> None:

@@ -50,13 +50,14 @@ def batch_loss(
         raise ValueError(f"teacher_hidden: the teacher's logits are not its head's output "
                          f"({', '.join(logit_transforms(teacher.config))}); run its forward instead")
     labels = batch.labels[:, 1:]  # next-token targets: position i predicts token i + 1
+    positions = labels != IGNORE_INDEX  # those the loss counts
     ids, mask = batch.input_ids, batch.attention_mask
     trains_kd = loss.kind != "ce"
     kd = loss.divergence_kwargs() if trains_kd else dict(kind="fkl")
     ce_weight = loss.ce_weight if trains_kd else 1.0
     top = None
     if teacher is not None and teacher_hidden is None:
-        top = teacher.top_k(ids, mask, labels != IGNORE_INDEX)
+        top = teacher.top_k(ids, mask, positions)
     if top is not None:  # a compact cache: the divergence over the teacher's top-k buckets
         return _top_k_terms(loss, student, batch, top, bf16=bf16, vocab=vocab, fused=fused, ce_weight=ce_weight,
                             measure_cross_entropy=measure_cross_entropy, kd=kd)
@@ -65,7 +66,7 @@ def batch_loss(
         h_t = teacher_hidden
         if teacher is not None and h_t is None:
             with torch.no_grad():
-                h_t = teacher.hidden_states(ids, mask, bf16=bf16, positions=labels != IGNORE_INDEX)
+                h_t = teacher.hidden_states(ids, mask, bf16=bf16, positions=positions)
 
         def head_loss(head: torch.nn.Module, h_s: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
             b_s = None if head.bias is None else head.bias[:vocab]
@@ -89,7 +90,7 @@ def batch_loss(
     if teacher is not None:
         with torch.no_grad():
             if teacher_hidden is None:
-                t = teacher.logits(ids, mask, bf16=bf16, vocab=vocab, positions=labels != IGNORE_INDEX)
+                t = teacher.logits(ids, mask, bf16=bf16, vocab=vocab, positions=positions)
             else:  # the teacher's fp32 head on the given hidden states
                 with teacher.head(vocab) as (w_t, b_t):
                     t = fp32_linear(teacher_hidden, w_t, b_t)
@@ -107,9 +108,9 @@ def _top_k_terms(loss: LossConfig, student: PreTrainedModel, batch: Batch, top: 
                  fused: bool, ce_weight: float, measure_cross_entropy: bool, kd: dict) -> LossTerms:
     """``batch_loss`` against a teacher known by its top-k log-probabilities (``distill.top_k_loss``)."""
     labels = batch.labels[:, 1:]
-    args = dict(kind=kd["kind"], beta=kd.get("beta", 0.5), alpha=kd.get("alpha", 0.1),
-                temperature=kd.get("temperature", 1.0), ce_weight=ce_weight,
-                measure_cross_entropy=measure_cross_entropy, chunk_size=loss.chunk_size)
+    # hinton_scale is 1 at the only temperature a top-k teacher has (1).
+    args = {k: v for k, v in kd.items() if k != "hinton_scale"} | dict(
+        ce_weight=ce_weight, measure_cross_entropy=measure_cross_entropy, chunk_size=loss.chunk_size)
     if not fused:
         s = lm_logits(student, batch.input_ids, batch.attention_mask, bf16, vocab)
         return top_k_linear_loss(s, None, labels, top, **args)

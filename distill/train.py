@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 from transformers import PreTrainedModel, set_seed
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from distill.chat_template import use_one_chat_template
 from distill.checkpoint import atomic_write_text, export_model
 from distill.config import DistillConfig, check_vocabulary, sources_in_use, validate
 from distill.data import TrainData, builtin_records, encode_split, stop_ids
@@ -24,13 +23,13 @@ from distill.loop import RunState, measure, run
 from distill.memory import fmt, peak_rss_bytes
 from distill.models import (
     AdaptersDisabled,
-    check_same_tokenizer,
     check_vocab_rows,
     count_parameters,
     enable_activation_checkpointing,
     export_state_dict,
     load_model,
     load_tokenizer,
+    match_teacher_tokenizer,
     resolve_device,
     save_model,
 )
@@ -167,13 +166,10 @@ def _models(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[Tokenize
     """The student's tokenizer, the teacher (loaded here unless it is the student's base) and the
     student, with their tokenizers and vocabularies checked against each other."""
     tokenizer, tok_path = _tokenizer_for(cfg, run_dir, engine)
-    teacher, teacher_tok, teacher_tok_path = None, None, cfg.teacher.tokenizer or cfg.teacher.path
-    if cfg.teacher.path:
-        teacher_tok = load_tokenizer(teacher_tok_path, "teacher")
-        check_same_tokenizer(teacher_tok, tokenizer, teacher_tok_path, tok_path)
     # The chat template the data is rendered with is the teacher's too (the student's tokenizer
     # renders the data and is saved with the distilled model).
-    use_one_chat_template(teacher_tok, tokenizer, str(teacher_tok_path), tok_path, cfg.data.chat_template)
+    match_teacher_tokenizer(cfg.teacher, tokenizer, tok_path, cfg.data.chat_template)
+    teacher = None
     device = engine.device
     # The teacher's body, unless it is the student's (student_base), served elsewhere (remote), or an
     # offline cache stands in for it.

@@ -18,27 +18,27 @@ import torch
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from distill.chat_template import use_one_chat_template
 from distill.checkpoint import atomic_write_text
 from distill.config import DistillConfig, validate
 from distill.data import collate, encode_split
 from distill.errors import DistillError
-from distill.fingerprint import default_root, digest, tokenizer_fingerprint, weights_fingerprint
+from distill.fingerprint import default_root, differences, digest, tokenizer_fingerprint, weights_fingerprint
 from distill.models import (
-    check_same_tokenizer,
     check_vocab_rows,
     final_hidden,
     fp32_linear,
     lm_head,
     load_model,
     load_tokenizer,
+    match_teacher_tokenizer,
     resolve_device,
 )
-from distill.offline.store import FORMAT, KEY, key_differences, read_key, row_key, shard_name, write_done, write_shard
+from distill.offline.store import FORMAT, KEY, read_key, row_key, shard_name, write_done, write_shard
+from distill.placement import DTYPES
 from distill.progress import progress_display, showing
+from distill.top_k_loss import bucket_logprobs
 
 SPLITS = ("train", "validation", "test")
-DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Pair = tuple[list[int], list[int]]
 
@@ -59,14 +59,10 @@ class CacheSummary:
 
 def run_tokenizer(cfg: DistillConfig) -> Tokenizer:
     """The tokenizer a training run of ``cfg`` renders its data with: the student's (or, for a
-    student without one, the teacher's), with the run's chat template."""
-    t_path = cfg.teacher.tokenizer or cfg.teacher.path
-    teacher_tok = load_tokenizer(t_path, "teacher")
-    s_path = cfg.student.tokenizer or cfg.student.path
-    tokenizer = teacher_tok if s_path is None else load_tokenizer(s_path, "student")
-    if s_path is not None:
-        check_same_tokenizer(teacher_tok, tokenizer, str(t_path), str(s_path))
-    use_one_chat_template(teacher_tok, tokenizer, str(t_path), str(s_path or t_path), cfg.data.chat_template)
+    student without one, the teacher's), checked against the teacher's, with the run's chat template."""
+    path = str(cfg.student.tokenizer or cfg.student.path or cfg.teacher.tokenizer or cfg.teacher.path)
+    tokenizer = load_tokenizer(path, "student")
+    match_teacher_tokenizer(cfg.teacher, tokenizer, path, cfg.data.chat_template)
     return tokenizer
 
 
@@ -88,9 +84,7 @@ def cache_teacher(cfg: DistillConfig, *, progress: bool = True) -> CacheSummary:
     """Write (or finish) the teacher cache ``cfg.teacher.cache`` for ``cfg``'s data."""
     if not cfg.teacher.cache:
         raise DistillError("cache-teacher: teacher.cache is not set (the directory to write)")
-    if not cfg.teacher.path:
-        raise DistillError("cache-teacher: teacher.path is not set")
-    validate(cfg)
+    validate(cfg)  # (a cache needs teacher.path)
     out = Path(cfg.teacher.cache)
     tokenizer = run_tokenizer(cfg)
     vocab = len(tokenizer)
@@ -103,7 +97,7 @@ def cache_teacher(cfg: DistillConfig, *, progress: bool = True) -> CacheSummary:
     have = read_key(out)
     if have is not None and have != key:
         raise DistillError(f"teacher.cache: {out} holds a cache written with other settings (differing: "
-                           f"{', '.join(key_differences(have, key))}); choose another directory or delete it")
+                           f"{', '.join(differences(have, key))}); choose another directory or delete it")
     if have is None:
         atomic_write_text(out / KEY, _json(key))
     for stale in out.glob(".shard_*.tmp-*"):  # a shard a killed run was writing
@@ -112,7 +106,6 @@ def cache_teacher(cfg: DistillConfig, *, progress: bool = True) -> CacheSummary:
     size = cfg.teacher.cache_shard_examples
     shards = [rows[i: i + size] for i in range(0, len(rows), size)]
     todo = [i for i in range(len(shards)) if not (out / shard_name(i)).is_file()]
-    written = 0
     if todo:
         device = resolve_device(cfg.trainer.device)
         model = load_model(cfg.teacher, "teacher", device).eval()
@@ -124,11 +117,10 @@ def cache_teacher(cfg: DistillConfig, *, progress: bool = True) -> CacheSummary:
                 keys = [row_key(p + c, len(p)) for p, c in shards[i]]
                 write_shard(out, i, keys, _rows(cfg, model, shards[i], tokenizer.pad_token_id, vocab, device,
                                                 advance))
-                written += 1
     entries = sum(len(c) for _, c in rows)
     write_done(out, len(shards), len(rows), entries)
     size_on_disk = sum((out / shard_name(i)).stat().st_size for i in range(len(shards)))
-    return CacheSummary(out, len(shards), written, len(rows), entries, size_on_disk)
+    return CacheSummary(out, len(shards), len(todo), len(rows), entries, size_on_disk)
 
 
 def _json(obj: object) -> str:
@@ -153,26 +145,25 @@ def _rows(cfg: DistillConfig, model: PreTrainedModel, pairs: list[Pair], pad_id:
     """Each pair's row: the teacher's view at its response positions, in the cache's storage.
     Forwards run in batches of ``trainer.eval_batch_size`` sequences of similar length."""
     t = cfg.teacher
-    dtype, k = DTYPE[t.cache_dtype], t.cache_top_k
+    dtype, k = DTYPES[t.cache_dtype], t.cache_top_k
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out: list[dict[str, torch.Tensor] | None] = [None] * len(pairs)
     bs = cfg.trainer.eval_batch_size
-    for start in range(0, len(order), bs):
-        idx = order[start: start + bs]
-        batch = collate([pairs[i] for i in idx], pad_id).to(device)
-        hidden = final_hidden(model, batch.input_ids, batch.attention_mask, cfg.trainer.precision == "bf16")
-        for j, i in enumerate(idx):
-            p, c = pairs[i]
-            h = hidden[j, len(p) - 1: len(p) - 1 + len(c)]
-            if not k:
-                out[i] = {"hidden": h.to(dtype).cpu()}
-                continue
-            with lm_head(model, vocab) as (w, b):
+    with lm_head(model, vocab) as (w, b):
+        for start in range(0, len(order), bs):
+            idx = order[start: start + bs]
+            batch = collate([pairs[i] for i in idx], pad_id).to(device)
+            hidden = final_hidden(model, batch.input_ids, batch.attention_mask, cfg.trainer.precision == "bf16")
+            for j, i in enumerate(idx):
+                p, c = pairs[i]
+                h = hidden[j, len(p) - 1: len(p) - 1 + len(c)]
+                if not k:
+                    out[i] = {"hidden": h.to(dtype).cpu()}
+                    continue
                 z = fp32_linear(h, w, b)
-            lse = z.logsumexp(-1)
-            top, ids = z.topk(k, dim=-1)
-            tail = z.scatter(-1, ids, float("-inf")).logsumexp(-1) - lse
-            out[i] = {"ids": ids.to(torch.int32).cpu(), "logprobs": (top - lse[:, None]).to(dtype).cpu(),
-                      "tail": tail.float().cpu()}
-        advance(int(batch.attention_mask.sum()))
+                ids = z.topk(k, dim=-1).indices
+                buckets = bucket_logprobs(z, ids)  # the top k's log-probabilities, then the tail's
+                out[i] = {"ids": ids.to(torch.int32).cpu(), "logprobs": buckets[:, :k].to(dtype).cpu(),
+                          "tail": buckets[:, k].float().cpu()}
+            advance(int(batch.attention_mask.sum()))
     return out

@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from distill.checkpoint import atomic_write_text, current_umask, fsync_dir
+from distill.checkpoint import atomic_write_text, current_umask, fsync_dir, fsync_file
 from distill.errors import DistillError
 
 FORMAT = 1
@@ -81,8 +81,7 @@ def write_shard(directory: Path, index: int, keys: list[bytes], rows: list[dict[
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": str(FORMAT)})
     os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes a private file
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
+    fsync_file(tmp)
     os.replace(tmp, final)
     fsync_dir(directory)
     return final
@@ -97,11 +96,6 @@ def read_key(directory: Path) -> dict | None:
         return json.loads(path.read_text())
     except ValueError as e:
         raise DistillError(f"{path}: not a cache key ({e}); the directory is damaged, delete it") from None
-
-
-def key_differences(have: dict, want: dict) -> list[str]:
-    """The key's fields whose values differ (the cache's against what is asked for)."""
-    return [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
 
 
 def write_done(directory: Path, shards: int, rows: int, entries: int) -> None:

@@ -12,8 +12,10 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import DistillConfig, SamplingConfig
 from distill.errors import DistillError
-from distill.offline.build import DTYPE, Pair, cache_key
-from distill.offline.store import CacheReader, key_differences, row_key
+from distill.fingerprint import mismatch
+from distill.offline.build import Pair, cache_key
+from distill.offline.store import CacheReader, row_key
+from distill.placement import DTYPES
 from distill.progress import console
 from distill.speculative import CachedForward
 from distill.teacher import Head, HeadTeacher, Teacher
@@ -137,19 +139,13 @@ def cached_teacher(cfg: DistillConfig, tokenizer: Tokenizer, device: torch.devic
     precision, tokenizer, max_length), with its LM head read from ``teacher.path`` alone."""
     reader = CacheReader(cfg.teacher.cache)
     want = cache_key(cfg, tokenizer, data={})
-    differ = [k for k in key_differences(reader.key, want) if k in MATCHED]
-    if differ:
-        said = "; ".join(f"{k}: {_short(reader.key.get(k))} there, {_short(want[k])} here" for k in differ)
+    if said := mismatch(reader.key, want, MATCHED):
         raise DistillError(f"teacher.cache: {reader.directory} was written for another run ({said}); write one for "
                            "this run with distill cache-teacher")
     if reader.key["storage"] == "top_k" and cfg.loss.temperature != 1.0:
         raise DistillError(f"teacher.cache: {reader.directory} holds top-{reader.key['top_k']} log-probabilities at "
                            f"temperature 1; loss.temperature={cfg.loss.temperature} needs the whole distribution "
                            "(a hidden-state cache: teacher.cache_top_k=0)")
-    weight, bias, config = HeadTeacher.head_of(cfg.teacher.path, DTYPE[cfg.teacher.dtype], device, len(tokenizer))
+    weight, bias, config = HeadTeacher.head_of(cfg.teacher.path, DTYPES[cfg.teacher.dtype], device, len(tokenizer))
     return CachedTeacher(reader, weight, bias, config, live, name=cfg.teacher.path)
 
-
-def _short(value: object) -> str:
-    """A key's value for a message: digests cut to 12 characters."""
-    return value[:12] if isinstance(value, str) and len(value) == 64 else str(value)

@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.config import DistillConfig, SamplingConfig
 from distill.errors import DistillError
-from distill.fingerprint import default_root, tokenizer_fingerprint, weights_fingerprint
+from distill.fingerprint import default_root, mismatch, tokenizer_fingerprint, weights_fingerprint
+from distill.placement import DTYPES
 from distill.remote.cluster import find_workers, init, ray_module
 from distill.speculative import CachedForward
 from distill.teacher import HeadTeacher
@@ -28,8 +29,7 @@ class RemoteTeacher(HeadTeacher):
     def __init__(self, workers: list, weight: torch.Tensor, bias: torch.Tensor | None, config, *, name: str,
                  wire: str = "float32", rank: int = 0) -> None:
         super().__init__(weight, bias, config, name)
-        self.workers, self.wire = workers, wire
-        self.worker = workers[rank % len(workers)]
+        self.worker, self.wire = workers[rank % len(workers)], wire
         self.caller = uuid.uuid4().hex  # the workers share a forward among callers, never within one
         self.pending: dict[bytes, object] = {}  # requests sent ahead (prefetch), by their inputs
         self.prefetched = 0  # answers that were asked for ahead
@@ -103,10 +103,8 @@ def remote_teacher(cfg: DistillConfig, tokenizer: Tokenizer, device: torch.devic
     want = {"teacher": weights_fingerprint(t.path, default_root()),
             "tokenizer": tokenizer_fingerprint(tokenizer, template=False), "dtype": t.dtype}
     for i, have in enumerate(ray.get([w.identity.remote() for w in workers])):
-        differ = [k for k in IDENTITY if have.get(k) != want[k]]
-        if differ:
-            said = "; ".join(f"{k}: {str(have.get(k))[:12]} there, {str(want[k])[:12]} here" for k in differ)
+        if said := mismatch(have, want, IDENTITY):
             raise DistillError(f"teacher.remote={t.remote}: worker {i} serves another teacher than teacher.path="
                                f"{t.path} ({said}, from {have.get('path')})")
-    weight, bias, config = HeadTeacher.head_of(t.path, getattr(torch, t.dtype), device, len(tokenizer))
+    weight, bias, config = HeadTeacher.head_of(t.path, DTYPES[t.dtype], device, len(tokenizer))
     return RemoteTeacher(workers, weight, bias, config, name=t.remote, wire=t.remote_dtype, rank=rank)

@@ -14,8 +14,8 @@ from distill.config import ModelConfig, SamplingConfig
 from distill.fingerprint import default_root, tokenizer_fingerprint, weights_fingerprint
 from distill.generation import sample
 from distill.models import final_hidden, load_model, load_tokenizer, resolve_device
+from distill.placement import DTYPES
 
-WIRE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # How long a forward waits for more requests to join it (from several ranks or jobs), in seconds.
 BATCH_WINDOW = 0.002
 
@@ -98,7 +98,7 @@ class TeacherWorker:
         out, row = [], 0
         for input_ids, _, positions, _, wire, _, _ in requests:
             b, t = input_ids.shape
-            out.append(hidden[row: row + b, : t - 1][positions.to(self.device)].to(WIRE[wire]).cpu())
+            out.append(hidden[row: row + b, : t - 1][positions.to(self.device)].to(DTYPES[wire]).cpu())
             row += b
         return out
 
@@ -113,4 +113,4 @@ class TeacherWorker:
         hidden = [] if with_hidden else None
         responses = sample(self.model, prompts, SamplingConfig(**sampling), pad_id=pad_id, stops=stops, seed=seed,
                            vocab=vocab, hidden=hidden)
-        return responses, None if hidden is None else [h.to(WIRE[wire]).cpu() for h in hidden]
+        return responses, None if hidden is None else [h.to(DTYPES[wire]).cpu() for h in hidden]
