@@ -8,7 +8,8 @@ models, and ``recipe=NAME`` selects a whole recipe (tested: no YAML restates a d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -97,6 +98,11 @@ class TeacherConfig(ModelConfig):
     # serve-teacher: several callers' requests (ranks, jobs) that arrive together share a forward;
     # their answers then equal unshared ones to float rounding (a caller alone: bit for bit).
     remote_batching: bool = True
+    # An entry of the ``teachers`` map only: its share of the summed divergence (combine=sum;
+    # the weights are normalised to sum to 1), or the values of the data's task field it teaches
+    # (combine=route).
+    weight: float = 1.0
+    routes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -135,6 +141,9 @@ class DataConfig:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     messages_field: str = "messages"
+    # The field of a user's record that names its task: metrics are grouped by it, and several
+    # teachers (combine=route) are routed by it. Built-in records carry their task's name.
+    task_field: str = "task"
 
 
 @dataclass
@@ -321,6 +330,11 @@ class PlanConfig:
 @dataclass
 class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Several teachers instead of ``teacher``, by name, each in process, cached or served
+    # (``distill.teacher.Teachers``): combine=sum minimises the weighted sum of the divergences to
+    # each; combine=route sends each example to the teacher whose ``routes`` hold its task.
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    combine: str = "sum"
     student: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -342,12 +356,25 @@ class DistillConfig:
             self.teacher = TeacherConfig(**{f.name: getattr(self.teacher, f.name) for f in fields(ModelConfig)})
 
 
+def has_teacher(cfg: DistillConfig) -> bool:
+    """Whether the run distils from a teacher (``teacher`` or ``teachers``)."""
+    return bool(cfg.teacher.path or cfg.teachers)
+
+
+def member_configs(cfg: DistillConfig) -> dict[str, DistillConfig]:
+    """Each of several teachers (``teachers``) as the ``teacher`` of a copy of ``cfg``, by name:
+    what builds, checks and plans one teacher serves each; empty for a single teacher."""
+    return {name: replace(cfg, teacher=t, teachers={}) for name, t in cfg.teachers.items()}
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("fp32", "bf16")
 
 
 def validate(cfg: DistillConfig) -> None:
     """Check a config before anything is loaded; raise DistillError naming the field."""
+    if cfg.teachers:
+        _validate_teachers(cfg)
     _validate_loss(cfg)
     _validate_models(cfg)
     _validate_teacher_cache(cfg)
@@ -384,8 +411,58 @@ def _validate_loss(cfg: DistillConfig) -> None:
         raise DistillError(f"loss.backend must be one of {', '.join(BACKENDS)}; got {cfg.loss.backend!r}")
     if cfg.loss.chunk_size is not None and cfg.loss.chunk_size < 1:
         raise DistillError(f"loss.chunk_size must be >= 1 (or null for automatic); got {cfg.loss.chunk_size}")
-    if cfg.loss.kind != "ce" and not cfg.teacher.path:
+    if cfg.loss.kind != "ce" and not has_teacher(cfg):
         raise DistillError(f"loss.kind={cfg.loss.kind} distils from a teacher, but teacher.path is not set")
+
+
+COMBINE = ("sum", "route")
+
+
+def _validate_teachers(cfg: DistillConfig) -> None:
+    """Several teachers: each checked as a single teacher is (errors name ``teachers.NAME``), and
+    how they combine."""
+    if cfg.teacher.path or cfg.teacher.cache or cfg.teacher.remote:
+        raise DistillError("teacher and teachers are both set: name every teacher under teachers.NAME")
+    if cfg.combine not in COMBINE:
+        raise DistillError(f"combine must be one of {', '.join(COMBINE)}; got {cfg.combine!r}")
+    routed: dict[str, str] = {}
+    for name, view in member_configs(cfg).items():
+        t, key = view.teacher, f"teachers.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise DistillError(f"{key}: a teacher's name is letters, digits, '_', '-' or '.' (it names its metrics)")
+        if not t.path:
+            raise DistillError(f"{key}.path is not set")
+        if t.student_base:
+            raise DistillError(f"{key}.student_base: several teachers are models of their own")
+        try:
+            _validate_models(view)
+            _validate_teacher_cache(view)
+        except DistillError as e:
+            raise DistillError(str(e).replace("teacher.", f"{key}.")) from None
+        if cfg.combine == "sum":
+            if not (math.isfinite(t.weight) and t.weight > 0):
+                raise DistillError(f"{key}.weight must be > 0; got {t.weight}")
+            if t.routes:
+                raise DistillError(f"{key}.routes: routes choose a teacher per example under combine=route "
+                                   f"(combine={cfg.combine})")
+            continue
+        if t.weight != 1.0:
+            raise DistillError(f"{key}.weight: combine=route gives each example to one teacher; weights are for "
+                               "combine=sum")
+        if not t.routes:
+            raise DistillError(f"{key}.routes: combine=route needs the data.{cfg.data.task_field} values this teacher "
+                               "teaches (e.g. [arithmetic])")
+        for value in t.routes:
+            if value in routed:
+                raise DistillError(f"{key}.routes: {value!r} is routed to teachers.{routed[value]} already")
+            routed[value] = name
+    if cfg.combine == "route" and cfg.data.stream:
+        raise DistillError("combine=route routes the examples of a fixed dataset; data.stream draws new ones")
+    if cfg.draft.enabled:
+        raise DistillError("draft.enabled measures the student as a draft for one teacher; with several (teachers) "
+                           "run distill eval-draft against the one you serve")
+    if cfg.data.chat_template == "teacher":
+        raise DistillError("data.chat_template=teacher: several teachers; name the template (student or a file)")
 
 
 def _validate_models(cfg: DistillConfig) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,14 +49,15 @@ def _record_from_row(
 ) -> Record:
     if not isinstance(row, dict):
         raise DistillError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    task = row.get(cfg.task_field) if isinstance(row.get(cfg.task_field), str) else None
     if row.get(cfg.messages_field) is not None:
-        return _record_from_messages(row[cfg.messages_field], tokenizer, where, require_completion)
+        record = _record_from_messages(row[cfg.messages_field], tokenizer, where, require_completion)
+        return record if task is None else replace(record, task=task)
     for key in (cfg.prompt_field, cfg.completion_field):
         if key not in row and (require_completion or key == cfg.prompt_field):
             raise DistillError(f"{where}: missing field {key!r} (or {cfg.messages_field!r})")
         if key in row and not isinstance(row[key], str):
             raise DistillError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
-    task = row.get("task") if isinstance(row.get("task"), str) else None
     return Record(row[cfg.prompt_field], row.get(cfg.completion_field, ""), where, task)
 
 
@@ -415,10 +416,11 @@ class TrainData:
             if cfg.train is not None:
                 raise DistillError("data.stream draws from the built-in tasks; unset data.train to use it")
             self.examples: list[tuple[list[int], list[int]]] = []
+            self.records: list[Record] = []
             self._stream = builtin_stream(cfg, seed)
             self.position = 0
         else:
-            _, self.examples, self.counts = encode_split(cfg, "train", tokenizer)
+            self.records, self.examples, self.counts = encode_split(cfg, "train", tokenizer)
             if not self.examples:
                 raise DistillError(
                     f"data.train: all {self.counts['records']} records have prompts of at least data.max_length="

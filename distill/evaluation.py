@@ -22,6 +22,7 @@ from distill.losses import count_tokens
 from distill.metrics import resolve, text_scores
 from distill.objective import batch_loss
 from distill.tasks import TASKS
+from distill.teacher import Teacher, Teachers
 
 OnBatch = Callable[[], None] | None
 
@@ -92,7 +93,7 @@ def task_metrics(records: list[Record], predictions: list[str], metric: str = "a
 @torch.no_grad()
 def reference_losses(
     student: PreTrainedModel,
-    teacher: PreTrainedModel | None,
+    teacher: Teacher | Teachers | None,
     tokenizer: Tokenizer,
     records: list[Record],
     loss: LossConfig,
@@ -106,11 +107,13 @@ def reference_losses(
     and, with a teacher, the teacher-student ``divergence`` (``loss.kind``, or forward KL when
     training on cross-entropy) and the ``objective`` when it mixes the two (``loss.ce_weight``).
     ``fused``: through the fused LM-head loss (``distill.objective.batch_loss``), never the
-    ``[tokens x vocab]`` logits. Without a teacher this is also a teacher's own ``ce``."""
+    ``[tokens x vocab]`` logits. Without a teacher this is also a teacher's own ``ce``. With
+    several teachers, ``divergence_NAME`` is each one's per token it teaches."""
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
     sums = {"ce": 0.0, "divergence": 0.0, "objective": 0.0}
+    each: dict[str, list] = {}
     n = 0
     vocab = len(tokenizer)
     try:
@@ -119,6 +122,10 @@ def reference_losses(
             terms = batch_loss(loss, student, teacher, b.to(device), bf16=False, vocab=vocab, fused=fused,
                                measure_cross_entropy=True)
             sums["ce"] += float(terms.cross_entropy)
+            for name, (div, tokens) in (terms.by_teacher or {}).items():  # several teachers: each one's part
+                each.setdefault(name, [0.0, 0])
+                each[name][0] += float(div)
+                each[name][1] += tokens
             if terms.divergence is not None:
                 sums["divergence"] += float(terms.divergence)
                 sums["objective"] += float(terms.loss)
@@ -130,7 +137,8 @@ def reference_losses(
     keys = ["ce"] + (["divergence"] if teacher is not None else [])
     if teacher is not None and loss.kind != "ce" and loss.ce_weight > 0:
         keys.append("objective")  # otherwise it is one of the two above
-    return {k: sums[k] / max(n, 1) for k in keys}
+    return {k: sums[k] / max(n, 1) for k in keys} | {f"divergence_{name}": d / max(t, 1)
+                                                     for name, (d, t) in each.items()}
 
 
 def evaluate(

@@ -261,6 +261,8 @@ class LossTerms:
     loss: torch.Tensor
     divergence: torch.Tensor | None
     cross_entropy: torch.Tensor | None
+    # Several teachers (``distill.objective.batch_loss``): each one's divergence sum and counted tokens.
+    by_teacher: dict[str, tuple[torch.Tensor, int]] | None = None
 
 
 def fused_linear_loss(

@@ -35,7 +35,7 @@ from distill.progress import console, showing
 from distill.sources import REGISTRY
 from distill.sources.base import SourceContext, SourceStats, aligned_hidden
 from distill.sources.mixture import draw_source, step_seed
-from distill.teacher import Teacher
+from distill.teacher import Teacher, Teachers
 from distill.tracking import MetricsLog
 
 
@@ -48,7 +48,7 @@ class RunState:
     engine: Engine
     tokenizer: Tokenizer
     student: PreTrainedModel
-    teacher: Teacher | None
+    teacher: Teacher | Teachers | None
     params: list[torch.nn.Parameter]  # the student's trained parameters
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -68,7 +68,7 @@ class RunState:
     warned: set[str] = field(default_factory=set)  # kinds of generation problems already reported
 
     @property
-    def loss_teacher(self) -> Teacher | None:
+    def loss_teacher(self) -> Teacher | Teachers | None:
         """The loss's teacher: none for SFT's cross-entropy."""
         return self.teacher if self.cfg.loss.kind != "ce" else None
 
@@ -84,6 +84,7 @@ class Window:
     generation: SourceStats = field(default_factory=SourceStats)
     lr: float = 0.0
     grad_norm: float = 0.0
+    by_teacher: dict[str, list] = field(default_factory=dict)  # several teachers: [divergence sum, tokens]
 
 
 def run(state: RunState) -> None:
@@ -184,9 +185,14 @@ def accumulate(state: RunState, micro: list[Batch], hidden: list[torch.Tensor | 
     loss_sum = torch.zeros((), device=engine.device)  # summed on the device: no sync per micro-batch
     for i, (b, h_t) in enumerate(zip(micro, hidden, strict=True)):
         engine.start_forward()
-        loss = batch_loss(cfg.loss, state.student, state.loss_teacher, b.to(engine.device),
-                          bf16=cfg.trainer.precision == "bf16", vocab=state.sources.vocab, fused=state.fused,
-                          teacher_hidden=h_t).loss
+        terms = batch_loss(cfg.loss, state.student, state.loss_teacher, b.to(engine.device),
+                           bf16=cfg.trainer.precision == "bf16", vocab=state.sources.vocab, fused=state.fused,
+                           teacher_hidden=h_t)
+        loss = terms.loss
+        for name, (div, tokens) in (terms.by_teacher or {}).items():
+            got = window.by_teacher.setdefault(name, [torch.zeros((), device=engine.device), 0])
+            got[0] += div
+            got[1] += tokens
         engine.backward(loss * scale, last=i == len(micro) - 1)
         loss_sum += loss.detach()
         window.tokens += b.num_tokens
@@ -210,10 +216,16 @@ def log(state: RunState, window: Window, task: Any) -> None:
     tps = state.engine.all_sum(window.tokens) / max(elapsed, 1e-9)
     mean_loss = float(torch.stack(window.losses).mean())
     steps, gen = sum(window.drawn.values()), window.generation.metrics()
+    per_teacher = {}  # several teachers: each one's divergence per token it taught (every rank sums)
+    for name in getattr(state.loss_teacher, "members", ()):
+        div, tokens = window.by_teacher.get(name, (0.0, 0))
+        per_teacher[f"divergence_{name}"] = float(state.engine.all_sum(float(div))) / max(
+            state.engine.all_sum(tokens), 1)
     if state.metrics is not None:
         state.metrics.log("train", state.step, {
             "loss": mean_loss, "lr": window.lr, "grad_norm": window.grad_norm,
             "response_tokens": state.tokens_seen, "tokens_per_s": tps, "train_seconds": elapsed,
+            **per_teacher,
             **{f"source_{n}": window.drawn.get(n, 0) / steps for n in state.cfg.sources.weights}, **gen,
         })
     # The sources of the interval, what their generation cost and gave.

@@ -9,7 +9,7 @@ ce_weight * CE`` per counted token (``loss.ce_weight`` 0 by default: distillatio
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers import PreTrainedModel
@@ -22,13 +22,24 @@ from distill.models import final_hidden, fp32_linear, fused_head_problem, head_f
 from distill.top_k_loss import TopK, top_k_linear_loss
 
 if TYPE_CHECKING:  # the teacher sits above the objective: the objective only calls its methods
-    from distill.teacher import Teacher
+    from distill.teacher import Teacher, Teachers
+
+
+
+class Part(NamedTuple):
+    """One teacher's share of a batch's objective (``Teacher.parts``): its name among several ("" for
+    the only one), its weight, and the batch rows it teaches (None: every row)."""
+
+    name: str
+    teacher: Teacher | None
+    weight: float
+    rows: torch.Tensor | None
 
 
 def batch_loss(
     loss: LossConfig,
     student: PreTrainedModel,
-    teacher: Teacher | None,
+    teacher: Teacher | Teachers | None,
     batch: Batch,
     *,
     bf16: bool,
@@ -45,7 +56,8 @@ def batch_loss(
     hidden states at the counted positions, e.g. from SKD's verification forwards) replaces the
     teacher's forward; refused for a teacher whose logits are not its head's output (soft-capping,
     scaling: ``logit_transforms``). ``teacher``: a ``distill.teacher.Teacher`` (``LocalTeacher``
-    for a model in this process)."""
+    for a model in this process), or ``Teachers``: each part it names (``Part``) adds its weighted
+    terms, and ``LossTerms.by_teacher`` holds each one's divergence."""
     if teacher_hidden is not None and teacher is not None and logit_transforms(teacher.config):
         raise ValueError(f"teacher_hidden: the teacher's logits are not its head's output "
                          f"({', '.join(logit_transforms(teacher.config))}); run its forward instead")
@@ -55,45 +67,70 @@ def batch_loss(
     trains_kd = loss.kind != "ce"
     kd = loss.divergence_kwargs() if trains_kd else dict(kind="fkl")
     ce_weight = loss.ce_weight if trains_kd else 1.0
-    top = None
-    if teacher is not None and teacher_hidden is None:
-        top = teacher.top_k(ids, mask, positions)
-    if top is not None:  # a compact cache: the divergence over the teacher's top-k buckets
-        return _top_k_terms(loss, student, batch, top, bf16=bf16, vocab=vocab, fused=fused, ce_weight=ce_weight,
-                            measure_cross_entropy=measure_cross_entropy, kd=kd)
+    # Each teacher with its weight and the rows it teaches (None: all); one for a single teacher.
+    parts = [Part("", None, 1.0, None)] if teacher is None else teacher.parts(ids, mask, positions)
+    with torch.no_grad():  # the teachers' side of each part: hidden states, logits or top-k
+        seen = [_teacher_side(p, ids, mask, positions, bf16=bf16, vocab=vocab, fused=fused, given=teacher_hidden)
+                for p in parts]
+    args = dict(ce_weight=ce_weight, measure_cross_entropy=measure_cross_entropy, chunk_size=loss.chunk_size)
     if fused:
-        h_s = final_hidden(student, ids, mask, bf16)
-        h_t = teacher_hidden
-        if teacher is not None and h_t is None:
-            with torch.no_grad():
-                h_t = teacher.hidden_states(ids, mask, bf16=bf16, positions=positions)
-
         def head_loss(head: torch.nn.Module, h_s: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
             b_s = None if head.bias is None else head.bias[:vocab]
-            with teacher_head(teacher, vocab) as (w_t, b_t):
-                terms = fused_linear_loss(
-                    h_s, head.weight[:vocab], labels, teacher_hidden=h_t, teacher_weight=w_t, student_bias=b_s,
-                    teacher_bias=b_t, ce_weight=ce_weight, measure_cross_entropy=measure_cross_entropy,
-                    reduction="sum", chunk_size=loss.chunk_size, backend=loss.backend, **kd,
-                )
-            return terms.loss, terms.divergence, terms.cross_entropy
+            terms = []
+            for p, t in zip(parts, seen, strict=True):
+                h, lab = _rows(h_s, p.rows), _rows(labels, p.rows)
+                if isinstance(t, TopK):
+                    terms.append(top_k_linear_loss(h, head.weight[:vocab], lab, t, student_bias=b_s,
+                                                   **_top_k_kwargs(kd), **args))
+                    continue
+                with teacher_head(p.teacher, vocab) as (w_t, b_t):
+                    terms.append(fused_linear_loss(h, head.weight[:vocab], lab, teacher_hidden=t, teacher_weight=w_t,
+                                                   student_bias=b_s, teacher_bias=b_t, reduction="sum",
+                                                   backend=loss.backend, **kd, **args))
+            return _combined(parts, terms, h_s)
 
         # As the student head's forward: its gradient reaches a sharded head in the backward pass.
         with head_forward(student, head_loss) as head:
-            return LossTerms(*head(h_s))
+            return _with_breakdown(parts, positions, *head(final_hidden(student, ids, mask, bf16)))
     s = lm_logits(student, ids, mask, bf16, vocab)
+    terms = []
+    for p, t in zip(parts, seen, strict=True):
+        s_p, lab = _rows(s, p.rows), _rows(labels, p.rows)
+        if isinstance(t, TopK):
+            terms.append(top_k_linear_loss(s_p, None, lab, t, **_top_k_kwargs(kd), **args))
+        else:
+            terms.append(_logit_terms(loss, s_p, t, lab, kd, ce_weight, measure_cross_entropy))
+    return _with_breakdown(parts, positions, *_combined(parts, terms, s))
+
+
+def _teacher_side(part: Part, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *, bf16: bool,
+                  vocab: int, fused: bool, given: torch.Tensor | None) -> torch.Tensor | TopK | None:
+    """What the loss needs of ``part``'s teacher on its rows: its top-k (a compact cache), else its
+    final hidden states (fused; ``given`` where a source kept them) or its fp32 logits."""
+    t = part.teacher
+    if t is None:
+        return None
+    ids, mask, positions = _rows(ids, part.rows), _rows(mask, part.rows), _rows(positions, part.rows)
+    if given is None and (top := t.top_k(ids, mask, positions)) is not None:
+        return top
+    if fused:
+        return given if given is not None else t.hidden_states(ids, mask, bf16=bf16, positions=positions)
+    if given is None:
+        return t.logits(ids, mask, bf16=bf16, vocab=vocab, positions=positions)
+    with t.head(vocab) as (w_t, b_t):  # the teacher's fp32 head on the given hidden states
+        return fp32_linear(given, w_t, b_t)
+
+
+def _logit_terms(loss: LossConfig, s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, kd: dict,
+                 ce_weight: float, measure_cross_entropy: bool) -> LossTerms:
+    """The terms on full logits: the student's ``s`` against the teacher's ``t`` (None: CE alone)."""
+    trains_kd = loss.kind != "ce"
     ce = None
     if ce_weight > 0 or measure_cross_entropy:
         ce = cross_entropy(s, labels, reduction="sum", backend=loss.backend)
     div = None
     trains_div = trains_kd and ce_weight < 1
-    if teacher is not None:
-        with torch.no_grad():
-            if teacher_hidden is None:
-                t = teacher.logits(ids, mask, bf16=bf16, vocab=vocab, positions=positions)
-            else:  # the teacher's fp32 head on the given hidden states
-                with teacher.head(vocab) as (w_t, b_t):
-                    t = fp32_linear(teacher_hidden, w_t, b_t)
+    if t is not None:
         div = divergence(s if trains_div else s.detach(), t, labels, reduction="sum", backend=loss.backend, **kd)
     if div is None or not trains_div:
         objective = ce
@@ -104,24 +141,39 @@ def batch_loss(
     return LossTerms(objective, None if div is None else div.detach(), None if ce is None else ce.detach())
 
 
-def _top_k_terms(loss: LossConfig, student: PreTrainedModel, batch: Batch, top: TopK, *, bf16: bool, vocab: int,
-                 fused: bool, ce_weight: float, measure_cross_entropy: bool, kd: dict) -> LossTerms:
-    """``batch_loss`` against a teacher known by its top-k log-probabilities (``distill.top_k_loss``)."""
-    labels = batch.labels[:, 1:]
+def _top_k_kwargs(kd: dict) -> dict:
     # hinton_scale is 1 at the only temperature a top-k teacher has (1).
-    args = {k: v for k, v in kd.items() if k != "hinton_scale"} | dict(
-        ce_weight=ce_weight, measure_cross_entropy=measure_cross_entropy, chunk_size=loss.chunk_size)
-    if not fused:
-        s = lm_logits(student, batch.input_ids, batch.attention_mask, bf16, vocab)
-        return top_k_linear_loss(s, None, labels, top, **args)
+    return {k: v for k, v in kd.items() if k != "hinton_scale"}
 
-    def head_loss(head: torch.nn.Module, h_s: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        b_s = None if head.bias is None else head.bias[:vocab]
-        terms = top_k_linear_loss(h_s, head.weight[:vocab], labels, top, student_bias=b_s, **args)
-        return terms.loss, terms.divergence, terms.cross_entropy
 
-    with head_forward(student, head_loss) as head:
-        return LossTerms(*head(final_hidden(student, batch.input_ids, batch.attention_mask, bf16)))
+def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return x if rows is None else x[rows]
+
+
+def _combined(parts: list[Part], terms: list[LossTerms], anchor: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The parts' terms as one: the objective and divergence as their weighted sum; the
+    cross-entropy summed over parts that split the rows, else the first's (each saw every row).
+    Then each part's divergence, stacked. No parts (no counted row): zeros joined to ``anchor``'s graph."""
+    if not terms:
+        zero = anchor.sum() * 0.0
+        return zero, None, None, None
+    loss = sum(p.weight * t.loss for p, t in zip(parts, terms, strict=True))
+    div = None if terms[0].divergence is None else sum(p.weight * t.divergence for p, t in zip(parts, terms,
+                                                                                              strict=True))
+    ce = terms[0].cross_entropy
+    if ce is not None and parts[0].rows is not None:
+        ce = sum(t.cross_entropy for t in terms)
+    each = None if div is None else torch.stack([t.divergence for t in terms])
+    return loss, div, ce, each
+
+
+def _with_breakdown(parts: list[Part], positions: torch.Tensor, loss: torch.Tensor, div: torch.Tensor | None,
+                    ce: torch.Tensor | None, each: torch.Tensor | None) -> LossTerms:
+    """``LossTerms``, with each teacher's divergence sum and counted tokens where several teach."""
+    by_teacher = None
+    if each is not None and any(p.name for p in parts):
+        by_teacher = {p.name: (d, int(_rows(positions, p.rows).sum())) for p, d in zip(parts, each, strict=True)}
+    return LossTerms(loss, div, ce, by_teacher)
 
 
 def teacher_head(teacher: Teacher | None, vocab: int) -> AbstractContextManager:

@@ -13,9 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.config import DistillConfig
+from distill.config import DistillConfig, TeacherConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def head_only(t: TeacherConfig) -> bool | None:
+    """Whether the trainer holds ``t``'s LM head alone (read from a cache, or served); None without a teacher."""
+    if not t.path:
+        return None
+    return bool(t.cache) and not t.live or bool(t.remote)
 
 
 @dataclass(frozen=True)
@@ -42,13 +49,14 @@ class Placement:
     def of(cls, cfg: DistillConfig, world: int, device: str | None = None) -> Placement:
         """The placement of ``cfg`` on ``world`` ranks (``device``: default from trainer.device)."""
         ds = cfg.deepspeed
+        # Several teachers: weights of their own where any is loaded here, else their LM heads alone.
+        teachers = list(cfg.teachers.values()) or [cfg.teacher]
         return cls(world=world, stage=ds.stage, device=device or device_type(cfg.trainer.device),
-                   student_dtype=cfg.student.dtype, teacher_dtype=cfg.teacher.dtype,
+                   student_dtype=cfg.student.dtype, teacher_dtype=teachers[0].dtype,
                    shard_teacher_asked=ds.shard_teacher, offload_optimizer_asked=ds.offload_optimizer,
                    offload_params_asked=ds.offload_params,
-                   own_teacher=bool(cfg.teacher.path) and not cfg.teacher.student_base and not cfg.teacher.remote
-                   and (not cfg.teacher.cache or cfg.teacher.live),
-                   teacher_head_only=bool(cfg.teacher.cache) and not cfg.teacher.live or bool(cfg.teacher.remote))
+                   own_teacher=any(head_only(t) is False and not t.student_base for t in teachers),
+                   teacher_head_only=all(head_only(t) for t in teachers))
 
     def with_stage(self, stage: int, offload: bool = False) -> Placement:
         """The same run at another ZeRO stage, with or without offload (the plan's comparison)."""

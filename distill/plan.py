@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 
-from distill.config import DistillConfig, ModelConfig, weights_at
+from distill.config import DistillConfig, ModelConfig, member_configs, weights_at
 from distill.draft_eval import DraftEvalConfig
 from distill.errors import DistillError
 from distill.fused_loss import CHUNK_BUDGET_BYTES, auto_chunk_size, chunk_entry_bytes
 from distill.memory import GIB, fmt, rss_bytes
 from distill.objective import objective_name
-from distill.placement import DTYPES, Placement, device_type, launch_env, local_world_size
+from distill.placement import DTYPES, Placement, device_type, head_only, launch_env, local_world_size
 from distill.sources import check as check_sources
 
 RUNTIME_CUDA = 1 * GIB  # CUDA context, cuBLAS workspaces: outside torch's allocator statistics
@@ -180,6 +180,20 @@ def model_shape(m: ModelConfig, role: str, *, vocab: int | None = None, rows: in
             inputs = layers * rows * length * shape.hidden * next(model.parameters()).element_size()
             shape.activations = _saved_activations(model, rows, length) + inputs + full // layers
     return shape
+
+
+def _teachers_shape(cfg: DistillConfig) -> ModelShape:
+    """Several teachers (``teachers``) planned as one: the weights of those loaded here plus the LM
+    heads of those cached or served, in the widest dtype; their hidden states side by side (a
+    batch holds every member's at once); the largest vocabulary, block and KV cache."""
+    members = {name: (view.teacher, model_shape(view.teacher, "teacher")) for name, view in member_configs(cfg).items()}
+    b = max(m.bytes_per_weight for _, m in members.values())
+    held = sum((m.parameters if head_only(t) is False else m.rows * m.hidden) * m.bytes_per_weight
+               for t, m in members.values())
+    return ModelShape(name=" + ".join(f"{n}: {m.name}" for n, (_, m) in members.items()), parameters=-(-held // b),
+                      trainable=0, bytes_per_weight=b, largest_block=max(m.largest_block for _, m in members.values()),
+                      hidden=sum(m.hidden for _, m in members.values()), rows=max(m.rows for _, m in members.values()),
+                      kv_bytes_per_token=max(m.kv_bytes_per_token for _, m in members.values()), trainable_head=False)
 
 
 @dataclass
@@ -458,7 +472,7 @@ def make_plan(cfg: DistillConfig, world: int | None = None) -> RunPlan:
         vocab = len(load_tokenizer(cfg.student.tokenizer, "student"))
     s = model_shape(cfg.student, "student", vocab=vocab, rows=rows, length=length,
                     bf16=tc.precision == "bf16", checkpointing=tc.activation_checkpointing)
-    t = model_shape(cfg.teacher, "teacher") if cfg.teacher.path else None
+    t = _teachers_shape(cfg) if cfg.teachers else model_shape(cfg.teacher, "teacher") if cfg.teacher.path else None
     if cfg.loss.fused:
         if device == "cuda" and torch.cuda.is_available():
             triton = use_triton(cfg.loss.backend, torch.device(device), DTYPES[cfg.student.dtype])

@@ -10,7 +10,9 @@ The loop, the sources and the objective see a ``Teacher``:
 - ``verifier``: a KV-cached forward over drafted blocks (SKD's verification rounds).
 
 ``LocalTeacher`` is the in-process teacher, sharded by ZeRO-3 or not, and the student's own base
-weights (``teacher.student_base``); ``distill.offline.teacher.CachedTeacher`` reads it from disk.
+weights (``teacher.student_base``); ``distill.offline.teacher.CachedTeacher`` reads it from disk;
+``distill.remote.teacher.RemoteTeacher`` asks Ray workers. ``Teachers`` teaches with several:
+the objective asks every teacher for its ``parts`` of a batch (``distill.objective.Part``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from distill.config import SamplingConfig
+from distill.data import Record
 from distill.errors import DistillError
 from distill.generation import sample
 from distill.lm_head import load_lm_head
 from distill.models import final_hidden, fp32_linear, fused_head_problem, lm_head, lm_logits
+from distill.objective import Part
 from distill.speculative import CachedForward
 from distill.top_k_loss import TopK
 
@@ -48,6 +52,10 @@ class Teacher(ABC):
     def generation_models(self) -> tuple[torch.nn.Module, ...]:
         """The modules a generation round gathers on this rank (none where it runs elsewhere)."""
         return ()
+
+    def parts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> list[Part]:
+        """Who teaches which rows of a batch: this teacher, every row."""
+        return [Part("", self, 1.0, None)]
 
     @abstractmethod
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, bf16: bool = False,
@@ -166,6 +174,89 @@ class HeadTeacher(Teacher):
         out = torch.zeros((*positions.shape, self.weight.shape[1]), dtype=self.weight.dtype, device=positions.device)
         out[positions] = rows.to(out.device, out.dtype)
         return out
+
+
+class Teachers:
+    """Several teachers (``teachers``), each a ``Teacher`` of any kind, as the objective's one
+    teacher. ``combine=sum``: each teaches every row, and the objective is the weighted sum of the
+    divergences (weights normalised to sum to 1, so cross-entropy keeps its share).
+    ``combine=route``: each row is taught by the teacher its record's task is routed to; a row is
+    known by its prompt's token ids (``learn``), so the sources need not carry the task along."""
+
+    prefetches: bool
+    module = None  # none of them is "the" model in this process
+
+    def __init__(self, members: dict[str, Teacher], *, weights: dict[str, float] | None = None,
+                 routes: dict[str, str] | None = None, in_step: bool = False) -> None:
+        """``weights`` (combine=sum) or ``routes`` (combine=route: task -> member name). ``in_step``:
+        the members' forwards are collective across ranks (ZeRO-3), so a member with no rows on this
+        rank still runs a one-row forward, its answer unused."""
+        if (weights is None) == (routes is None):
+            raise ValueError("Teachers: give weights (combine=sum) or routes (combine=route)")
+        self.members, self.routes, self.in_step = members, routes, in_step
+        total = sum(weights.values()) if weights else 0.0
+        self.weights = {n: w / total for n, w in weights.items()} if weights else None
+        self.name = " + ".join(members)
+        self.config = next(iter(members.values())).config
+        self.prefetches = any(t.prefetches for t in members.values())
+        self._by_prompt: dict[tuple[int, ...], tuple[str, str]] = {}  # prompt ids -> (member, where)
+
+    def learn(self, records: list[Record], pairs: list[tuple[list[int], list[int]]]) -> None:
+        """Route the prompts of ``records`` (encoded as ``pairs``) by their tasks; an unrouted task, or
+        one prompt under two teachers, is refused naming the record."""
+        if self.routes is None:
+            return
+        for r, (prompt, _) in zip(records, pairs, strict=True):
+            member = self.routes.get(r.task or "")
+            if member is None:
+                raise DistillError(f"{r.source}: its task {r.task!r} is routed to no teacher (the routes: "
+                                   f"{', '.join(f'{k} -> {v}' for k, v in self.routes.items())})")
+            had = self._by_prompt.setdefault(tuple(prompt), (member, r.source))
+            if had[0] != member:
+                raise DistillError(f"{r.source}: the same prompt as {had[1]}, routed to teachers.{had[0]}, is "
+                                   f"routed to teachers.{member}")
+
+    def parts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> list[Part]:
+        """Each member's weight and rows (combine=route: rows with no counted position are nobody's)."""
+        if self.weights is not None:
+            return [Part(n, t, self.weights[n], None) for n, t in self.members.items()]
+        out = []
+        for n, rows in self._routed(input_ids, positions).items():
+            t = self.members[n]
+            if rows is not None:
+                out.append(Part(n, t, 1.0, rows))
+            elif self.in_step:  # the collective forward every rank runs; this rank has no rows for it
+                with torch.no_grad():
+                    t.hidden_states(input_ids[:1], attention_mask[:1], positions=positions[:1])
+        return out
+
+    def prefetch(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bf16: bool = False) -> None:
+        """Each member's share of ``batches``, as ``parts`` will ask for it."""
+        for ids, mask, positions in batches:
+            shares = {n: None for n in self.members} if self.routes is None else self._routed(ids, positions)
+            for n, rows in shares.items():
+                if self.members[n].prefetches and (self.routes is None or rows is not None):
+                    rows = slice(None) if rows is None else rows
+                    self.members[n].prefetch([(ids[rows], mask[rows], positions[rows])], bf16=bf16)
+
+    def _routed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The rows routed to each member (None: none), by their prompts."""
+        rows: dict[str, list[int]] = {n: [] for n in self.members}
+        first = positions.int().argmax(dim=1) + 1  # the prompt ends where the first counted label is
+        for i in positions.any(dim=1).nonzero().flatten().tolist():
+            prompt = tuple(input_ids[i, : int(first[i])].tolist())
+            if prompt not in self._by_prompt:
+                raise DistillError("several teachers (combine=route): a prompt that no record of the data holds "
+                                   "reached the loss; the sources must keep the dataset's prompts")
+            rows[self._by_prompt[prompt][0]].append(i)
+        return {n: torch.tensor(r, device=input_ids.device) if r else None for n, r in rows.items()}
+
+    def head_problem(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
+        """The first member whose head cannot stand in for its logits, named."""
+        for n, t in self.members.items():
+            if problem := t.head_problem(input_ids, attention_mask):
+                return f"teachers.{n}: {problem}"
+        return None
 
 
 def as_teacher(teacher: Teacher | PreTrainedModel | None) -> Teacher | None:

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, set_seed
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from distill.checkpoint import atomic_write_text, export_model
-from distill.config import DistillConfig, check_vocabulary, sources_in_use, validate
+from distill.config import DistillConfig, check_vocabulary, member_configs, sources_in_use, validate
 from distill.data import TrainData, builtin_records, encode_split, stop_ids
 from distill.distributed import Engine
 from distill.errors import DistillError
@@ -44,7 +44,7 @@ from distill.schedule import cosine_scheduler
 from distill.sources import check as check_sources
 from distill.sources.base import SourceContext
 from distill.sources.teacher_cache import TeacherCache
-from distill.teacher import LocalTeacher, Teacher
+from distill.teacher import LocalTeacher, Teacher, Teachers
 from distill.tokenizer import train_tokenizer
 from distill.tracking import MetricsLog, plot_curves
 
@@ -134,8 +134,12 @@ def _build(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[RunState,
     data = TrainData(cfg.data, tokenizer, tc.seed)
     result.data["train"] = data.counts
     splits, pairs = _splits(cfg, tokenizer, result)
-    if isinstance(teacher, CachedTeacher):
-        teacher.check_covers({"train": data.examples, **pairs})
+    for t in each_teacher(teacher).values():
+        if isinstance(t, CachedTeacher):
+            t.check_covers({"train": data.examples, **pairs})
+    if isinstance(teacher, Teachers):  # combine=route: where each prompt goes
+        for split, records in (("train", data.records), *((s, splits[s]) for s in pairs)):
+            teacher.learn(records, data.examples if split == "train" else pairs[split])
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     student = engine.wrap_student(student, optimizer)
@@ -162,15 +166,46 @@ def _build(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[RunState,
     return state, result
 
 
-def _models(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[Tokenizer, Teacher | None, PreTrainedModel]:
-    """The student's tokenizer, the teacher (loaded here unless it is the student's base) and the
-    student, with their tokenizers and vocabularies checked against each other."""
+def _models(cfg: DistillConfig, run_dir: Path, engine: Engine
+            ) -> tuple[Tokenizer, Teacher | Teachers | None, PreTrainedModel]:
+    """The student's tokenizer, the teacher or teachers (``_teacher``) and the student, with their
+    tokenizers and vocabularies checked against each other."""
     tokenizer, tok_path = _tokenizer_for(cfg, run_dir, engine)
+    device = engine.device
+    teacher: Teacher | Teachers | None
+    if members := member_configs(cfg):
+        each = {}
+        for name, view in members.items():
+            try:
+                each[name] = _teacher(view, tokenizer, tok_path, engine)
+            except DistillError as e:
+                raise DistillError(f"teachers.{name}: {e}") from None
+        routed = cfg.combine == "route"
+        teacher = Teachers(each, weights=None if routed else {n: v.teacher.weight for n, v in members.items()},
+                           routes={task: n for n, v in members.items() for task in v.teacher.routes} if routed
+                           else None, in_step=engine.world > 1 and engine.placement.sharded("teacher"))
+    else:
+        teacher = _teacher(cfg, tokenizer, tok_path, engine)
+    # Seed right before the student: loading a teacher may consume random numbers, and a student
+    # built from scratch must get the same initial weights with or without one.
+    set_seed(cfg.trainer.seed)
+    with engine.loading("student"):
+        student = load_model(cfg.student, "student", device, tokenizer, seed=cfg.trainer.seed)
+    if cfg.trainer.activation_checkpointing:
+        enable_activation_checkpointing(student)
+    check_vocab_rows(student, tokenizer, f"student {cfg.student.path or 'from arch'}")
+    for warning in _warnings(cfg, student, device, engine.uses_deepspeed):
+        console.print(f"[yellow]warning: {warning}[/yellow]")
+    return tokenizer, teacher, student
+
+
+def _teacher(cfg: DistillConfig, tokenizer: Tokenizer, tok_path: str, engine: Engine) -> Teacher | None:
+    """``cfg.teacher``: loaded here (unless it is the student's base: ``_build``), read from its
+    offline cache, or served on Ray; its tokenizer checked against the student's."""
     # The chat template the data is rendered with is the teacher's too (the student's tokenizer
     # renders the data and is saved with the distilled model).
     match_teacher_tokenizer(cfg.teacher, tokenizer, tok_path, cfg.data.chat_template)
-    teacher = None
-    device = engine.device
+    teacher, device = None, engine.device
     # The teacher's body, unless it is the student's (student_base), served elsewhere (remote), or an
     # offline cache stands in for it.
     if cfg.teacher.path and not cfg.teacher.student_base and not cfg.teacher.remote and (
@@ -183,17 +218,14 @@ def _models(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[Tokenize
         teacher = cached_teacher(cfg, tokenizer, device, live=teacher)
     if cfg.teacher.remote:
         teacher = remote_teacher(cfg, tokenizer, device, rank=engine.rank)
-    # Seed right before the student: loading a teacher may consume random numbers, and a student
-    # built from scratch must get the same initial weights with or without one.
-    set_seed(cfg.trainer.seed)
-    with engine.loading("student"):
-        student = load_model(cfg.student, "student", device, tokenizer, seed=cfg.trainer.seed)
-    if cfg.trainer.activation_checkpointing:
-        enable_activation_checkpointing(student)
-    check_vocab_rows(student, tokenizer, f"student {cfg.student.path or 'from arch'}")
-    for warning in _warnings(cfg, student, device, engine.uses_deepspeed):
-        console.print(f"[yellow]warning: {warning}[/yellow]")
-    return tokenizer, teacher, student
+    return teacher
+
+
+def each_teacher(teacher: Teacher | Teachers | None) -> dict[str, Teacher]:
+    """The run's teachers by name ("" for a single one)."""
+    if teacher is None:
+        return {}
+    return dict(teacher.members) if isinstance(teacher, Teachers) else {"": teacher}
 
 
 def _splits(cfg: DistillConfig, tokenizer: Tokenizer, result: RunResult) -> tuple[dict[str, list], dict[str, list]]:
@@ -228,10 +260,10 @@ def _start(state: RunState, result: RunResult) -> None:
         if engine.is_main:
             _save_config(run_dir, cfg)
         _before(state)
-    teacher = state.teacher.module if state.teacher is not None else None
+    held = {n or "teacher": t.module for n, t in each_teacher(state.teacher).items() if t.module is not None}
     console.print(
         f"student: {count_parameters(state.params):,} trainable of {count_parameters(state.student.parameters()):,} "
-        "parameters" + (f"; teacher: {count_parameters(teacher.parameters()):,}" if teacher is not None else "")
+        "parameters" + "".join(f"; {n}: {count_parameters(m.parameters()):,}" for n, m in held.items())
         + f"; {len(state.data.examples) or 'streamed'} training examples; objective {result.objective}; "
         f"device {engine.device}" + (f"; {engine.world} ranks, ZeRO stage {engine.stage}" if engine.uses_deepspeed
                                      else "")
@@ -240,8 +272,9 @@ def _start(state: RunState, result: RunResult) -> None:
         state.metrics = MetricsLog(run_dir, resume_step=state.step if cfg.resume is not None else None)
         if saved is None and state.validation:
             before = dict(state.validation["student before"])
-            if "teacher" in state.validation:
-                before["teacher_ce"] = state.validation["teacher"]["ce"]
+            for row, values in state.validation.items():  # "teacher", or "teacher NAME" of several
+                if row.startswith("teacher"):
+                    before[row.replace(" ", "_") + "_ce" if " " in row else "teacher_ce"] = values["ce"]
             state.metrics.log("validation", 0, before)
     result.validation, result.test = state.validation, state.test  # the loop fills them in
     state.last_saved = state.step if state.step > 0 else None  # a resumed run starts at its checkpoint
@@ -268,14 +301,16 @@ def _resume(state: RunState, saved: dict) -> None:
 
 def _before(state: RunState) -> None:
     """The "before" point: the teacher's own cross-entropy and the student before training."""
-    teacher = state.teacher.module if state.teacher is not None else None
     for split, records in (("validation", state.validation_records), ("test", state.test_records)):
         rows = getattr(state, split)
         if not records:
             continue
-        if teacher is not None:  # its own losses; its generations are scored on the test split only
-            rows["teacher"] = measure(state, f"{split}: teacher", teacher, records, with_teacher=False,
-                                      generate=split == "test")
+        for name, teacher in each_teacher(state.teacher).items():
+            if teacher.module is None:  # read from a cache or served: its own rows are not measured here
+                continue
+            row = f"teacher {name}".strip()  # its own losses; its generations are scored on the test split only
+            rows[row] = measure(state, f"{split}: {row}", teacher.module, records, with_teacher=False,
+                                generate=split == "test")
         rows["student before"] = measure(state, f"{split}: student", state.student, records, with_teacher=True)
 
 

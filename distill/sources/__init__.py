@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from distill.config import DistillConfig, sources_in_use
+from distill.config import DistillConfig, member_configs, sources_in_use
 from distill.errors import DistillError
 from distill.sources.base import Source
 from distill.sources.dataset import DatasetSource
@@ -31,6 +31,17 @@ def check(cfg: DistillConfig) -> list[Source]:
     if unknown:
         raise DistillError(f"sources.weights.{unknown[0]}: no such source; the sources are {', '.join(REGISTRY)}")
     used = sources_in_use(cfg.sources.weights)
+    if cfg.teachers:  # several teachers: each checked as the one teacher of its own config
+        for name in used:
+            if REGISTRY[name].needs_teacher:
+                raise DistillError(f"sources.weights.{name}: {REGISTRY[name].what} come from one teacher; with several "
+                                   "(teachers) the dataset and the student's samples are the sources")
+        for member, view in member_configs(cfg).items():
+            try:
+                check(view)
+            except DistillError as e:
+                raise DistillError(str(e).replace("teacher.", f"teachers.{member}.")) from None
+        return [s for n, s in REGISTRY.items() if n in used]
     for name in used:
         if REGISTRY[name].needs_teacher and not cfg.teacher.path:
             raise DistillError(f"sources.weights.{name} generates with the teacher, but teacher.path is not set")
