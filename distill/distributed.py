@@ -197,15 +197,16 @@ class Engine:
         }
 
     @contextmanager
-    def loading(self, role: str) -> Iterator[None]:
-        """Within the block, ``from_pretrained`` partitions the ``role`` model's weights across the
-        ranks as it reads them (ZeRO-3 for this role), instead of each rank loading all of them."""
+    def loading(self, role: str, dtype: str | None = None) -> Iterator[None]:
+        """Within the block, ``from_pretrained`` partitions the ``role`` model's weights (of ``dtype``,
+        default the role's) across the ranks as it reads them (ZeRO-3 for this role), instead of
+        each rank loading all of them."""
         if not self.placement.sharded(role):
             yield
             return
         from transformers.integrations import HfDeepSpeedConfig
 
-        dtype = getattr(self.cfg, role).dtype
+        dtype = dtype or getattr(self.cfg, role).dtype
         # transformers reads ZeRO-3 from this object while it lives (a weak reference).
         self._zero3_config = HfDeepSpeedConfig(self._ds_config(dtype, 3, train=role == "student"))
         try:
@@ -213,13 +214,14 @@ class Engine:
         finally:
             self._zero3_config = None
 
-    def wrap_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
-        """The teacher as an inference-only ZeRO-3 engine (no optimizer state) when it is sharded."""
+    def wrap_teacher(self, teacher: torch.nn.Module, dtype: str | None = None) -> torch.nn.Module:
+        """The teacher (of ``dtype``, default ``teacher.dtype``; each of several has its own) as an
+        inference-only ZeRO-3 engine (no optimizer state) when it is sharded."""
         if not self.placement.shard_teacher:
             return teacher
         import deepspeed
 
-        engine, *_ = deepspeed.initialize(model=teacher, config=self._ds_config(self.cfg.teacher.dtype, 3,
+        engine, *_ = deepspeed.initialize(model=teacher, config=self._ds_config(dtype or self.cfg.teacher.dtype, 3,
                                                                                    train=False))
         self._offload[id(engine.module)] = engine.optimizer  # DeepSpeedZeRoOffload: the hooks
         self._role[id(engine.module)] = "teacher"

@@ -78,6 +78,9 @@ def batch_loss(
             b_s = None if head.bias is None else head.bias[:vocab]
             terms = []
             for p, t in zip(parts, seen, strict=True):
+                if _idle(p):  # no rows here; its head is gathered as on the ranks that have some
+                    with teacher_head(p.teacher, vocab):
+                        continue
                 h, lab = _rows(h_s, p.rows), _rows(labels, p.rows)
                 if isinstance(t, TopK):
                     terms.append(top_k_linear_loss(h, head.weight[:vocab], lab, t, student_bias=b_s,
@@ -87,20 +90,22 @@ def batch_loss(
                     terms.append(fused_linear_loss(h, head.weight[:vocab], lab, teacher_hidden=t, teacher_weight=w_t,
                                                    student_bias=b_s, teacher_bias=b_t, reduction="sum",
                                                    backend=loss.backend, **kd, **args))
-            return _combined(parts, terms, h_s)
+            return _combined(_busy(parts), terms, h_s)
 
         # As the student head's forward: its gradient reaches a sharded head in the backward pass.
         with head_forward(student, head_loss) as head:
-            return _with_breakdown(parts, positions, *head(final_hidden(student, ids, mask, bf16)))
+            return _with_breakdown(_busy(parts), positions, *head(final_hidden(student, ids, mask, bf16)))
     s = lm_logits(student, ids, mask, bf16, vocab)
     terms = []
     for p, t in zip(parts, seen, strict=True):
+        if _idle(p):
+            continue
         s_p, lab = _rows(s, p.rows), _rows(labels, p.rows)
         if isinstance(t, TopK):
             terms.append(top_k_linear_loss(s_p, None, lab, t, **_top_k_kwargs(kd), **args))
         else:
             terms.append(_logit_terms(loss, s_p, t, lab, kd, ce_weight, measure_cross_entropy))
-    return _with_breakdown(parts, positions, *_combined(parts, terms, s))
+    return _with_breakdown(_busy(parts), positions, *_combined(_busy(parts), terms, s))
 
 
 def _teacher_side(part: Part, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, *, bf16: bool,
@@ -110,7 +115,9 @@ def _teacher_side(part: Part, ids: torch.Tensor, mask: torch.Tensor, positions: 
     t = part.teacher
     if t is None:
         return None
-    ids, mask, positions = _rows(ids, part.rows), _rows(mask, part.rows), _rows(positions, part.rows)
+    # A part with no rows on this rank: the same call on one row, its answer unused (collective forwards).
+    rows = torch.zeros(1, dtype=torch.long, device=ids.device) if _idle(part) else part.rows
+    ids, mask, positions = _rows(ids, rows), _rows(mask, rows), _rows(positions, rows)
     if given is None and (top := t.top_k(ids, mask, positions)) is not None:
         return top
     if fused:
@@ -148,6 +155,15 @@ def _top_k_kwargs(kd: dict) -> dict:
 
 def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x[rows]
+
+
+def _busy(parts: list[Part]) -> list[Part]:
+    return [p for p in parts if not _idle(p)]
+
+
+def _idle(part: Part) -> bool:
+    """A part kept only so that this rank runs its teacher's collective calls: no rows here."""
+    return part.rows is not None and part.rows.numel() == 0
 
 
 def _combined(parts: list[Part], terms: list[LossTerms], anchor: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

@@ -189,8 +189,8 @@ class Teachers:
     def __init__(self, members: dict[str, Teacher], *, weights: dict[str, float] | None = None,
                  routes: dict[str, str] | None = None, in_step: bool = False) -> None:
         """``weights`` (combine=sum) or ``routes`` (combine=route: task -> member name). ``in_step``:
-        the members' forwards are collective across ranks (ZeRO-3), so a member with no rows on this
-        rank still runs a one-row forward, its answer unused."""
+        the members' forwards are collective across ranks (ZeRO-3), so every rank runs every
+        member's, in the same order, also one with no rows on this rank (on one row, unused)."""
         if (weights is None) == (routes is None):
             raise ValueError("Teachers: give weights (combine=sum) or routes (combine=route)")
         self.members, self.routes, self.in_step = members, routes, in_step
@@ -220,15 +220,11 @@ class Teachers:
         """Each member's weight and rows (combine=route: rows with no counted position are nobody's)."""
         if self.weights is not None:
             return [Part(n, t, self.weights[n], None) for n, t in self.members.items()]
-        out = []
-        for n, rows in self._routed(input_ids, positions).items():
-            t = self.members[n]
-            if rows is not None:
-                out.append(Part(n, t, 1.0, rows))
-            elif self.in_step:  # the collective forward every rank runs; this rank has no rows for it
-                with torch.no_grad():
-                    t.hidden_states(input_ids[:1], attention_mask[:1], positions=positions[:1])
-        return out
+        # A member with no rows here is left out, unless its forward is collective (in_step): then
+        # it comes with no rows, and the objective runs its forward (and head) on one row, unused.
+        none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        return [Part(n, self.members[n], 1.0, none if rows is None else rows)
+                for n, rows in self._routed(input_ids, positions).items() if rows is not None or self.in_step]
 
     def prefetch(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bf16: bool = False) -> None:
         """Each member's share of ``batches``, as ``parts`` will ask for it."""

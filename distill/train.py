@@ -210,10 +210,10 @@ def _teacher(cfg: DistillConfig, tokenizer: Tokenizer, tok_path: str, engine: En
     # offline cache stands in for it.
     if cfg.teacher.path and not cfg.teacher.student_base and not cfg.teacher.remote and (
             not cfg.teacher.cache or cfg.teacher.live):
-        with engine.loading("teacher"):
+        with engine.loading("teacher", cfg.teacher.dtype):
             model = load_model(cfg.teacher, "teacher", device)
         check_vocab_rows(model, tokenizer, f"teacher {cfg.teacher.path}")
-        teacher = LocalTeacher(engine.wrap_teacher(model), name=cfg.teacher.path)
+        teacher = LocalTeacher(engine.wrap_teacher(model, cfg.teacher.dtype), name=cfg.teacher.path)
     if cfg.teacher.cache:
         teacher = cached_teacher(cfg, tokenizer, device, live=teacher)
     if cfg.teacher.remote:

@@ -52,7 +52,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run(ranks: int, *args: str, launcher: str = "deepspeed") -> subprocess.CompletedProcess:
+def run(ranks: int, *args: str, launcher: str = "deepspeed", timeout: int = 900) -> subprocess.CompletedProcess:
     """``python -m distill ARGS`` in one process, or on ``ranks`` CPU ranks by ``launcher``."""
     if ranks == 1:
         cmd = [sys.executable, "-m", "distill", *args]
@@ -62,7 +62,7 @@ def run(ranks: int, *args: str, launcher: str = "deepspeed") -> subprocess.Compl
     else:
         cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(ranks), "--master-port", str(_free_port()), "-m",
                "distill", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
     return proc
 
@@ -120,6 +120,24 @@ def test_a_rank_that_cannot_write_its_checkpoint_stops_every_rank_at_once(tmp_pa
             p.kill()
     assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
     assert outs[0][0].strip().endswith("clean")
+
+def test_routed_teachers_sharded_by_zero3_keep_the_ranks_in_step(tmp_path):
+    """Two teachers sharded by ZeRO-3, each example routed to one: a rank whose rows of a
+    micro-batch all go to one teacher still runs the other's collective forward, and two ranks
+    train as one process does."""
+    assets = Path(__file__).parents[1] / "distill" / "assets"  # two models of other shapes: collectives differ
+    routed = ["teacher=none", "student=tiny", f"+teachers={{a:{{path:{assets / 'teacher'},routes:[arithmetic]}},"
+              f"b:{{path:{assets / 'student'},routes:[spelling]}}}}", "combine=route", "trainer.steps=4", "trainer.batch_size=4",
+              "trainer.log_every=1", "trainer.eval_every=100", "trainer.save_every=100", "trainer.progress=false",
+              "final_eval=false", "data.num_train=32", "data.num_validation=4"]
+    run(1, *routed, f"output_dir={tmp_path / 'one'}")
+    run(2, *routed, "deepspeed=zero3", f"output_dir={tmp_path / 'two'}", timeout=300)  # out of step: a hang
+    one, two = train_rows(tmp_path / "one"), train_rows(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "divergence_a", "divergence_b"):
+            assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL), (a["step"], key)
+
 
 def test_two_zero3_ranks_train_as_one_process(runs):
     one, two = train_rows(runs["one"]), train_rows(runs["zero3"])
