@@ -14,6 +14,10 @@ Measured for each: the training loop's wall time (distill: the steps' training a
 time from its metrics; TRL: ``train_runtime``), generation time within it, the whole process
 (loading, training, saving), the process's peak resident memory, and the test accuracy of the
 trained student, scored by the same code (distill's evaluation, greedy) for both.
+
+``supervised_kd`` also runs a third way, in the same run: distill reading the teacher from an
+offline cache (``distill cache-teacher``, built once before the timed runs from the same
+examples; its build time is reported apart), which no teacher forward is left in.
 Writes ``trl_gkd.json`` and ``trl_gkd.md``.
 """
 
@@ -33,6 +37,7 @@ from benchmarks.metrics import metric, peak_rss_mb, write_json
 from distill.config import sources_in_use
 
 RECIPES = ("gkd", "supervised_kd")
+CACHED = "distill, cached"  # supervised_kd from an offline teacher cache (the dataset source alone)
 # What TRL's GKDTrainer cannot express, for the table.
 TRL_CANNOT = (
     "SKD (student proposes, teacher replaces tokens outside its top-K): no such source",
@@ -191,8 +196,8 @@ class Phases:
         self.wrap(torch.optim.AdamW, "step", "optimizer step")
 
 
-def child(tool: str, recipe: str, seed: int, steps: int, out: Path) -> dict:
-    """One training run in this (fresh) process."""
+def child(tool: str, recipe: str, seed: int, steps: int, out: Path, cache: str | None = None) -> dict:
+    """One training run in this (fresh) process (``cache``: distill reads the teacher from it)."""
     import torch
     import transformers
 
@@ -200,6 +205,7 @@ def child(tool: str, recipe: str, seed: int, steps: int, out: Path) -> dict:
     transformers.utils.logging.set_verbosity_error()
     start_rss = peak_rss_mb()
     cfg = distill_config(recipe, steps, seed, out / "run")
+    cfg.teacher.cache = cache
     t0 = time.perf_counter()
     if tool == "distill":
         from distill.tracking import MetricsLog
@@ -266,16 +272,34 @@ def child(tool: str, recipe: str, seed: int, steps: int, out: Path) -> dict:
 MEMORY_RESOLUTION = 0.05
 
 
-def _spawn(tool: str, recipe: str, seed: int, steps: int) -> dict:
-    scratch = Path(tempfile.mkdtemp(prefix=f"distill-trl-{tool}-"))
+def _spawn(tool: str, recipe: str, seed: int, steps: int, cache: Path | None = None) -> dict:
+    scratch = Path(tempfile.mkdtemp(prefix="distill-trl-"))
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.trl_gkd", tool, recipe, str(seed), str(steps),
-                               str(scratch)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.trl_gkd", "distill" if cache else tool, recipe,
+                               str(seed), str(steps), str(scratch), *([str(cache)] if cache else [])],
+                              capture_output=True, text=True, cwd=Path(__file__).parents[1])
         if proc.returncode:
             raise RuntimeError(f"trl_gkd: the {tool} run of {recipe} (seed {seed}) failed:\n{proc.stderr[-4000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {**json.loads(proc.stdout.strip().splitlines()[-1]), "tool": tool}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build_cache(steps: int, seed: int) -> tuple[Path, float]:
+    """The offline teacher cache of supervised_kd's data (every seed's run reads the same
+    examples), written by ``distill cache-teacher`` in a process of its own; its path and seconds."""
+    from omegaconf import OmegaConf
+
+    root = Path(tempfile.mkdtemp(prefix="distill-trl-cache-"))
+    cfg = distill_config("supervised_kd", steps, seed, root / "unused")
+    cfg.teacher.cache = str(root / "cache")
+    (root / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.trl_gkd", "cache", str(root / "config.yaml")],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    if proc.returncode:
+        raise RuntimeError(f"trl_gkd: cache-teacher failed:\n{proc.stderr[-4000:]}")
+    return root / "cache", time.perf_counter() - t0
 
 
 def run(out: Path, seed: int = 0, steps: int = 300, seeds: list[int] | None = None,
@@ -291,17 +315,23 @@ def run(out: Path, seed: int = 0, steps: int = 300, seeds: list[int] | None = No
         for d, dv, t, tv in rows:
             print(f"  {d} = {dv} -> {t} = {tv}")
     runs = []
+    cache, cache_seconds = _build_cache(steps, seeds[0]) if "supervised_kd" in recipes else (None, 0.0)
     for recipe in recipes:
         for i, s in enumerate(seeds):
             order = ("distill", "trl") if i % 2 == 0 else ("trl", "distill")
+            if recipe == "supervised_kd":
+                order = (CACHED, *order) if i % 2 == 0 else (*order, CACHED)
             for tool in order:
-                runs.append(_spawn(tool, recipe, s, steps))
+                runs.append(_spawn(tool, recipe, s, steps, cache if tool == CACHED else None))
                 r = runs[-1]
                 print(f"{recipe} seed {s} {tool}: loop {r['loop_seconds']:.1f} s (generation "
                       f"{r['generation_seconds']:.1f} s), accuracy {r['accuracy']:.3f}", flush=True)
+    if cache is not None:
+        shutil.rmtree(cache.parent, ignore_errors=True)
     summary, metrics = {}, {}
     for recipe in recipes:
-        by_tool = {t: [r for r in runs if r["recipe"] == recipe and r["tool"] == t] for t in ("distill", "trl")}
+        by_tool = {t: [r for r in runs if r["recipe"] == recipe and r["tool"] == t] for t in ("distill", "trl", CACHED)}
+        by_tool = {t: rs for t, rs in by_tool.items() if rs}
         row = {t: {k: statistics.mean(r[k] for r in rs) for k in ("loop_seconds", "generation_seconds",
                                                                   "process_seconds", "peak_rss_mb",
                                                                   "peak_rss_above_start_mb", "accuracy",
@@ -313,7 +343,16 @@ def run(out: Path, seed: int = 0, steps: int = 300, seeds: list[int] | None = No
         row["process_ratio"] = statistics.median(d["process_seconds"] / t["process_seconds"] for d, t in pairs)
         row["memory_ratio"] = statistics.median(d["peak_rss_mb"] / t["peak_rss_mb"] for d, t in pairs)
         row["accuracy_difference"] = row["distill"]["accuracy"] - row["trl"]["accuracy"]
-        phases = dict.fromkeys(k for r in by_tool["distill"] for k in r["profile"])
+        if CACHED in by_tool:
+            cached = list(zip(by_tool[CACHED], by_tool["trl"], strict=True))
+            row["cached_loop_ratio"] = statistics.median(d["loop_seconds"] / t["loop_seconds"] for d, t in cached)
+            row["cached_process_ratio"] = statistics.median(d["process_seconds"] / t["process_seconds"]
+                                                            for d, t in cached)
+            row["cached_memory_ratio"] = statistics.median(d["peak_rss_mb"] / t["peak_rss_mb"] for d, t in cached)
+            row["cached_accuracy_difference"] = row[CACHED]["accuracy"] - row["trl"]["accuracy"]
+            metrics[f"{recipe} distill from a cache over trl loop time"] = metric(row["cached_loop_ratio"], "lower",
+                                                                                  "ratio")
+        phases = dict.fromkeys(k for r in by_tool["distill"] for k in r["profile"])  # in-process distill
         row["distill_profile"] = {k: statistics.mean(r["profile"].get(k, 0.0) for r in by_tool["distill"])
                                   for k in phases}
         summary[recipe] = row
@@ -324,6 +363,7 @@ def run(out: Path, seed: int = 0, steps: int = 300, seeds: list[int] | None = No
                                                                    floor=MEMORY_RESOLUTION * row["memory_ratio"])
     batch = distill_config(recipes[0], steps, seeds[0], Path(tempfile.gettempdir())).trainer.batch_size
     result = {"environment": environment(), "trl": trl.__version__, "steps": steps, "seeds": seeds, "batch": batch,
+              "cache_build_seconds": cache_seconds,
               "mapping": {r: [list(m) for m in rows] for r, rows in mappings.items()}, "trl_cannot": TRL_CANNOT,
               "summary": summary, "runs": runs, "metrics": metrics}
     write_json(out / "trl_gkd.json", result)
@@ -370,13 +410,21 @@ def markdown(result: dict) -> str:
              "| recipe | tool | loop (s) | generation (s) | on-policy steps | process (s) | peak RSS (MB) "
              "| accuracy |", "|---|---|---|---|---|---|---|---|"]
     for recipe, row in result["summary"].items():
-        for tool in ("distill", "trl"):
+        for tool in (t for t in ("distill", CACHED, "trl") if t in row):
             r = row[tool]
             lines.append(f"| {recipe} | {tool} | {r['loop_seconds']:.1f} | {r['generation_seconds']:.1f} "
                          f"| {r['on_policy_steps']:.0f} | {r['process_seconds']:.1f} | {r['peak_rss_mb']:.0f} "
                          f"| {r['accuracy']:.3f} |")
         lines.append(f"| {recipe} | **distill / trl** | **{row['loop_ratio']:.2f}** | | | {row['process_ratio']:.2f} "
                      f"| {row['memory_ratio']:.2f} | {row['accuracy_difference']:+.3f} |")
+        if "cached_loop_ratio" in row:
+            lines.append(f"| {recipe} | **distill, cached / trl** | **{row['cached_loop_ratio']:.2f}** | | | "
+                         f"{row['cached_process_ratio']:.2f} | {row['cached_memory_ratio']:.2f} "
+                         f"| {row['cached_accuracy_difference']:+.3f} |")
+    if result.get("cache_build_seconds"):
+        lines += ["", f"`distill, cached`: supervised KD reading the teacher from an offline cache of the same "
+                  f"examples, built once before the timed runs by `distill cache-teacher` in "
+                  f"{result['cache_build_seconds']:.0f} s (process included); every seed's run reads it."]
     for recipe, row in result["summary"].items():
         profile = row["distill_profile"]
         total = sum(profile.values())
@@ -392,6 +440,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # one run in a fresh process (_spawn)
+if __name__ == "__main__":  # one run in a fresh process (_spawn), or the cache (_build_cache)
+    if sys.argv[1] == "cache":
+        from omegaconf import OmegaConf
+
+        from distill.config import DistillConfig
+        from distill.offline.build import cache_teacher
+
+        cache_teacher(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DistillConfig),
+                                                          OmegaConf.load(sys.argv[2]))), progress=False)
+        sys.exit(0)
     tool, recipe, seed, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
-    print(json.dumps(child(tool, recipe, seed, steps, out)))
+    print(json.dumps(child(tool, recipe, seed, steps, out, sys.argv[6] if len(sys.argv) > 6 else None)))

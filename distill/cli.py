@@ -48,6 +48,7 @@ from rich.table import Table
 
 from distill.config import DistillConfig, register
 from distill.errors import DistillError
+from distill.memory import fmt
 from distill.progress import make_console
 
 register()
@@ -420,11 +421,19 @@ def _cache_teacher(args: list[str]) -> typing.NoReturn:
 def _serve_teacher(args: list[str]) -> typing.NoReturn:
     """``distill serve-teacher teacher.remote=NAME [overrides]``: the teacher's workers on Ray, until
     Ctrl-C or SIGTERM (``distill.remote``)."""
+    from distill.plan import worker_plan
     from distill.remote.serve import serve_teacher
 
     console = make_console()
     try:
-        serve_teacher(_composed(args), say=lambda line: console.print(line, markup=False))
+        cfg = _composed(args)
+        plan = worker_plan(cfg) if cfg.teacher.path else None
+        if plan is not None:
+            console.print(f"plan per worker:\n{plan.render()}", markup=False)
+            if not plan.fits and cfg.plan.check:
+                raise DistillError(f"a worker needs about {fmt(plan.peak)}, {fmt(plan.available)} available; lower "
+                                   "trainer.batch_size or teacher.remote_workers (plan.check=false serves anyway)")
+        serve_teacher(cfg, say=lambda line: console.print(line, markup=False))
     except (DistillError, OmegaConfBaseException) as e:
         _fail(f"serve-teacher: {e}")
     sys.exit(0)

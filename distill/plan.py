@@ -569,6 +569,61 @@ def advice(cfg: DistillConfig, plan: RunPlan) -> str:
     return "; or ".join(options) if options else "more devices (plan.world_size) or a smaller model"
 
 
+@dataclass
+class WorkerPlan:
+    """The memory of one ``serve-teacher`` worker, by part, and what it has."""
+
+    resident: dict[str, int]
+    work: dict[str, int]  # the larger of a forward and a SeqKD generation round, on top
+    work_what: str
+    available: int | None
+
+    @property
+    def peak(self) -> int:
+        return sum(self.resident.values()) + sum(self.work.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.peak <= self.available
+
+    def render(self) -> str:
+        lines = [f"  {k:<34} {fmt(v):>12}" for k, v in self.resident.items()]
+        lines += [f"  {self.work_what}: {fmt(sum(self.work.values()))}"]
+        lines += [f"    {k:<32} {fmt(v):>12}" for k, v in self.work.items()]
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"  estimated peak: {fmt(self.peak)}" + (f" of {fmt(self.available)}" if self.available else "")
+                     + f" -> {verdict}")
+        return "\n".join(lines)
+
+
+def worker_plan(cfg: DistillConfig) -> WorkerPlan:
+    """One worker of ``distill serve-teacher``: the whole teacher, and the larger of a forward over
+    ``trainer.batch_size`` sequences of ``data.max_length`` tokens (callers that batching joins add
+    theirs) and a SeqKD round over as many prompts (``sources.teacher.max_new_tokens``)."""
+    t = cfg.teacher
+    device = device_type(cfg.trainer.device)
+    model, config = _meta_model(t, "teacher", None)
+    shape = model_shape(t, "teacher")
+    rows, length = cfg.trainer.batch_size, cfg.data.max_length
+    model.requires_grad_(True)  # what a training forward would save: each layer's share bounds one layer's
+    layers = getattr(config.get_text_config(), "num_hidden_layers", 1)
+    per_layer = _saved_activations(model, rows, length) // max(layers, 1)
+    forward = {"one layer's activations": per_layer, "hidden states sent (fp32)": rows * length * shape.hidden * 4}
+    positions = length + cfg.sources.teacher.max_new_tokens
+    generation = {"KV cache": rows * positions * shape.kv_bytes_per_token,
+                  "sampling logits": rows * shape.rows * 4 * 2, "one layer's activations": per_layer // length}
+    work, what = max((forward, f"forward of {rows} x {length} tokens"),
+                     (generation, f"SeqKD round of {rows} prompts x {positions} positions"),
+                     key=lambda w: sum(w[0].values()))
+    resident = {"teacher weights": shape.parameters * shape.bytes_per_weight,
+                "runtime" + (" (CUDA context)" if device == "cuda" else " (a process like this one)"):
+                    RUNTIME_CUDA if device == "cuda" else rss_bytes()}
+    available = _available(cfg, device, 1)
+    if available is not None and device == "cpu":  # the workers of one command share its machine
+        available //= cfg.teacher.remote_workers
+    return WorkerPlan(resident, work, what, available)
+
+
 def check(cfg: DistillConfig, world: int) -> RunPlan | None:
     """The plan of a run about to start on ``world`` ranks; raise DistillError when it does not fit,
     before loading."""

@@ -231,3 +231,24 @@ def test_plan_charges_only_the_rounds_that_run(teacher_dir, student_dir, tmp_pat
     for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         monkeypatch.delenv(key, raising=False)
     assert make_plan(cfg, 2).available == make_plan(cfg, 1).available // 2
+
+
+def test_serve_teacher_plans_its_workers_before_starting_them(teacher_dir, tmp_path):
+    from distill.plan import worker_plan
+
+    cfg = DistillConfig(teacher=TeacherConfig(path=str(teacher_dir), remote="w", remote_workers=2))
+    plan = worker_plan(cfg)
+    shape = model_shape(cfg.teacher, "teacher")
+    assert plan.resident["teacher weights"] == shape.parameters * 4
+    rows, length = cfg.trainer.batch_size, cfg.data.max_length
+    assert plan.work_what.startswith("forward") and plan.work["hidden states sent (fp32)"] == (
+        rows * length * shape.hidden * 4)
+    more = worker_plan(replace(cfg, trainer=replace(cfg.trainer, batch_size=2 * rows)))
+    assert sum(more.work.values()) > sum(plan.work.values())
+    one = worker_plan(replace(cfg, teacher=replace(cfg.teacher, remote_workers=1)))
+    assert one.available == 2 * plan.available or one.available == 2 * plan.available + 1  # the machine, shared
+    proc = subprocess.run([sys.executable, "-m", "distill", "serve-teacher", f"teacher.path={teacher_dir}",
+                           "teacher.remote=w", "plan.device_memory_gb=0.01"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0 and "plan per worker:" in proc.stdout and "teacher weights" in proc.stdout
+    assert "a worker needs about" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -61,8 +61,8 @@ def serve_teacher(cfg: DistillConfig, say: Callable[[str], None] = print) -> Non
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())
     first = identities[0]
-    say(f"plan per worker: the teacher ({first['parameters']:,} parameters, {fmt(first['bytes'])} in {t.dtype}) on "
-        f"{first['device']}, plus a batch's activations")
+    say(f"each worker holds the teacher: {first['parameters']:,} parameters, {fmt(first['bytes'])} in {t.dtype} on "
+        f"{first['device']}")
     say(f"serve-teacher {t.remote}: {len(handles)} worker{'s' * (len(handles) > 1)} ready in the Ray cluster at "
         f"{address} (teacher {t.path}); train with teacher.remote={t.remote}; Ctrl-C stops them")
     try:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from distill.config import ModelConfig, SamplingConfig
 from distill.fingerprint import default_root, tokenizer_fingerprint, weights_fingerprint
 from distill.generation import sample
+from distill.memory import peak_rss_bytes, rss_bytes
 from distill.models import final_hidden, load_model, load_tokenizer, resolve_device
 from distill.placement import DTYPES
 
@@ -45,8 +46,9 @@ class TeacherWorker:
         self.stats = {"forwards": 0, "requests": 0}
 
     def identity(self) -> dict:
-        """What the trainer checks at connect (weights, tokenizer, dtype), and what this worker holds."""
-        return {**self._identity, "pid": os.getpid()}
+        """What the trainer checks at connect (weights, tokenizer, dtype), and what this worker holds
+        (its resident memory now included)."""
+        return {**self._identity, "pid": os.getpid(), "rss_bytes": rss_bytes()}
 
     async def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                       bf16: bool, wire: str, caller: str = "") -> torch.Tensor:
@@ -103,8 +105,10 @@ class TeacherWorker:
         return out
 
     def counts(self) -> dict[str, int]:
-        """Forwards run and requests answered (several callers' requests share a forward)."""
-        return dict(self.stats)
+        """Forwards run and requests answered (several callers' requests share a forward), and this
+        process's peak memory (the device's allocator peak on CUDA, else its peak resident memory)."""
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else peak_rss_bytes()
+        return {**self.stats, "peak_bytes": peak}
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: dict, pad_id: int, stops: list[int], seed: int,
