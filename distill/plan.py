@@ -574,7 +574,7 @@ class WorkerPlan:
     """The memory of one ``serve-teacher`` worker, by part, and what it has."""
 
     resident: dict[str, int]
-    work: dict[str, int]  # the larger of a forward and a SeqKD generation round, on top
+    work: dict[str, int]  # the largest of a forward, a SeqKD round and an SKD session, on top
     work_what: str
     available: int | None
 
@@ -597,9 +597,10 @@ class WorkerPlan:
 
 
 def worker_plan(cfg: DistillConfig) -> WorkerPlan:
-    """One worker of ``distill serve-teacher``: the whole teacher, and the larger of a forward over
+    """One worker of ``distill serve-teacher``: the whole teacher, and the largest of a forward over
     ``trainer.batch_size`` sequences of ``data.max_length`` tokens (callers that batching joins add
-    theirs) and a SeqKD round over as many prompts (``sources.teacher.max_new_tokens``)."""
+    theirs), a SeqKD round over as many prompts (``sources.teacher.max_new_tokens``) and an SKD
+    generation's verification cache (``sources.skd``; each caller generating at once has one)."""
     t = cfg.teacher
     device = device_type(cfg.trainer.device)
     model, config = _meta_model(t, "teacher", None)
@@ -612,8 +613,13 @@ def worker_plan(cfg: DistillConfig) -> WorkerPlan:
     positions = length + cfg.sources.teacher.max_new_tokens
     generation = {"KV cache": rows * positions * shape.kv_bytes_per_token,
                   "sampling logits": rows * shape.rows * 4 * 2, "one layer's activations": per_layer // length}
+    skd_positions = length + cfg.sources.skd.max_new_tokens + cfg.sources.skd.gamma + 1
+    skd = {"KV cache": rows * skd_positions * shape.kv_bytes_per_token,
+           "hidden states sent (fp32)": rows * (cfg.sources.skd.gamma + 1) * shape.hidden * 4,
+           "one layer's activations": per_layer * (cfg.sources.skd.gamma + 1) // length}
     work, what = max((forward, f"forward of {rows} x {length} tokens"),
                      (generation, f"SeqKD round of {rows} prompts x {positions} positions"),
+                     (skd, f"SKD verification of {rows} sequences x {skd_positions} positions"),
                      key=lambda w: sum(w[0].values()))
     resident = {"teacher weights": shape.parameters * shape.bytes_per_weight,
                 "runtime" + (" (CUDA context)" if device == "cuda" else " (a process like this one)"):

@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 
 @dataclass
@@ -116,34 +117,70 @@ class SpeculativeOutput:
     target_hidden: torch.Tensor | None = None
 
 
-class CachedForward:
-    """A causal LM's forwards over the loop's shared token buffer, with a KV cache that rolls back
-    (``crop``): how the loop calls the draft and the target. A teacher hands one over for SKD's
-    verification rounds (``distill.teacher.Teacher.verifier``)."""
+class Verifier(ABC):
+    """The target's side of the propose-and-verify loop: forwards over the loop's shared token
+    buffer with a KV cache that rolls back (``crop``). ``CachedForward`` runs a model here; a
+    served teacher's runs on its worker (``distill.remote.teacher``). A teacher hands one over for
+    SKD's verification rounds (``distill.teacher.Teacher.verifier``)."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
-        self.model = model
-        # Rolling back needs every layer's full history: plain full-attention cache layers, also for
-        # sliding-window layers (the attention mask applies their window; a sliding cache layer
-        # would have dropped what a rollback needs).
-        layers = DynamicCache(config=model.config).layers
-        kinds = {type(layer).__name__ for layer in layers} - {"DynamicLayer", "DynamicSlidingWindowLayer"}
-        if kinds:
-            raise ValueError(
-                f"speculative decoding rolls KV caches back on rejection; {model.config.model_type} has "
-                f"{', '.join(sorted(kinds))} cache layers, which cannot be rolled back"
-            )
-        windows = [layer.sliding_window for layer in layers if hasattr(layer, "sliding_window")]
-        self.window: int | None = min(windows) if windows else None
-        self.cache = DynamicCache()
-        self.length = 0  # positions of the buffer held in the cache
+    config: PretrainedConfig  # the target's model config (vocabulary, attention window)
+    length: int = 0  # positions of the buffer held in the cache
+    window: int | None = None  # the smallest sliding attention window, if any
 
-    @torch.no_grad()
+    @abstractmethod
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, upto: int, hidden: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Feed buffer positions [length, upto); return the logits of those positions (and with
         ``hidden`` the final hidden states there, after the last norm). Position ids count real
         tokens only, so holes and left padding take no position."""
+
+    def crop(self, length: int) -> None:
+        """Forget the cached positions from ``length`` on (rejected drafts)."""
+        self.length = min(self.length, length)
+
+    def close(self) -> None:
+        """The generation is over: let go of the cache."""
+        self.length = 0
+
+    @property
+    def generation_config(self) -> GenerationConfig | None:
+        return None
+
+
+def rollback_window(config: PretrainedConfig) -> int | None:
+    """The smallest sliding attention window of a model whose KV cache can roll back (every layer
+    keeps its full history); ValueError for cache layers that cannot."""
+    # Rolling back needs every layer's full history: plain full-attention cache layers, also for
+    # sliding-window layers (the attention mask applies their window; a sliding cache layer
+    # would have dropped what a rollback needs).
+    layers = DynamicCache(config=config).layers
+    kinds = {type(layer).__name__ for layer in layers} - {"DynamicLayer", "DynamicSlidingWindowLayer"}
+    if kinds:
+        raise ValueError(
+            f"speculative decoding rolls KV caches back on rejection; {config.model_type} has "
+            f"{', '.join(sorted(kinds))} cache layers, which cannot be rolled back"
+        )
+    windows = [layer.sliding_window for layer in layers if hasattr(layer, "sliding_window")]
+    return min(windows) if windows else None
+
+
+class CachedForward(Verifier):
+    """A causal LM's forwards in this process, with a rolling-back KV cache: how the loop calls the
+    draft and the target (and a served teacher's worker, ``hidden_only``)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model, self.config = model, model.config
+        self.window = rollback_window(model.config)
+        self.cache = DynamicCache()
+        self.length = 0
+
+    @property
+    def generation_config(self) -> GenerationConfig | None:
+        return self.model.generation_config
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, upto: int, hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         positions = (mask[:, :upto].cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=tokens[:, self.length: upto], attention_mask=mask[:, :upto],
@@ -153,10 +190,25 @@ class CachedForward:
         self.length = upto
         return (out.logits, out.hidden_states[-1]) if hidden else out.logits
 
+    @torch.no_grad()
+    def hidden_only(self, tokens: torch.Tensor, mask: torch.Tensor, upto: int) -> torch.Tensor:
+        """As ``forward``, the final hidden states alone (the decoder without the LM head), equal
+        to those ``forward`` returns with ``hidden``."""
+        positions = (mask[:, :upto].cumsum(-1) - 1).clamp(min=0)
+        decoder = self.model.get_decoder()
+        out = decoder(input_ids=tokens[:, self.length: upto], attention_mask=mask[:, :upto],
+                      position_ids=positions[:, self.length:], use_cache=True, **cache_kwargs(decoder, self.cache))
+        self.length = upto
+        return out.last_hidden_state
+
     def crop(self, length: int) -> None:
         if length < self.length:
             self.cache.crop(length - self.length)  # transformers 5: a negative count removes tokens
             self.length = length
+
+    def close(self) -> None:
+        self.cache = DynamicCache()
+        self.length = 0
 
 
 def cache_kwargs(model: PreTrainedModel, cache: DynamicCache) -> dict[str, DynamicCache]:
@@ -171,12 +223,13 @@ def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def check_draft_vocab(target: PreTrainedModel, draft: PreTrainedModel) -> None:
+def check_draft_vocab(target: PreTrainedModel | PretrainedConfig, draft: PreTrainedModel) -> None:
     """The draft reads every token the target emits: it needs at least the target's vocabulary rows."""
     rows = draft.get_input_embeddings().weight.shape[0]
-    if rows < target.config.vocab_size:
+    config = target if isinstance(target, PretrainedConfig) else target.config
+    if rows < config.vocab_size:
         raise ValueError(
-            f"the draft embeds {rows} tokens but the target can emit {target.config.vocab_size}: "
+            f"the draft embeds {rows} tokens but the target can emit {config.vocab_size}: "
             "pad the draft's vocabulary first (distill export-draft)"
         )
 
@@ -300,14 +353,14 @@ def propose_and_verify(
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
-    target_model = target.model if isinstance(target, CachedForward) else target
+    t_model = target if isinstance(target, Verifier) else CachedForward(target)
     if vocab is None:
-        check_draft_vocab(target_model, draft)
-        vocab = target_model.config.vocab_size
+        check_draft_vocab(t_model.config, draft)
+        vocab = t_model.config.vocab_size
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
     if not bool(mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: the attention mask has padding in the last column")
-    gen_cfg = target_model.generation_config
+    gen_cfg = t_model.generation_config or GenerationConfig()
     if eos_token_id is None:
         eos_token_id = gen_cfg.eos_token_id
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -315,7 +368,6 @@ def propose_and_verify(
     device = input_ids.device
     bsz, prompt_len = input_ids.shape
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-    t_model = target if isinstance(target, CachedForward) else CachedForward(target)
     d_model = CachedForward(draft)
     window = min((w for w in (t_model.window, d_model.window) if w is not None), default=None)
     if window is not None and bsz > 1 and prompt_len + (gamma + 1) * max_new_tokens > window:

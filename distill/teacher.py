@@ -30,7 +30,7 @@ from distill.generation import sample
 from distill.lm_head import load_lm_head
 from distill.models import final_hidden, fp32_linear, fused_head_problem, lm_head, lm_logits
 from distill.objective import Part
-from distill.speculative import CachedForward
+from distill.speculative import CachedForward, Verifier
 from distill.top_k_loss import TopK
 
 Head = tuple[torch.Tensor | None, torch.Tensor | None]  # the LM head's weight and bias (or None)
@@ -95,7 +95,7 @@ class Teacher(ABC):
         final hidden states before each response token are appended, one tensor per prompt."""
 
     @abstractmethod
-    def verifier(self) -> CachedForward:
+    def verifier(self) -> Verifier:
         """A fresh KV-cached forward for one SKD generation (``distill.speculative``)."""
 
 
@@ -132,7 +132,7 @@ class LocalTeacher(Teacher):
         return sample(self.model, prompts, cfg, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab, hidden=hidden,
                       synced=synced)
 
-    def verifier(self) -> CachedForward:
+    def verifier(self) -> Verifier:
         return CachedForward(self.model)
 
 

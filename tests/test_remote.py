@@ -235,3 +235,46 @@ def test_requests_sent_together_share_a_forward(served, teacher_dir, student_dir
     assert all(torch.equal(a, b) for a, b in zip(alone, mine, strict=True))
     for a, b in zip(alone, together, strict=True):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_skd_with_a_served_teacher_draws_what_a_local_teacher_draws(served, teacher_dir, student_dir, tmp_path):
+    """SKD's verification rounds on the worker (its KV cache kept between rounds, the top-K taken
+    here through the head): the same sequences, statistics and teacher hidden states as the
+    teacher in this process, and a 3-step SKD run with the same metrics."""
+    from distill.data import left_pad
+    from distill.sources.skd import skd_generate
+
+    cfg = make_cfg(teacher_dir, student_dir, served)
+    tokenizer = run_tokenizer(cfg)
+    cpu = torch.device("cpu")
+    local = LocalTeacher(load_model(cfg.teacher, "teacher", cpu))
+    remote = remote_teacher(cfg, tokenizer, cpu)
+    student = load_model(cfg.student, "student", cpu)
+    prompts = [p for p, _ in encoded_splits(cfg, tokenizer)["train"][:6]]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    outs = [skd_generate(student, t, ids, attention_mask=mask, k=3, gamma=3, max_new_tokens=12,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         generator=torch.Generator().manual_seed(3), vocab=len(tokenizer), keep_teacher_hidden=True)
+            for t in (local, remote)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences) and outs[0].stats == outs[1].stats
+    assert torch.equal(outs[0].target_hidden, outs[1].target_hidden)
+    assert outs[1].stats.rounds > 1  # several rounds in one cached session
+    # A session the worker lost (restarted, evicted) is rebuilt from the prefix: the same logits.
+    import ray  # (after distill joined the cluster: it sets Ray's token authentication first)
+
+    tokens = ids.clone()
+    whole = remote.verifier()
+    whole.forward(tokens, mask, 4)
+    want = whole.forward(tokens, mask, tokens.shape[1])
+    lost = remote.verifier()
+    lost.forward(tokens, mask, 4)
+    ray.get(remote.worker.close.remote(lost.session))
+    assert torch.allclose(lost.forward(tokens, mask, tokens.shape[1]), want, rtol=1e-5, atol=1e-5)
+    # A 3-step run on SKD alone: the served teacher's metrics are the local teacher's.
+    runs = []
+    for name, remote_name in (("local", None), ("remote", served)):
+        c = make_cfg(teacher_dir, student_dir, remote_name)
+        c.sources.weights["dataset"].start, c.sources.weights["skd"].start = 0.0, 1.0
+        c.sources.skd.max_new_tokens = 8
+        runs.append(MetricsLog.read(train_mod.train(c, tmp_path / name).run_dir / "metrics.jsonl"))
+    assert _strip(runs[0]) == _strip(runs[1])

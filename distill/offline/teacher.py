@@ -17,7 +17,7 @@ from distill.offline.build import Pair, cache_key
 from distill.offline.store import CacheReader, row_key
 from distill.placement import DTYPES
 from distill.progress import console
-from distill.speculative import CachedForward
+from distill.speculative import Verifier
 from distill.teacher import Head, HeadTeacher, Teacher
 from distill.top_k_loss import TopK
 
@@ -109,7 +109,7 @@ class CachedTeacher(HeadTeacher):
         return self._live("generation").generate(prompts, cfg, pad_id=pad_id, stops=stops, seed=seed, vocab=vocab,
                                                  hidden=hidden, synced=synced)
 
-    def verifier(self) -> CachedForward:
+    def verifier(self) -> Verifier:
         return self._live("SKD's verification").verifier()
 
     def _live(self, what: str) -> Teacher:

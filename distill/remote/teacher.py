@@ -15,9 +15,10 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from distill.config import DistillConfig, SamplingConfig
 from distill.errors import DistillError
 from distill.fingerprint import default_root, mismatch, tokenizer_fingerprint, weights_fingerprint
+from distill.models import fp32_linear
 from distill.placement import DTYPES
 from distill.remote.cluster import find_workers, init, ray_module
-from distill.speculative import CachedForward
+from distill.speculative import Verifier, rollback_window
 from distill.teacher import HeadTeacher
 
 IDENTITY = ("teacher", "tokenizer", "dtype")
@@ -77,9 +78,42 @@ class RemoteTeacher(HeadTeacher):
             hidden.extend(h.to(self.weight.dtype) for h in states)
         return responses
 
-    def verifier(self) -> CachedForward:
-        raise DistillError(f"teacher.remote={self.name}: SKD's verification rounds run with a teacher in this "
-                           "process for now (sources.weights.skd needs teacher.path without teacher.remote)")
+    def verifier(self) -> Verifier:
+        return RemoteVerifier(self)
+
+
+class RemoteVerifier(Verifier):
+    """SKD's verification rounds on the worker: it keeps this generation's KV cache (a session)
+    and sends the final hidden states of each drafted block; the logits are the LM head's, here.
+    A session the worker lost (restarted, or evicted) is rebuilt by sending the prefix again."""
+
+    def __init__(self, teacher: RemoteTeacher) -> None:
+        self.teacher, self.config = teacher, teacher.config
+        self.window = rollback_window(teacher.config)
+        self.session = uuid.uuid4().hex
+        self.length = 0
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, upto: int, hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        t = self.teacher
+        start = self.length
+        h = t._get(t.worker.verify.remote(self.session, tokens[:, start:upto].cpu(), mask[:, :upto].cpu(), start,
+                                          t.wire), "an SKD verification")
+        if h is None:  # the worker lost this session: the whole prefix again
+            h = t._get(t.worker.verify.remote(self.session, tokens[:, :upto].cpu(), mask[:, :upto].cpu(), 0, t.wire),
+                       "an SKD verification")[:, start:]
+        if h.shape != (tokens.shape[0], upto - start, t.weight.shape[1]):
+            raise DistillError(f"teacher.remote={t.name}: a worker answered {tuple(h.shape)} hidden states for "
+                               f"{upto - start} positions of {tokens.shape[0]} sequences")
+        self.length = upto
+        h = h.to(tokens.device, t.weight.dtype)
+        with t.head() as (w, b):
+            logits = fp32_linear(h, w, b)
+        return (logits, h) if hidden else logits
+
+    def close(self) -> None:
+        self.teacher.worker.close.remote(self.session)  # not waited for
+        self.length = 0
 
 
 def _key(input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, bf16: bool) -> bytes:

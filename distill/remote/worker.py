@@ -1,11 +1,14 @@
 """A teacher worker: one process holding the whole teacher, answering forwards (hidden states at
-given positions, several callers' requests batched into one forward) and generations (SeqKD
-samples). ``serve`` runs it as a Ray actor (an asynchronous one: ``forward`` is a coroutine)."""
+given positions, several callers' requests batched into one forward), generations (SeqKD
+samples) and SKD's verification forwards (hidden states of drafted blocks, each caller's KV cache
+kept between its rounds). ``serve`` runs it as a Ray actor (an asynchronous one: ``forward`` is a
+coroutine)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +19,14 @@ from distill.generation import sample
 from distill.memory import peak_rss_bytes, rss_bytes
 from distill.models import final_hidden, load_model, load_tokenizer, resolve_device
 from distill.placement import DTYPES
+from distill.speculative import CachedForward
 
 # How long a forward waits for more requests to join it (from several ranks or jobs), in seconds.
 BATCH_WINDOW = 0.002
+# SKD verification sessions (KV caches) a worker keeps: one per caller generating now, closed at
+# the end of its generation; beyond this many (callers that died mid-generation) the least
+# recently used go, and a caller whose session went sends its prefix again.
+MAX_SESSIONS = 16
 
 
 class TeacherWorker:
@@ -42,6 +50,7 @@ class TeacherWorker:
             "parameters": sum(p.numel() for p in params), "bytes": sum(p.numel() * p.element_size() for p in params),
         }
         self._queue: list = []  # forward requests waiting for the next forward
+        self._sessions: OrderedDict[str, CachedForward] = OrderedDict()  # SKD verification KV caches
         self._draining = False
         self.stats = {"forwards": 0, "requests": 0}
 
@@ -103,6 +112,30 @@ class TeacherWorker:
             out.append(hidden[row: row + b, : t - 1][positions.to(self.device)].to(DTYPES[wire]).cpu())
             row += b
         return out
+
+    def verify(self, session: str, tokens: torch.Tensor, mask: torch.Tensor, start: int, wire: str
+               ) -> torch.Tensor | None:
+        """SKD's verification forward in ``session``'s KV cache: feed ``tokens`` (buffer positions
+        [start, upto), upto = ``mask``'s width) after rolling the cache back to ``start``; the final
+        hidden states there. None where the session is gone (a restarted worker, an evicted cache)
+        and ``start`` > 0: the caller sends its prefix again, from 0."""
+        cached = self._sessions.pop(session, None)
+        if start == 0:  # a generation's first round, or its prefix sent again
+            cached = CachedForward(self.model)
+        elif cached is None or start > cached.length:  # gone, or positions this cache never saw
+            return None
+        cached.crop(start)
+        self._sessions[session] = cached
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        buffer = torch.cat([tokens.new_zeros(tokens.shape[0], start), tokens], 1).to(self.device)
+        hidden = cached.hidden_only(buffer, mask.to(self.device), mask.shape[1])
+        self.stats["verifications"] = self.stats.get("verifications", 0) + 1
+        return hidden.to(DTYPES[wire]).cpu()
+
+    def close(self, session: str) -> None:
+        """The caller's generation is over: its cache goes."""
+        self._sessions.pop(session, None)
 
     def counts(self) -> dict[str, int]:
         """Forwards run and requests answered (several callers' requests share a forward), and this

@@ -45,9 +45,6 @@ def check(cfg: DistillConfig) -> list[Source]:
     for name in used:
         if REGISTRY[name].needs_teacher and not cfg.teacher.path:
             raise DistillError(f"sources.weights.{name} generates with the teacher, but teacher.path is not set")
-        if cfg.teacher.remote and name == "skd":
-            raise DistillError("sources.weights.skd: SKD's verification rounds need the teacher in this process; "
-                               "teacher.remote serves forwards and SeqKD samples (unset teacher.remote)")
         if cfg.teacher.cache and not cfg.teacher.live and not REGISTRY[name].fixed and (
                 REGISTRY[name].needs_teacher or cfg.loss.kind != "ce"):
             raise DistillError(f"sources.weights.{name}: {REGISTRY[name].what} are not known before the run, so "

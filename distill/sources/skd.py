@@ -66,10 +66,14 @@ def skd_generate(
         raise ValueError(f"teacher_temperature must be > 0; got {teacher_temperature}")
     rule = functools.partial(teacher_top_k, k=k, top_p=top_p, temperature=teacher_temperature,
                              greedy_teacher=teacher_greedy)
-    return propose_and_verify(teacher.verifier(), student, input_ids, rule, attention_mask=attention_mask, gamma=gamma,
-                              max_new_tokens=max_new_tokens, temperature=temperature, do_sample=True,
-                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
-                              vocab=vocab, keep_target_hidden=keep_teacher_hidden)
+    verifier = teacher.verifier()
+    try:
+        return propose_and_verify(verifier, student, input_ids, rule, attention_mask=attention_mask, gamma=gamma,
+                                  max_new_tokens=max_new_tokens, temperature=temperature, do_sample=True,
+                                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
+                                  vocab=vocab, keep_target_hidden=keep_teacher_hidden)
+    finally:
+        verifier.close()  # a served teacher's worker lets go of this generation's cache
 
 
 class SKDSource(GeneratingSource):
