@@ -60,6 +60,15 @@ from distill.sharding import is_sharded
 DEEPSPEED_TAG = "deepspeed"  # the folder of DeepSpeed's files inside a checkpoint
 
 
+def _unlink_shared_buffers(rank: int) -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer in /dev/shm. DeepSpeed never
+    unlinks it, so every run would leave 66 MB a rank in shared memory until the machine runs
+    out; unlinked once every rank has it mapped, it lives exactly as long as the processes."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+        path.unlink(missing_ok=True)
+
+
 def free_port() -> int:
     """A free TCP port on this machine (for a rendezvous)."""
     with socket.socket() as s:
@@ -99,6 +108,9 @@ class Engine:
                 with redirect_stdout(io.StringIO()):
                     deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl",
                                                verbose=False, timeout=datetime.timedelta(hours=3))
+                if device.type == "cpu":
+                    dist.barrier()  # every rank has mapped every other's shared-memory buffer by now
+                    _unlink_shared_buffers(self.rank)
         tc = cfg.trainer
         if tc.batch_size % self.world:
             raise DistillError(f"trainer.batch_size={tc.batch_size} must be a multiple of the {self.world} ranks "
