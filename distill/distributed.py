@@ -53,6 +53,7 @@ from distill.checkpoint import (
 )
 from distill.config import DistillConfig
 from distill.errors import DistillError
+from distill.memory import release_freed
 from distill.models import load_trainable_state, trainable_state
 from distill.placement import Placement, launch_env, local_world_size
 from distill.sharding import is_sharded
@@ -297,15 +298,15 @@ class Engine:
         sharded = [m for m in dict.fromkeys(models) if any(is_sharded(p) for p in m.parameters())]
         synced = self.world > 1 and any(not self.gathers.get(self._role.get(id(m), ""), True) for m in sharded)
         sharded = [m for m in sharded if self.gathers.get(self._role.get(id(m), ""), True)]
-        if not sharded:
-            yield synced
-            return
-        import deepspeed
-
         with ExitStack() as stack:
-            for m in sharded:
-                stack.enter_context(deepspeed.zero.GatheredParameters(list(m.parameters())))
-            stack.enter_context(_zero3_hooks_off([self._offload[id(m)] for m in sharded]))
+            if self.device.type == "cpu":  # the round's caches and gathered weights go back to the system
+                stack.callback(release_freed)
+            if sharded:
+                import deepspeed
+
+                for m in sharded:
+                    stack.enter_context(deepspeed.zero.GatheredParameters(list(m.parameters())))
+                stack.enter_context(_zero3_hooks_off([self._offload[id(m)] for m in sharded]))
             yield synced
 
     def held_parameters(self, model: torch.nn.Module) -> int:

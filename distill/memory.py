@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from pathlib import Path
 
 GIB = 1 << 30
@@ -25,6 +28,25 @@ def _status_field(name: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def release_freed() -> None:
+    """Hand the memory this process freed back to the system (glibc's ``malloc_trim``). glibc keeps
+    freed heap pages by default, so after a generation round (KV caches, sampling logits) the
+    process would stay as large as the round was, and training would add its own on top; the plan
+    (``distill.plan``) counts each phase on what stays. A no-op without glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
 
 
 def fmt(n: int) -> str:

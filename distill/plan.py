@@ -44,6 +44,9 @@ from distill.objective import objective_name
 from distill.placement import DTYPES, Placement, device_type, head_only, launch_env, local_world_size
 from distill.sources import check as check_sources
 
+# A serve-teacher worker's runtime beyond a process like the one planning it: Ray's core worker
+# (measured here: 75 MiB more resident memory than the CLI's process, with the same libraries).
+RAY_WORKER_RUNTIME = 96 * 2**20
 RUNTIME_CUDA = 1 * GIB  # CUDA context, cuBLAS workspaces: outside torch's allocator statistics
 # DeepSpeed's defaults that bound its buffers (elements).
 ZERO3_MAX_LIVE = 1_000_000_000
@@ -623,7 +626,8 @@ def worker_plan(cfg: DistillConfig) -> WorkerPlan:
                      key=lambda w: sum(w[0].values()))
     resident = {"teacher weights": shape.parameters * shape.bytes_per_weight,
                 "runtime" + (" (CUDA context)" if device == "cuda" else " (a process like this one)"):
-                    RUNTIME_CUDA if device == "cuda" else rss_bytes()}
+                    RUNTIME_CUDA if device == "cuda" else rss_bytes(),
+                "Ray's worker runtime": RAY_WORKER_RUNTIME}
     available = _available(cfg, device, 1)
     if available is not None and device == "cpu":  # the workers of one command share its machine
         available //= cfg.teacher.remote_workers
