@@ -53,7 +53,6 @@ from distill.checkpoint import (
 )
 from distill.config import DistillConfig
 from distill.errors import DistillError
-from distill.memory import release_freed
 from distill.models import load_trainable_state, trainable_state
 from distill.placement import Placement, launch_env, local_world_size
 from distill.sharding import is_sharded
@@ -299,8 +298,6 @@ class Engine:
         synced = self.world > 1 and any(not self.gathers.get(self._role.get(id(m), ""), True) for m in sharded)
         sharded = [m for m in sharded if self.gathers.get(self._role.get(id(m), ""), True)]
         with ExitStack() as stack:
-            if self.device.type == "cpu":  # the round's caches and gathered weights go back to the system
-                stack.callback(release_freed)
             if sharded:
                 import deepspeed
 

@@ -30,6 +30,7 @@ from distill.distributed import Engine
 from distill.errors import DistillError
 from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses
 from distill.losses import count_tokens
+from distill.memory import release_freed
 from distill.objective import batch_loss
 from distill.progress import console, showing
 from distill.sources import REGISTRY
@@ -278,6 +279,10 @@ def measure(state: RunState, what: str, model: PreTrainedModel, records: list[Re
             with state.engine.generation(model) as synced:
                 row.update(evaluate(model, state.tokenizer, records, metric=cfg.data.metric, on_batch=advance,
                                     max_new_tokens=tc.max_new_tokens, synced=synced, **size))
+    if state.engine.device.type == "cpu":
+        # Evaluation's caches would otherwise stay resident under the training steps that follow. Not
+        # done after each step's own generation round: re-faulting the pages costs ~9% of a GKD loop.
+        release_freed()
     return row
 
 

@@ -32,9 +32,8 @@ def _status_field(name: str) -> int:
 
 def release_freed() -> None:
     """Hand the memory this process freed back to the system (glibc's ``malloc_trim``). glibc keeps
-    freed heap pages by default, so after a generation round (KV caches, sampling logits) the
-    process would stay as large as the round was, and training would add its own on top; the plan
-    (``distill.plan``) counts each phase on what stays. A no-op without glibc."""
+    freed heap pages by default, so after an evaluation (KV caches, sampling logits) the process
+    would stay as large as it was, and training would add its own on top. A no-op without glibc."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
