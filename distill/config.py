@@ -361,6 +361,12 @@ def has_teacher(cfg: DistillConfig) -> bool:
     return bool(cfg.teacher.path or cfg.teachers)
 
 
+def as_member(error: DistillError, name: str) -> DistillError:
+    """An error about ``teacher.*`` of a member's config (``member_configs``), naming its fields
+    ``teachers.NAME.*``."""
+    return DistillError(str(error).replace("teacher.", f"teachers.{name}."))
+
+
 def member_configs(cfg: DistillConfig) -> dict[str, DistillConfig]:
     """Each of several teachers (``teachers``) as the ``teacher`` of a copy of ``cfg``, by name:
     what builds, checks and plans one teacher serves each; empty for a single teacher."""
@@ -438,7 +444,7 @@ def _validate_teachers(cfg: DistillConfig) -> None:
             _validate_models(view)
             _validate_teacher_cache(view)
         except DistillError as e:
-            raise DistillError(str(e).replace("teacher.", f"{key}.")) from None
+            raise as_member(e, name) from None
         if cfg.combine == "sum":
             if not (math.isfinite(t.weight) and t.weight > 0):
                 raise DistillError(f"{key}.weight must be > 0; got {t.weight}")

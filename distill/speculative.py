@@ -191,13 +191,15 @@ class CachedForward(Verifier):
         return (out.logits, out.hidden_states[-1]) if hidden else out.logits
 
     @torch.no_grad()
-    def hidden_only(self, tokens: torch.Tensor, mask: torch.Tensor, upto: int) -> torch.Tensor:
-        """As ``forward``, the final hidden states alone (the decoder without the LM head), equal
-        to those ``forward`` returns with ``hidden``."""
-        positions = (mask[:, :upto].cumsum(-1) - 1).clamp(min=0)
+    def hidden_only(self, block: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (the decoder without the LM head; equal to those ``forward``
+        returns with ``hidden``) of ``block``, the buffer's positions [length, upto) where upto is
+        ``mask``'s width: a served teacher's worker gets the new positions alone."""
+        upto = mask.shape[1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         decoder = self.model.get_decoder()
-        out = decoder(input_ids=tokens[:, self.length: upto], attention_mask=mask[:, :upto],
-                      position_ids=positions[:, self.length:], use_cache=True, **cache_kwargs(decoder, self.cache))
+        out = decoder(input_ids=block, attention_mask=mask, position_ids=positions[:, self.length:], use_cache=True,
+                      **cache_kwargs(decoder, self.cache))
         self.length = upto
         return out.last_hidden_state
 

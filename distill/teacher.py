@@ -196,8 +196,6 @@ class Teachers:
         self.members, self.routes, self.in_step = members, routes, in_step
         total = sum(weights.values()) if weights else 0.0
         self.weights = {n: w / total for n, w in weights.items()} if weights else None
-        self.name = " + ".join(members)
-        self.config = next(iter(members.values())).config
         self.prefetches = any(t.prefetches for t in members.values())
         self._by_prompt: dict[tuple[int, ...], tuple[str, str]] = {}  # prompt ids -> (member, where)
 
@@ -227,13 +225,17 @@ class Teachers:
                 for n, rows in self._routed(input_ids, positions).items() if rows is not None or self.in_step]
 
     def prefetch(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bf16: bool = False) -> None:
-        """Each member's share of ``batches``, as ``parts`` will ask for it."""
+        """Each member's share of ``batches``, as ``parts`` will ask for it, in one call per member
+        (a member's ``prefetch`` stands for the whole next step)."""
+        shares: dict[str, list] = {n: [] for n, t in self.members.items() if t.prefetches}
         for ids, mask, positions in batches:
-            shares = {n: None for n in self.members} if self.routes is None else self._routed(ids, positions)
-            for n, rows in shares.items():
-                if self.members[n].prefetches and (self.routes is None or rows is not None):
-                    rows = slice(None) if rows is None else rows
-                    self.members[n].prefetch([(ids[rows], mask[rows], positions[rows])], bf16=bf16)
+            routed = None if self.routes is None else self._routed(ids, positions)
+            for n, mine in shares.items():
+                rows = slice(None) if routed is None else routed[n]
+                if rows is not None:
+                    mine.append((ids[rows], mask[rows], positions[rows]))
+        for n, mine in shares.items():
+            self.members[n].prefetch(mine, bf16=bf16)
 
     def _routed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """The rows routed to each member (None: none), by their prompts."""

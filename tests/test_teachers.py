@@ -220,3 +220,30 @@ def test_the_plan_holds_each_teachers_weights_or_head(teacher_dir, second_teache
     assert served.chosen.resident["teacher LM head"] >= 4 * (a.rows * a.hidden + b.rows * b.hidden)
     assert served.chosen.training["teacher hidden states"] == loaded.chosen.training["teacher hidden states"] == (
         4 * 96 * (a.hidden + b.hidden) * 4)  # batch_size 4 of max_length 96, fp32
+
+
+def test_each_served_member_is_asked_for_its_share_of_the_next_step_at_once(teacher_dir, second_teacher,
+                                                                           student_dir):
+    """A member's ``prefetch`` stands for the whole next step (a served teacher keeps only the last
+    call's requests), so ``Teachers`` asks each member once, with its rows of every batch."""
+    tok, records, pairs, ta, tb, _ = _setup(teacher_dir, second_teacher, student_dir)
+
+    class Asked(LocalTeacher):
+        prefetches = True
+
+        def prefetch(self, batches, bf16=False):
+            self.calls = [*getattr(self, "calls", []), [ids.shape[0] for ids, _, _ in batches]]
+
+    a, b = Asked(ta.model), Asked(tb.model)
+    batches = [(x.input_ids, x.attention_mask, x.labels[:, 1:] != -100)
+               for x in (collate(pairs[:4], tok.pad_token_id), collate(pairs[4:], tok.pad_token_id))]
+    Teachers({"a": a, "b": b}, weights={"a": 1.0, "b": 1.0}).prefetch(batches)
+    assert a.calls == b.calls == [[4, 4]]
+    routed = Teachers({"a": a, "b": b}, routes={"arithmetic": "a", "spelling": "b"})
+    routed.learn(records, pairs)
+    a.calls = b.calls = []
+    routed.prefetch(batches)
+    tasks = [r.task for r in records]
+    for member, task in ((a, "arithmetic"), (b, "spelling")):
+        want = [n for n in (tasks[:4].count(task), tasks[4:].count(task)) if n]
+        assert member.calls == [want], (task, member.calls)

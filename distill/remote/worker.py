@@ -128,8 +128,7 @@ class TeacherWorker:
         self._sessions[session] = cached
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
-        buffer = torch.cat([tokens.new_zeros(tokens.shape[0], start), tokens], 1).to(self.device)
-        hidden = cached.hidden_only(buffer, mask.to(self.device), mask.shape[1])
+        hidden = cached.hidden_only(tokens.to(self.device), mask.to(self.device))
         self.stats["verifications"] = self.stats.get("verifications", 0) + 1
         return hidden.to(DTYPES[wire]).cpu()
 

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from distill.config import DistillConfig, member_configs, sources_in_use
+from distill.config import DistillConfig, as_member, member_configs, sources_in_use
 from distill.errors import DistillError
 from distill.sources.base import Source
 from distill.sources.dataset import DatasetSource
@@ -40,7 +40,7 @@ def check(cfg: DistillConfig) -> list[Source]:
             try:
                 check(view)
             except DistillError as e:
-                raise DistillError(str(e).replace("teacher.", f"teachers.{member}.")) from None
+                raise as_member(e, member) from None
         return [s for n, s in REGISTRY.items() if n in used]
     for name in used:
         if REGISTRY[name].needs_teacher and not cfg.teacher.path:
