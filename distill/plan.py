@@ -14,16 +14,20 @@ follow the architecture and its attention path. The rest is arithmetic, per rank
   moments, whatever the weights' dtype, divided by the ranks (the optimizer's share on the CPU
   with offload); the model's own gradients are divided from stage 2; without ZeRO, torch's AdamW
   keeps its moments in the weights' dtype;
-- ZeRO buffers: the reduce (and, stages 1-2, all-gather) buckets, and the parameters ZeRO-3
-  keeps gathered (up to its live-parameter bound);
+- ZeRO buffers: the reduce (and, stages 1-2, all-gather) buckets; ZeRO-3's parameters gathered
+  into full-size buffers (up to its live-parameter bound) and the copies its gradient
+  reduce-scatter makes of the bucket;
+- backward: one layer's share of the saved activations (the gradients of the layer it is in);
 - the loss: the fused loss's chunk of ``[rows x vocab]`` buffers and its fp32 head-gradient
   accumulator, or the full logits without it;
 - generation: the models of a round gathered whole (ZeRO-3) and their KV caches for the prompts
   and the new tokens, the student's for evaluation's greedy decoding too.
 
 The peak is the resident state plus the larger of a training micro-batch and a generation round.
-Not counted: the CUDA context (about 0.5-1 GiB; ``RUNTIME_CUDA``) and allocator fragmentation; on
-the CPU the process's own memory (libraries) at planning time is added.
+On the CPU, where glibc keeps freed pages, a source's round between steps (on-policy, SKD) is
+planned beside the training step, and the runtime is the process's memory at planning time plus
+what a run adds to it (``RUNTIME_CPU_RUN``). On a GPU the runtime is an allowance for the CUDA
+context (``RUNTIME_CUDA``); allocator fragmentation is not counted there.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from distill.sources import check as check_sources
 # (measured here: 75 MiB more resident memory than the CLI's process, with the same libraries).
 RAY_WORKER_RUNTIME = 96 * 2**20
 RUNTIME_CUDA = 1 * GIB  # CUDA context, cuBLAS workspaces: outside torch's allocator statistics
+# What a CPU run's process adds after planning besides the planned parts: the tokenizer's thread
+# pool and arenas, the encoded data, logging (measured here: about 60 MiB beyond the planned parts).
+RUNTIME_CPU_RUN = 64 * 2**20
 # DeepSpeed's defaults that bound its buffers (elements).
 ZERO3_MAX_LIVE = 1_000_000_000
 ZERO12_BUCKET = 500_000_000
@@ -67,6 +74,7 @@ class ModelShape:
     kv_bytes_per_token: int  # K and V of every layer for one token
     trainable_head: bool
     activations: int = 0  # bytes saved for backward by one training micro-batch (student only)
+    layer_activations: int = 0  # one decoder layer's share of them
 
 
 def _meta_model(m: ModelConfig, role: str, vocab: int | None):
@@ -172,12 +180,13 @@ def model_shape(m: ModelConfig, role: str, *, vocab: int | None = None, rows: in
             model = model.to(torch.bfloat16)
         full = _saved_activations(model, rows, length)
         shape.activations = full
+        layers = getattr(config.get_text_config(), "num_hidden_layers", 1)
+        shape.layer_activations = full // max(layers, 1)
         if checkpointing:
             # What stays outside the checkpointed layers, each layer's input (kept for its
             # recomputation), and one layer's activations while it is recomputed.
             from distill.models import enable_activation_checkpointing
 
-            layers = getattr(config.get_text_config(), "num_hidden_layers", 1)
             enable_activation_checkpointing(model)
             model.train()
             inputs = layers * rows * length * shape.hidden * next(model.parameters()).element_size()
@@ -208,6 +217,10 @@ class Plan:
     training: dict[str, int] = field(default_factory=dict)  # on top of resident, one micro-batch
     generation: dict[str, int] = field(default_factory=dict)  # on top of resident, the largest round
     generation_what: str = ""
+    # On the CPU, the largest round of a source that generates between steps: glibc keeps what the
+    # round freed, and the training step after it cannot reuse all of it, so it is planned beside.
+    kept: int = 0
+    kept_what: str = ""
     runtime: int = 0
     cpu: int = 0  # offloaded per rank (host memory)
     # Per sharded model (student, teacher): gathered whole for a generation round, or else synced
@@ -222,8 +235,8 @@ class Plan:
 
     @property
     def peak(self) -> int:
-        return (sum(self.resident.values()) + max(sum(self.training.values()), sum(self.generation.values()))
-                + self.runtime)
+        return (sum(self.resident.values()) + self.runtime
+                + max(sum(self.training.values()) + self.kept, sum(self.generation.values())))
 
     @property
     def name(self) -> str:
@@ -301,7 +314,7 @@ def _memory(cfg: DistillConfig, pl: Placement, s: ModelShape, t: ModelShape | No
     p = Plan(pl)
     _resident(p, cfg, s, t)
     _training(p, cfg, s, t)
-    p.runtime = RUNTIME_CUDA if pl.device == "cuda" else rss_bytes()
+    p.runtime = RUNTIME_CUDA if pl.device == "cuda" else rss_bytes() + RUNTIME_CPU_RUN
     p.available = _available(cfg, pl.device, pl.world)
     _generation(p, cfg, s, t)
     return p
@@ -353,13 +366,21 @@ def _training(p: Plan, cfg: DistillConfig, s: ModelShape, t: ModelShape | None) 
     world, b = pl.world, s.bytes_per_weight
     tokens = cfg.trainer.batch_size // world * cfg.data.max_length
     p.training["activations"] = s.activations
+    # Backward holds the gradients of the layer it is in beside what is still saved: measured on
+    # the CPU as about one layer's saved activations.
+    p.training["backward of one layer"] = s.layer_activations
     # ZeRO-3 keeps up to stage3_max_live_parameters gathered, and does not release parameters it
-    # will use again soon: up to that bound (or the whole model) beyond the rank's own partition.
+    # will use again soon: up to that bound (or the whole model), each gathered into a full-size
+    # buffer beside the rank's own partition.
     gathered = 0
     if pl.stage == 3:
-        gathered += min(ZERO3_MAX_LIVE, s.parameters) * b * (world - 1) // world
+        gathered += min(ZERO3_MAX_LIVE, s.parameters) * b
+        # The gradient reduce-scatter flattens the bucket into one more buffer
+        # (reduce_scatter_coalesced); gloo's reduce-scatter on the CPU makes a second copy.
+        copies = 2 if pl.device == "cpu" else 1
+        p.training["ZeRO-3 gradient reduce-scatter"] = copies * min(ZERO12_BUCKET, s.trainable) * b
     if pl.shard_teacher:
-        gathered += min(ZERO3_MAX_LIVE, t.parameters) * t.bytes_per_weight * (world - 1) // world
+        gathered += min(ZERO3_MAX_LIVE, t.parameters) * t.bytes_per_weight
     if gathered:
         p.training["ZeRO-3 gathered parameters"] = gathered
     kd = cfg.loss.kind != "ce" and t is not None
@@ -410,10 +431,9 @@ def _generation(p: Plan, cfg: DistillConfig, s: ModelShape, t: ModelShape | None
     owner = {"student": "student", "teacher": "student" if cfg.teacher.student_base else "teacher"}
     resident = sum(p.resident.values()) + p.runtime
 
-    def whole(role: str) -> int:  # what gathering adds to the rank's own partition (or all of it, offloaded)
+    def whole(role: str) -> int:  # a full-size buffer beside the rank's own partition
         m = models[role]
-        return m.parameters * m.bytes_per_weight * (world - 1) // world + (
-            m.parameters * m.bytes_per_weight // world if pl.offload_params else 0)
+        return m.parameters * m.bytes_per_weight
 
     def round_parts(roles: list[str], n: int, positions: int) -> dict[str, int]:
         parts = {}
@@ -437,6 +457,8 @@ def _generation(p: Plan, cfg: DistillConfig, s: ModelShape, t: ModelShape | None
         parts = round_parts(roles, n, positions)
         if sum(parts.values()) > sum(p.generation.values()):
             p.generation, p.generation_what = parts, what
+        if source and pl.device == "cpu" and sum(parts.values()) > p.kept:
+            p.kept, p.kept_what = sum(parts.values()), what
         if len(roles) > 1 and not all(p.gathers.get(owner[r], True) for r in roles):
             p.problems.append(f"{what} generates with both models gathered whole on every rank, which does not fit "
                               f"here; lower sources.weights.{source} to 0 or use more ranks")
@@ -521,9 +543,11 @@ def render(plan: RunPlan) -> str:
     lines.append(f"\nper-rank memory of this run ({c.name}):")
     for part, n in c.resident.items():
         lines.append(f"  {part:<34} {fmt(n):>12}")
-    lines.append(f"  training micro-batch (peak of step): {fmt(sum(c.training.values()))}")
+    lines.append(f"  training micro-batch (peak of step): {fmt(sum(c.training.values()) + c.kept)}")
     for part, n in c.training.items():
         lines.append(f"    {part:<32} {fmt(n):>12}")
+    if c.kept:
+        lines.append(f"    {'kept from ' + c.kept_what:<32} {fmt(c.kept):>12}")
     lines.append(f"  generation round ({c.generation_what}): {fmt(sum(c.generation.values()))}")
     for part, n in c.generation.items():
         lines.append(f"    {part:<32} {fmt(n):>12}")
@@ -531,7 +555,7 @@ def render(plan: RunPlan) -> str:
         lines.append(f"    {role}: " + ("gathered whole once per round" if whole else
                                          "too large to gather: generates with its layers gathered in turn, "
                                          "every rank in step"))
-    lines.append(f"  {'runtime' + (' (CUDA context)' if plan.device == 'cuda' else ' (this process now)'):<34} "
+    lines.append(f"  {'runtime' + (' (CUDA context)' if plan.device == 'cuda' else ' (this process, and data)'):<34} "
                  f"{fmt(c.runtime):>12}")
     if c.cpu:
         lines.append(f"  offloaded to the CPU: {fmt(c.cpu)} per rank")

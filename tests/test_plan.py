@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from distill import train as train_mod
-from distill.config import ArchConfig, DistillConfig, LoraConfig, ModelConfig, TeacherConfig
+from distill.config import ArchConfig, DistillConfig, LoraConfig, ModelConfig, Schedule, TeacherConfig, source_weights
 from distill.errors import DistillError
 from distill.models import load_tokenizer
 from distill.plan import _saved_activations, make_plan, model_shape, render
@@ -102,6 +102,45 @@ def test_each_stage_divides_what_it_shards(teacher_dir, student_dir):
 
 
 
+def test_zero3_gathers_full_buffers_and_reduce_scatters_copies(teacher_dir, student_dir):
+    """ZeRO-3 gathers a parameter into a full-size buffer beside the rank's partition; the gradient
+    reduce-scatter flattens the bucket into one more copy, and gloo (the CPU) makes a second."""
+    world = 2
+    cfg = cfg_for(teacher_dir, student_dir, batch_size=8)
+    s = model_shape(ModelConfig(path=str(student_dir)), "student")
+    t = model_shape(ModelConfig(path=str(teacher_dir)), "teacher")
+    p3 = {p.name: p for p in make_plan(cfg, world).stages}["zero3"]
+    assert p3.training["ZeRO-3 gathered parameters"] == 4 * (s.parameters + t.parameters)
+    assert p3.training["ZeRO-3 gradient reduce-scatter"] == 2 * 4 * s.trainable
+    full = {"student gathered": 4 * s.parameters, "teacher gathered": 4 * t.parameters}
+    gathered = {k: v for k, v in p3.generation.items() if k.endswith(" gathered")}
+    assert gathered and all(full[k] == v for k, v in gathered.items())  # evaluation's round: the whole model
+    gpu = cfg_for(teacher_dir, student_dir, batch_size=8)
+    gpu.trainer, gpu.plan = replace(gpu.trainer, device="cuda"), replace(gpu.plan, device_memory_gb=80)
+    g3 = {p.name: p for p in make_plan(gpu, world).stages}["zero3"]
+    assert g3.training["ZeRO-3 gradient reduce-scatter"] == 4 * s.trainable
+    assert "ZeRO-3 gradient reduce-scatter" not in {p.name: p for p in make_plan(cfg, world).stages}["zero2"].training
+
+
+def test_cpu_plans_a_generating_sources_round_beside_training(teacher_dir, student_dir):
+    """On the CPU glibc keeps what a round between steps freed: a source that generates (GKD) is
+    planned beside the training step; evaluation's rounds (memory returned after them) and a GPU's
+    caching allocator are not. Backward adds one layer's share of the saved activations."""
+    cfg = cfg_for(teacher_dir, student_dir, batch_size=8)
+    supervised = make_plan(cfg, 1).chosen
+    assert supervised.kept == 0
+    layers = AutoModelForCausalLM.from_pretrained(student_dir).config.num_hidden_layers
+    assert supervised.training["backward of one layer"] == supervised.training["activations"] // layers > 0
+    cfg.sources = replace(cfg.sources, weights=source_weights(dataset=Schedule(start=0.5), student=Schedule(start=0.5)))
+    gkd = make_plan(cfg, 1).chosen
+    assert gkd.kept_what == "student samples" and gkd.kept > 0
+    assert gkd.peak == (sum(gkd.resident.values()) + gkd.runtime
+                        + max(sum(gkd.training.values()) + gkd.kept, sum(gkd.generation.values())))
+    assert gkd.peak - gkd.runtime == supervised.peak - supervised.runtime + gkd.kept  # the tiny models: training tops
+    gpu = replace(cfg, trainer=replace(cfg.trainer, device="cuda"), plan=replace(cfg.plan, device_memory_gb=80))
+    assert make_plan(gpu, 1).chosen.kept == 0
+
+
 def test_a_cached_teacher_is_planned_as_its_head(teacher_dir, student_dir, tmp_path):
     """teacher.cache: each rank holds the teacher's LM head only, never shards or gathers the
     teacher, and runs no teacher generation (its evaluation row needs the body)."""
@@ -177,8 +216,9 @@ def test_readme_plan_is_the_committed_one():
 @pytest.mark.parametrize("stage", [0, 3])
 def test_plan_bounds_the_measured_peak(tmp_path, stage):
     """A run's report holds its planned and measured peak (on the CPU: peak resident memory,
-    libraries included). Measured here: +1% in one process, +26% on ZeRO-3, which the plan
-    underestimates on the CPU (benchmarks/results/full/plan_memory.md)."""
+    libraries included), and the plan bounds it: measured here -10% in one process and -2% on
+    ZeRO-3 (benchmarks/results/full/plan_memory.md has the matrix). The bound allows 5% above for
+    the run-to-run noise of resident memory (about 3%)."""
     proc = subprocess.run([sys.executable, "-m", "distill", "student=tiny",
                            "student.arch.hidden_size=256", "student.arch.num_layers=4", "trainer.steps=2",
                            "trainer.batch_size=32", "data.max_length=48", "trainer.eval_every=100",
@@ -197,7 +237,7 @@ def test_plan_bounds_the_measured_peak(tmp_path, stage):
 # A ZeRO stage in one process without a launcher's variables: distill sets up its one rank.
 NO_LAUNCHER = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
 NO_LAUNCHER["DS_ACCELERATOR"] = "cpu"
-PLAN_ERROR = {0: (-0.15, 0.15), 3: (-0.15, 0.4)}  # measured / planned - 1
+PLAN_ERROR = {0: (-0.2, 0.05), 3: (-0.2, 0.05)}  # measured / planned - 1; the goal is [-20%, 0%]
 
 
 def test_plan_of_an_arch_student_uses_its_tokenizer(teacher_dir):
