@@ -99,6 +99,8 @@ def run(state: RunState) -> None:
         for _ in range(state.step, tc.steps):  # optimizer_step counts state.step on
             source = draw(state, window)
             micro, hidden = micro_batches(state, source, window)
+            if not REGISTRY[source].fixed:  # generated now: the teacher elsewhere starts on them at once
+                ask_ahead(state, [b for b, h in zip(micro, hidden, strict=True) if h is None])
             prefetch(state)
             n_counted = accumulate(state, micro, hidden, window)
             optimizer_step(state, n_counted, window)
@@ -171,9 +173,18 @@ def prefetch(state: RunState) -> None:
     batches = []
     for m in range(tc.grad_accum):
         mine = state.engine.shard(ahead[m * tc.batch_size: (m + 1) * tc.batch_size])
-        batches += [(b.input_ids, b.attention_mask, b.labels[:, 1:] != IGNORE_INDEX)
-                    for _, b in collated(state, mine)]
-    teacher.prefetch(batches, bf16=tc.precision == "bf16")
+        batches += [b for _, b in collated(state, mine)]
+    ask_ahead(state, batches)
+
+
+def ask_ahead(state: RunState, batches: list[Batch]) -> None:
+    """Ask a teacher that runs elsewhere for the hidden states of ``batches`` (micro-batches whose
+    teacher side no source kept), as ``accumulate`` will ask for them."""
+    teacher = state.loss_teacher
+    if teacher is None or not teacher.prefetches or not batches:
+        return
+    teacher.prefetch([(b.input_ids, b.attention_mask, b.labels[:, 1:] != IGNORE_INDEX) for b in batches],
+                     bf16=state.cfg.trainer.precision == "bf16")
 
 
 def accumulate(state: RunState, micro: list[Batch], hidden: list[torch.Tensor | None], window: Window) -> int:

@@ -70,8 +70,8 @@ class Teacher(ABC):
 
     def prefetch(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bf16: bool = False) -> None:
         """Start computing the hidden states of ``batches`` ((input_ids, attention_mask, positions)
-        each) that ``hidden_states`` will be asked for next, where the teacher runs elsewhere and
-        can work while this process trains; by default nothing."""
+        each) that ``hidden_states`` will be asked for soon, where the teacher runs elsewhere and
+        can work while this process trains; added to what was asked before. By default nothing."""
         return
 
     @abstractmethod
@@ -225,8 +225,7 @@ class Teachers:
                 for n, rows in self._routed(input_ids, positions).items() if rows is not None or self.in_step]
 
     def prefetch(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bf16: bool = False) -> None:
-        """Each member's share of ``batches``, as ``parts`` will ask for it, in one call per member
-        (a member's ``prefetch`` stands for the whole next step)."""
+        """Each member's share of ``batches``, as ``parts`` will ask for it, in one call per member."""
         shares: dict[str, list] = {n: [] for n, t in self.members.items() if t.prefetches}
         for ids, mask, positions in batches:
             routed = None if self.routes is None else self._routed(ids, positions)

@@ -157,6 +157,44 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_identical(served,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_on_policy_steps_ask_the_served_teacher_before_the_students_forward(served, teacher_dir, student_dir,
+                                                                          tmp_path, monkeypatch):
+    """On-policy samples are sent to the worker as soon as they are drawn, and the student's decoder
+    runs while the worker computes: every training forward of a run on the student's samples was
+    asked for ahead, and the run's metrics are the local teacher's."""
+    import distill.loop as loop
+    import distill.objective as objective
+
+    runs, made, order, training = [], [], [], [False]
+    hidden, decoder, accumulate = RemoteTeacher.hidden_states, objective.final_hidden, loop.accumulate
+
+    def in_step(*a, **k):
+        training[0] = True
+        try:
+            return accumulate(*a, **k)
+        finally:
+            training[0] = False
+
+    monkeypatch.setattr(loop, "accumulate", in_step)
+    monkeypatch.setattr(RemoteTeacher, "hidden_states",
+                        lambda self, *a, **k: (training[0] and order.append("teacher")) or hidden(self, *a, **k))
+    monkeypatch.setattr(objective, "final_hidden",
+                        lambda *a, **k: (training[0] and order.append("student")) or decoder(*a, **k))
+    for name, remote_name in (("local", None), ("remote", served)):
+        c = make_cfg(teacher_dir, student_dir, remote_name)
+        c.sources.weights["dataset"].start, c.sources.weights["student"].start = 0.0, 1.0
+        c.sources.student.max_new_tokens = 8
+        if remote_name:
+            monkeypatch.setattr(train_mod, "remote_teacher",
+                                lambda *a, **k: made.append(remote_teacher(*a, **k)) or made[-1])
+        order.clear()
+        runs.append(MetricsLog.read(train_mod.train(c, tmp_path / name).run_dir / "metrics.jsonl"))
+    assert _strip(runs[0]) == _strip(runs[1])
+    forwards = order.count("teacher")
+    assert forwards >= 3 and made[0].prefetched == forwards and not made[0].pending
+    assert order[:2] == ["student", "teacher"]  # each micro-batch: the student's decoder first
+
+
 def test_another_teacher_is_refused_at_connect(served, tokenizer_dir, teacher_dir, student_dir, tmp_path):
     from conftest import make_llama
 

@@ -42,7 +42,10 @@ class RemoteTeacher(HeadTeacher):
                                           self.caller)
 
     def prefetch(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bf16: bool = False) -> None:
-        self.pending = {_key(*b, bf16): self._request(*b, bf16) for b in batches}
+        for b in batches:  # added to what is asked already; a batch asked twice is sent once
+            key = _key(*b, bf16)
+            if key not in self.pending:
+                self.pending[key] = self._request(*b, bf16)
 
     def _get(self, ref, what: str):
         """The answer of a request; DistillError in one line where its worker died for good (Ray
