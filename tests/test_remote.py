@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,6 +194,22 @@ def test_on_policy_steps_ask_the_served_teacher_before_the_students_forward(serv
     forwards = order.count("teacher")
     assert forwards >= 3 and made[0].prefetched == forwards and not made[0].pending
     assert order[:2] == ["student", "teacher"]  # each micro-batch: the student's decoder first
+
+
+def test_rays_token_is_readable_by_its_owner_alone(served, tmp_path):
+    """Ray writes its token readable by every user; distill makes it its owner's alone (the file of
+    the cluster serving here, and any file given)."""
+    import stat
+
+    from distill.remote.cluster import private_token
+
+    assert stat.S_IMODE((Path.home() / ".ray" / "auth_token").stat().st_mode) == 0o600
+    token = tmp_path / "auth_token"
+    token.write_text("secret")
+    token.chmod(0o644)
+    private_token(token)
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    private_token(tmp_path / "absent")  # a token given another way: nothing to do
 
 
 def test_another_teacher_is_refused_at_connect(served, tokenizer_dir, teacher_dir, student_dir, tmp_path):

@@ -3,15 +3,18 @@
 Ray's trust model: a process that reaches a cluster's ports and holds its token can run any code
 on every node of it. Ray (2.59 and later) authenticates local clusters with a token it writes to
 ``~/.ray/auth_token``; distill asks for token authentication on every cluster it starts or joins
-(``RAY_AUTH_MODE=token``), starts neither the dashboard nor its job API, and warns when the
+(``RAY_AUTH_MODE=token``), makes that file readable by its owner alone (Ray writes it readable by
+every user of the machine), starts neither the dashboard nor its job API, and warns when the
 cluster is not on this machine.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import warnings
+from pathlib import Path
 
 from distill.errors import DistillError
 
@@ -57,7 +60,19 @@ def init(address: str, start: bool = False):
                     "first" if late else "; start the teacher first: distill serve-teacher teacher.remote=NAME")
             raise DistillError(f"cannot join a Ray cluster {where} ({e}){hint}") from None
         ray.init(include_dashboard=False, **options)
+    private_token()
     return ray
+
+
+def private_token(path: Path | None = None) -> None:
+    """Make Ray's token file (default ``~/.ray/auth_token``) readable and writable by its owner
+    alone: whoever reads it can run code on the cluster."""
+    path = path or Path.home() / ".ray" / "auth_token"
+    try:
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o600)
+    except FileNotFoundError:  # a token given another way (RAY_AUTH_TOKEN)
+        pass
 
 
 def worker_name(name: str, index: int) -> str:
