@@ -99,8 +99,9 @@ def run(state: RunState) -> None:
         for _ in range(state.step, tc.steps):  # optimizer_step counts state.step on
             source = draw(state, window)
             micro, hidden = micro_batches(state, source, window)
-            if not REGISTRY[source].fixed:  # generated now: the teacher elsewhere starts on them at once
-                ask_ahead(state, [b for b, h in zip(micro, hidden, strict=True) if h is None])
+            # A teacher elsewhere starts on what it was not asked for a step ahead (generated now,
+            # or the first step): a batch asked twice is sent once.
+            ask_ahead(state, [b for b, h in zip(micro, hidden, strict=True) if h is None])
             prefetch(state)
             n_counted = accumulate(state, micro, hidden, window)
             optimizer_step(state, n_counted, window)

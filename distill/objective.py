@@ -72,7 +72,7 @@ def batch_loss(
     # A teacher that runs elsewhere computes its side while the student's decoder runs here (a
     # teacher here runs first, so its forward's buffers are gone before the student's activations).
     early = fused and teacher is not None and teacher.prefetches and teacher_hidden is None
-    h_s = final_hidden(student, ids, mask, bf16) if early else None
+    student_hidden = final_hidden(student, ids, mask, bf16) if early else None
     with torch.no_grad():  # the teachers' side of each part: hidden states, logits or top-k
         seen = [_teacher_side(p, ids, mask, positions, bf16=bf16, vocab=vocab, fused=fused, given=teacher_hidden)
                 for p in parts]
@@ -97,9 +97,10 @@ def batch_loss(
             return _combined(_busy(parts), terms, h_s)
 
         # As the student head's forward: its gradient reaches a sharded head in the backward pass.
+        if student_hidden is None:
+            student_hidden = final_hidden(student, ids, mask, bf16)
         with head_forward(student, head_loss) as head:
-            return _with_breakdown(_busy(parts), positions,
-                                   *head(h_s if early else final_hidden(student, ids, mask, bf16)))
+            return _with_breakdown(_busy(parts), positions, *head(student_hidden))
     s = lm_logits(student, ids, mask, bf16, vocab)
     terms = []
     for p, t in zip(parts, seen, strict=True):
