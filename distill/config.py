@@ -257,6 +257,30 @@ class SamplingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Sampled evaluation beside the greedy one, in validation and the test report: ``samples``
+    responses per prompt (0: greedy only) at ``temperature`` with top-p filtering, scored as mean@n,
+    pass@n and distinct right answers per prompt (``distill.evaluation``)."""
+
+    samples: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    """A reward beside the divergence on the student's own samples (``distill.rewards``): the
+    objective per counted token is the divergence minus ``alpha`` times a policy-gradient estimate
+    of the expected reward, with each sample's reward measured against the other samples of its
+    prompt (``group`` samples per prompt, RLOO). ``fn``: ``module:function`` scoring the user's
+    data; the built-in tasks' checkers otherwise. ``alpha`` 0: distillation alone."""
+
+    alpha: float = 0.0
+    fn: str | None = None
+    group: int = 4
+
+
+@dataclass
 class SKDConfig:
     """Speculative KD: the student samples at ``temperature``; a token outside the teacher's top
     ``k`` (or, with ``top_p``, its nucleus) is replaced by a teacher sample at ``teacher_temperature``."""
@@ -341,6 +365,8 @@ class DistillConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     # Where each step's sequences come from (distill.sources): by default the dataset alone.
     sources: SourcesConfig = field(default_factory=SourcesConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -386,6 +412,7 @@ def validate(cfg: DistillConfig) -> None:
     _validate_teacher_cache(cfg)
     _validate_trainer_and_data(cfg)
     _validate_sources(cfg)
+    _validate_eval_and_reward(cfg)
     _validate_placement(cfg)
     _validate_outputs(cfg)
 
@@ -648,6 +675,35 @@ def _validate_sources(cfg: DistillConfig) -> None:
             raise DistillError(f"sources.skd.{name} must be > 0; got {getattr(k, name)}")
 
 
+def _validate_eval_and_reward(cfg: DistillConfig) -> None:
+    e, r = cfg.eval, cfg.reward
+    if e.samples < 0:
+        raise DistillError(f"eval.samples must be >= 0 (0: greedy evaluation only); got {e.samples}")
+    if not e.temperature > 0:
+        raise DistillError(f"eval.temperature must be > 0; got {e.temperature}")
+    if not 0 < e.top_p <= 1:
+        raise DistillError(f"eval.top_p must lie in (0, 1]; got {e.top_p}")
+    if e.samples and cfg.data.metric == "none":
+        raise DistillError("eval.samples scores sampled responses; data.metric=none generates nothing")
+    if not (math.isfinite(r.alpha) and r.alpha >= 0):
+        raise DistillError(f"reward.alpha must be >= 0 (0: distillation alone); got {r.alpha}")
+    if r.alpha == 0:
+        return
+    if "student" not in sources_in_use(cfg.sources.weights):
+        raise DistillError("reward.alpha: the policy-gradient term needs the student's own samples; "
+                           "sources.weights.student is 0 (the other sources' samples are not the student's)")
+    if r.group < 2:
+        raise DistillError(f"reward.group must be >= 2 (the baseline of a sample is its prompt's other samples); "
+                           f"got {r.group}")
+    if cfg.trainer.batch_size % r.group:
+        raise DistillError(f"trainer.batch_size={cfg.trainer.batch_size} must be a multiple of reward.group="
+                           f"{r.group} (each prompt's samples fill the batch)")
+    if r.fn is not None and not re.fullmatch(r"[\w.]+:\w+", r.fn):
+        raise DistillError(f"reward.fn must be module:function (e.g. my_rewards:score); got {r.fn!r}")
+    if r.fn is None and cfg.data.train is not None:
+        raise DistillError("reward.alpha: the user's data has no built-in checker; set reward.fn=module:function")
+
+
 def check_vocabulary(cfg: DistillConfig, vocab: int) -> None:
     """What can be checked once the tokenizer's length ``vocab`` is known: SKD's K lies in the vocabulary."""
     k = cfg.sources.skd.k
@@ -671,5 +727,5 @@ def register() -> None:
 
 __all__ = [
     "ArchConfig", "LoraConfig", "ModelConfig", "TeacherConfig", "DataConfig", "LossConfig", "TrainerConfig",
-    "DeepSpeedConfig", "PlanConfig", "DistillConfig", "validate", "register",
+    "DeepSpeedConfig", "PlanConfig", "EvalConfig", "RewardConfig", "DistillConfig", "validate", "register",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ class Record:
     task: str | None = None
     templated: bool = False
     reference: str | None = None
+    row: dict | None = field(default=None, repr=False, compare=False)  # the data file's row as read (rewards)
 
     @property
     def answer(self) -> str:
@@ -52,13 +53,13 @@ def _record_from_row(
     task = row.get(cfg.task_field) if isinstance(row.get(cfg.task_field), str) else None
     if row.get(cfg.messages_field) is not None:
         record = _record_from_messages(row[cfg.messages_field], tokenizer, where, require_completion)
-        return record if task is None else replace(record, task=task)
+        return replace(record, row=row) if task is None else replace(record, task=task, row=row)
     for key in (cfg.prompt_field, cfg.completion_field):
         if key not in row and (require_completion or key == cfg.prompt_field):
             raise DistillError(f"{where}: missing field {key!r} (or {cfg.messages_field!r})")
         if key in row and not isinstance(row[key], str):
             raise DistillError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
-    return Record(row[cfg.prompt_field], row.get(cfg.completion_field, ""), where, task)
+    return Record(row[cfg.prompt_field], row.get(cfg.completion_field, ""), where, task, row=row)
 
 
 def _record_from_messages(
@@ -430,11 +431,16 @@ class TrainData:
 
     def next_pairs(self, size: int) -> list[tuple[list[int], list[int]]]:
         """The next ``size`` (prompt, completion) token-id pairs."""
+        return self.next_examples(size)[0]
+
+    def next_examples(self, size: int) -> tuple[list[tuple[list[int], list[int]]], list[Record]]:
+        """The next ``size`` pairs and the records they encode (for rewards)."""
         if self.cfg.stream:  # built-in examples are short: max_length is an error, not a filter
-            pairs = [encode(next(self._stream), self.tokenizer, self.cfg.max_length) for _ in range(size)]
+            records = [next(self._stream) for _ in range(size)]
             self.position += size
-            return pairs
-        return [self.examples[i] for i in self.sampler.take(size)]
+            return [encode(r, self.tokenizer, self.cfg.max_length) for r in records], records
+        taken = self.sampler.take(size)
+        return [self.examples[i] for i in taken], [self.records[i] for i in taken]
 
     def peek_pairs(self, size: int) -> list[tuple[list[int], list[int]]] | None:
         """The pairs the next ``next_pairs`` calls will give, ``size`` of them, without moving on;

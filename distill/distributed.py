@@ -115,6 +115,9 @@ class Engine:
         if tc.batch_size % self.world:
             raise DistillError(f"trainer.batch_size={tc.batch_size} must be a multiple of the {self.world} ranks "
                                "(each computes an equal share of every micro-batch)")
+        if cfg.reward.alpha > 0 and (tc.batch_size // cfg.reward.group) % self.world:
+            raise DistillError(f"trainer.batch_size / reward.group = {tc.batch_size // cfg.reward.group} prompts must "
+                               f"be a multiple of the {self.world} ranks (each rank samples whole groups)")
         self.student_engine = None  # DeepSpeed's engine around the student
         self._offload: dict[int, Any] = {}  # id(model) -> its ZeRO-3 parameter offload (hooks)
         self._role: dict[int, str] = {}  # id(model) -> student or teacher

@@ -8,7 +8,9 @@ For each chunk of C counted tokens, student hidden X [C, H_S] and weight W_S [V,
 
     Z_S = X W_S^T (+ b_S)                    fp32 output, fp32 accumulation (float64 stays float64)
     Z_T = X_T W_T^T (+ b_T), or given        the teacher's own hidden size H_T
-    L = w_kd D(Z_S, Z_T) + w_ce CE(Z_S, y)   per row; a term is computed only where it is asked for
+    L = w_kd D(Z_S, Z_T) + (w_ce + a_r) CE(Z_S, y)   per row; a term is computed only where asked for
+                                              (a_r: an optional per-row weight, the policy-gradient
+                                              term's alpha * advantage of the row's sample)
     G = dL/dZ_S / w_kd                       from the row steps, in the forward pass
     dX = G W_S     dW_S += G^T X (fp32 accumulator)     db_S += sum_rows G     (times w_kd in backward)
 
@@ -152,6 +154,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
         targets: torch.Tensor | None,  # [N] token ids for the cross-entropy, or None
         chunk_size: int,
         objective: Objective,
+        ce_row_weights: torch.Tensor | None = None,  # [N] added to the CE weight per row (may be < 0)
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = s_hidden.shape[0]
         vocab = s_weight.shape[0]
@@ -169,7 +172,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
         # Terms that send a gradient; a chunk's gradient buffer may overwrite its student logits
         # unless a second gradient term still has to read them.
         grad_kd = (need_h or need_w or need_b) and with_kd and objective.kd_weight != 0
-        grad_ce = (need_h or need_w or need_b) and with_ce and objective.ce_weight != 0
+        grad_ce = (need_h or need_w or need_b) and with_ce and (objective.ce_weight != 0 or ce_row_weights is not None)
         # g holds dD/dz + (w_ce / w_kd) dCE/dz and the backward multiplies by w_kd: no pass over g for
         # the weight. An fp16 buffer cannot hold w_ce / w_kd near its range: there D's gradient is scaled.
         fold = grad_kd and not (w_s.dtype == torch.float16 and objective.ce_weight > 1e3 * objective.kd_weight)
@@ -181,6 +184,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
         grad_b = torch.zeros(s_weight.shape[0], dtype=acc_dtype, device=device) if need_b else None
         kd_total = torch.zeros((), dtype=acc_dtype, device=device)
         ce_total = torch.zeros((), dtype=acc_dtype, device=device)
+        weighted_total = torch.zeros((), dtype=acc_dtype, device=device)  # sum of a_r CE_r
         for start in range(0, n, chunk_size):
             x = s_hidden.detach()[start: start + chunk_size].to(w_s.dtype)
             z_s = _logits(x, w_s, b_s)
@@ -190,21 +194,30 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 z_t = t[:, :vocab] if w_t is None else _logits(t, w_t, b_t)  # given logits are widened by rows()
                 z_t = z_t if z_t.stride(-1) == 1 else z_t.contiguous()
             y = None if targets is None else targets[start: start + chunk_size]
+            a = None if ce_row_weights is None else ce_row_weights[start: start + chunk_size]
             g = None
             if grad_kd or grad_ce:
                 alias = z_s.dtype == w_s.dtype and not (grad_kd and grad_ce)
                 g = z_s if alias else torch.empty_like(z_s, dtype=w_s.dtype)
             # Terms without gradient first: they read z_s before a gradient may overwrite it.
             if with_ce and not grad_ce:
-                ce_total += objective.ce_rows(z_s, y, None).sum()
+                ce_rows = objective.ce_rows(z_s, y, None)
+                ce_total += ce_rows.sum()
+                if a is not None:
+                    weighted_total += (a.to(ce_rows.dtype) * ce_rows).sum()
             if with_kd and not grad_kd:
                 kd_total += objective.divergence_rows(z_s, z_t, None, **objective.loss_kwargs).sum()
             if grad_kd:
                 kd_total += objective.divergence_rows(z_s, z_t, g, **objective.loss_kwargs).sum()
                 if not fold:
                     g.mul_(objective.kd_weight)
-            if grad_ce:
+            if grad_ce and a is None:
                 ce_total += objective.ce_rows(z_s, y, g, scale=objective.ce_weight / g_scale, accumulate=grad_kd).sum()
+            elif grad_ce:
+                ce_rows = objective.ce_rows(z_s, y, g, scale=1.0 / g_scale, accumulate=grad_kd,
+                                            row_scale=objective.ce_weight + a.to(acc_dtype))
+                ce_total += ce_rows.sum()
+                weighted_total += (a.to(ce_rows.dtype) * ce_rows).sum()
             del z_s, z_t
             if g is None:
                 continue
@@ -219,7 +232,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
         ctx.g_scale = g_scale
         terms = torch.stack([kd_total, ce_total])
         ctx.mark_non_differentiable(terms)
-        total = objective.kd_weight * kd_total + objective.ce_weight * ce_total
+        total = objective.kd_weight * kd_total + objective.ce_weight * ce_total + weighted_total
         return total, terms
 
     @staticmethod
@@ -230,7 +243,7 @@ class ChunkedLinearLoss(torch.autograd.Function):
             None if g is None else (g * scale.to(g.dtype)).to(dtype)
             for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
         ]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def chunk_entry_bytes(triton_path: bool, weight_dtype: torch.dtype, with_kd: bool, mixed: bool) -> int:
@@ -285,6 +298,7 @@ def fused_linear_loss(
     reduction: Literal["mean", "sum"] = "mean",
     chunk_size: int | None = None,
     backend: Backend = "auto",
+    ce_row_weights: torch.Tensor | None = None,
 ) -> LossTerms:
     """The LM head fused with the training loss, without holding the ``[tokens x vocab]`` logits:
     computed in chunks of counted tokens, with the gradients for ``student_hidden``,
@@ -302,7 +316,9 @@ def fused_linear_loss(
     cross-entropy against ``labels`` at temperature 1); without a teacher, CE alone (SFT). With
     ``measure_cross_entropy`` the CE is computed (and reported in the terms) also where its weight
     is 0. ``labels`` are aligned with the hidden states (no shift); ``ignore_index`` positions do
-    not count.
+    not count. ``ce_row_weights`` (shaped like ``labels``) adds a weight of its own to each
+    position's CE, negative ones too: with ``alpha * advantage`` of each position's sample it is the
+    policy-gradient term ``-alpha * A * log p(y)`` (``distill.rewards``); the reported CE stays unweighted.
 
     Args:
         chunk_size: counted tokens per chunk; by default as many as fit ``CHUNK_BUDGET_BYTES``
@@ -315,7 +331,7 @@ def fused_linear_loss(
         check_loss_args(kind, beta, alpha, temperature)
     if not 0.0 <= ce_weight <= 1.0:
         raise ValueError(f"ce_weight must lie in [0, 1] (0: distillation only, 1: cross-entropy only); got {ce_weight}")
-    with_ce = not with_kd or ce_weight > 0 or measure_cross_entropy
+    with_ce = not with_kd or ce_weight > 0 or measure_cross_entropy or ce_row_weights is not None
     if with_ce and labels is None:
         raise ValueError("the cross-entropy needs labels (the next-token targets)")
     if reduction not in ("mean", "sum"):
@@ -338,6 +354,7 @@ def fused_linear_loss(
     s_rows = student_hidden[mask]
     t_rows = teacher_hidden[mask] if with_kd else None
     targets = labels[mask] if with_ce else None
+    row_weights = None if ce_row_weights is None else ce_row_weights.detach()[mask]
     vocab = student_weight.shape[0]
     if with_kd:
         vocab = min(vocab, teacher_weight.shape[0] if teacher_weight is not None else t_rows.shape[-1])
@@ -364,6 +381,7 @@ def fused_linear_loss(
     with torch.autocast(s_rows.device.type, enabled=False):
         total, terms = ChunkedLinearLoss.apply(
             s_rows, student_weight, student_bias, t_rows, teacher_weight, teacher_bias, targets, chunk_size, objective,
+            row_weights,
         )
     return LossTerms(
         loss=reduce_counted(total, mask, reduction),

@@ -28,7 +28,7 @@ from distill.config import DistillConfig
 from distill.data import IGNORE_INDEX, Batch, Record, TrainData, collate, length_buckets, split_groups
 from distill.distributed import Engine
 from distill.errors import DistillError
-from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses
+from distill.evaluation import batch_count, evaluate, needs_generation, reference_losses, sampled_batch_size
 from distill.losses import count_tokens
 from distill.memory import release_freed
 from distill.objective import batch_loss
@@ -98,12 +98,12 @@ def run(state: RunState) -> None:
     with _StopAtStepBoundary() as stop, _stopped_at_once(state):
         for _ in range(state.step, tc.steps):  # optimizer_step counts state.step on
             source = draw(state, window)
-            micro, hidden = micro_batches(state, source, window)
+            micro = micro_batches(state, source, window)
             # A teacher elsewhere starts on what it was not asked for a step ahead (generated now,
             # or the first step): a batch asked twice is sent once.
-            ask_ahead(state, [b for b, h in zip(micro, hidden, strict=True) if h is None])
+            ask_ahead(state, [m.batch for m in micro if m.teacher_hidden is None])
             prefetch(state)
-            n_counted = accumulate(state, micro, hidden, window)
+            n_counted = accumulate(state, micro, window)
             optimizer_step(state, n_counted, window)
             if state.step % tc.log_every == 0 or state.step == tc.steps:
                 log(state, window, task)
@@ -128,24 +128,35 @@ def draw(state: RunState, window: Window) -> str:
     return source
 
 
-def micro_batches(state: RunState, name: str, window: Window) -> tuple[list[Batch], list[torch.Tensor | None]]:
+@dataclass
+class Micro:
+    """One micro-batch of a step, with the teacher's hidden states where its source kept them and
+    each row's policy-gradient weight where a reward term scored it."""
+
+    batch: Batch
+    teacher_hidden: torch.Tensor | None = None
+    pg_weights: torch.Tensor | None = None
+
+
+def micro_batches(state: RunState, name: str, window: Window) -> list[Micro]:
     """The step's micro-batches from source ``name``: ``grad_accum`` draws of the dataset's
-    prompts, each rank generating for its share with its own seed, split into length groups;
-    with each, the teacher's hidden states where the source kept them."""
+    prompts, each rank generating for its share with its own seed, split into length groups."""
     tc, engine, source, ctx = state.cfg.trainer, state.engine, REGISTRY[name], state.sources
-    micro, micro_hidden = [], []
+    micro = []
     for m in range(tc.grad_accum):
+        pairs, records = state.data.next_examples(source.prompts(ctx, tc.batch_size))
         with engine.generation(*source.models(ctx)) as synced:
-            got = source.sequences(engine.shard(state.data.next_pairs(tc.batch_size)), ctx, step=state.step,
+            got = source.sequences(engine.shard(pairs), ctx, step=state.step,
                                    seed=step_seed(tc.seed, state.step, m * engine.world + engine.rank),
-                                   synced=synced)
+                                   synced=synced, records=engine.shard(records))
         window.generation.add(got.stats)
         window.t_start += got.stats.seconds  # tokens/s counts training time only
         for group, batch in collated(state, got.pairs):
-            micro.append(batch)
-            micro_hidden.append(None if got.hidden is None else
-                                aligned_hidden([got.pairs[i] for i in group], [got.hidden[i] for i in group], batch))
-    return micro, micro_hidden
+            hidden = None if got.hidden is None else aligned_hidden(
+                [got.pairs[i] for i in group], [got.hidden[i] for i in group], batch)
+            pg = None if got.pg_weights is None else torch.tensor([got.pg_weights[i] for i in group])
+            micro.append(Micro(batch, hidden, pg))
+    return micro
 
 
 def collated(state: RunState, pairs: list) -> list[tuple[list[int], Batch]]:
@@ -188,19 +199,21 @@ def ask_ahead(state: RunState, batches: list[Batch]) -> None:
                      bf16=state.cfg.trainer.precision == "bf16")
 
 
-def accumulate(state: RunState, micro: list[Batch], hidden: list[torch.Tensor | None], window: Window) -> int:
+def accumulate(state: RunState, micro: list[Micro], window: Window) -> int:
     """Forward and backward over the step's micro-batches; the step's counted tokens. The
     denominator (counted tokens of every micro-batch on every rank) is known before any backward;
     DeepSpeed averages gradients over the ranks, so each rank's sum is scaled by world / count."""
     cfg, engine = state.cfg, state.engine
-    n_counted = engine.all_sum(sum(count_tokens(b.labels[:, 1:]) for b in micro))
+    n_counted = engine.all_sum(sum(count_tokens(m.batch.labels[:, 1:]) for m in micro))
     scale = engine.world / max(n_counted, 1)
     loss_sum = torch.zeros((), device=engine.device)  # summed on the device: no sync per micro-batch
-    for i, (b, h_t) in enumerate(zip(micro, hidden, strict=True)):
+    for i, m in enumerate(micro):
+        b = m.batch
         engine.start_forward()
         terms = batch_loss(cfg.loss, state.student, state.loss_teacher, b.to(engine.device),
                            bf16=cfg.trainer.precision == "bf16", vocab=state.sources.vocab, fused=state.fused,
-                           teacher_hidden=h_t)
+                           teacher_hidden=m.teacher_hidden,
+                           pg_weights=None if m.pg_weights is None else m.pg_weights.to(engine.device))
         loss = terms.loss
         for name, (div, tokens) in (terms.by_teacher or {}).items():
             got = window.by_teacher.setdefault(name, [torch.zeros((), device=engine.device), 0])
@@ -279,19 +292,25 @@ def save(state: RunState) -> None:
 
 def measure(state: RunState, what: str, model: PreTrainedModel, records: list[Record], with_teacher: bool,
             generate: bool = True) -> dict[str, float]:
-    """Losses (and, with ``generate``, generation metrics) of ``model`` on ``records``, with a
-    progress row. Every rank measures all the records (in step: sharded forwards are collective)."""
-    cfg, tc = state.cfg, state.cfg.trainer
-    passes = 1 + (generate and needs_generation(records, cfg.data.metric))
+    """Losses (and, with ``generate``, greedy and sampled generation metrics) of ``model`` on
+    ``records``, with a progress row. The ranks split the records (in step where sharded forwards
+    are collective) and every rank gets the whole row."""
+    cfg, tc, engine = state.cfg, state.cfg.trainer, state.engine
     size = dict(batch_size=tc.eval_batch_size, max_length=cfg.data.max_length)
-    with showing(state.progress, what, passes * batch_count(records, tc.eval_batch_size)) as advance:
+    calls = batch_count(records, tc.eval_batch_size, engine.world)
+    if generate and needs_generation(records, cfg.data.metric):
+        calls *= 2
+        if cfg.eval.samples:
+            calls += batch_count(records, sampled_batch_size(tc.eval_batch_size, cfg.eval.samples), engine.world)
+    with showing(state.progress, what, calls) as advance:
         row = reference_losses(model, state.teacher if with_teacher else None, state.tokenizer, records, cfg.loss,
-                               fused=state.fused, on_batch=advance, **size)
+                               fused=state.fused, on_batch=advance, engine=engine, **size)
         if generate:
-            with state.engine.generation(model) as synced:
+            with engine.generation(model) as synced:
                 row.update(evaluate(model, state.tokenizer, records, metric=cfg.data.metric, on_batch=advance,
-                                    max_new_tokens=tc.max_new_tokens, synced=synced, **size))
-    if state.engine.device.type == "cpu":
+                                    max_new_tokens=tc.max_new_tokens, synced=synced, engine=engine,
+                                    sampled=cfg.eval, seed=tc.seed, what=what.split(":")[0], **size))
+    if engine.device.type == "cpu":
         # Evaluation's caches would otherwise stay resident under the training steps that follow. Not
         # done after each step's own generation round: re-faulting the pages costs ~9% of a GKD loop.
         release_freed()

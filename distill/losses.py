@@ -313,14 +313,16 @@ def torch_rows(z_s: torch.Tensor, z_t: torch.Tensor, g: torch.Tensor | None, **l
 
 
 def torch_ce_rows(z_s: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None, scale: float = 1.0,
-                  accumulate: bool = False) -> torch.Tensor:
+                  accumulate: bool = False, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The plain-PyTorch cross-entropy row step: ``F.cross_entropy`` in (at least) fp32, its
-    gradient by autograd, scaled, written into ``g`` or added to it."""
+    gradient by autograd, scaled (each row also by its ``row_scale``), written into ``g`` or added to it."""
     with torch.enable_grad():
         z = z_s.detach().requires_grad_(g is not None)
         per_row = F.cross_entropy(upcast(z), y, reduction="none")
         if g is not None:
             (grad,) = torch.autograd.grad(per_row.sum(), z)
             grad = grad if scale == 1.0 else grad * scale
+            if row_scale is not None:
+                grad = grad * row_scale.to(grad.dtype)[:, None]
             g.add_(grad) if accumulate else g.copy_(grad)  # g may be z_s: written after autograd is done
     return per_row.detach()

@@ -23,6 +23,32 @@ def resolve(metric: str) -> str:
     return DEFAULT_FREE_TEXT if metric == "auto" else metric
 
 
+def sample_scores(predictions: list[str], references: list[str], metric: str) -> list[float]:
+    """Each prediction's own score by ``metric``: 1 or 0 for ``exact``, the sentence-level chrF or
+    BLEU (0-100), or ROUGE-L (0-1); for sampled evaluation, where every sample is scored alone."""
+    metric = resolve(metric)
+    preds = [" ".join(p.split()) for p in predictions]
+    refs = [" ".join(r.split()) for r in references]
+    if metric == "exact":
+        return [float(p == r) for p, r in zip(preds, refs, strict=True)]
+    if metric == "chrf":
+        from sacrebleu.metrics import CHRF
+
+        chrf = CHRF()
+        return [chrf.sentence_score(p, [r]).score for p, r in zip(preds, refs, strict=True)]
+    if metric == "bleu":
+        from sacrebleu.metrics import BLEU
+
+        bleu = BLEU(effective_order=True)
+        return [bleu.sentence_score(p, [r]).score for p, r in zip(preds, refs, strict=True)]
+    if metric == "rouge_l":
+        from rouge_score.rouge_scorer import RougeScorer
+
+        scorer = RougeScorer(["rougeL"])
+        return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(preds, refs, strict=True)]
+    raise ValueError(f"sample_scores: no per-sample score for data.metric={metric!r}")
+
+
 def text_scores(predictions: list[str], references: list[str], metric: str) -> dict[str, float]:
     """``{name: score}`` of ``predictions`` against ``references`` by ``metric`` (see the table)."""
     metric = resolve(metric)

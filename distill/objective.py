@@ -3,7 +3,10 @@ fused with the LM heads or on full logits. Training and validation both compute 
 
 With a teacher (``loss.kind`` a divergence) the objective is ``(1 - ce_weight) * D +
 ce_weight * CE`` per counted token (``loss.ce_weight`` 0 by default: distillation only); for
-``loss.kind=ce`` it is the cross-entropy alone (SFT).
+``loss.kind=ce`` it is the cross-entropy alone (SFT). On the student's own samples with a reward
+(``reward.alpha``) each token adds ``alpha * A * CE``, ``A`` its sample's advantage: minus alpha
+times the policy-gradient (REINFORCE) surrogate of the expected reward, normalised by the same
+token count as the divergence (``distill.rewards``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from transformers import PreTrainedModel
 
-from distill.config import LossConfig
+from distill.config import LossConfig, RewardConfig
 from distill.data import IGNORE_INDEX, Batch
 from distill.fused_loss import LossTerms, fused_linear_loss
 from distill.losses import cross_entropy, divergence
@@ -47,6 +50,7 @@ def batch_loss(
     fused: bool,
     measure_cross_entropy: bool = False,
     teacher_hidden: torch.Tensor | None = None,
+    pg_weights: torch.Tensor | None = None,
 ) -> LossTerms:
     """The summed objective of ``batch`` and its terms. ``teacher`` is used where ``loss.kind`` is a
     divergence, or for the divergence alone (forward KL) where it is ``ce`` and ``teacher`` is given
@@ -57,7 +61,8 @@ def batch_loss(
     teacher's forward; refused for a teacher whose logits are not its head's output (soft-capping,
     scaling: ``logit_transforms``). ``teacher``: a ``distill.teacher.Teacher`` (``LocalTeacher``
     for a model in this process), or ``Teachers``: each part it names (``Part``) adds its weighted
-    terms, and ``LossTerms.by_teacher`` holds each one's divergence."""
+    terms, and ``LossTerms.by_teacher`` holds each one's divergence. ``pg_weights`` (``[B]``, alpha
+    times each sequence's advantage) adds the policy-gradient term; None leaves the objective as it is."""
     if teacher_hidden is not None and teacher is not None and logit_transforms(teacher.config):
         raise ValueError(f"teacher_hidden: the teacher's logits are not its head's output "
                          f"({', '.join(logit_transforms(teacher.config))}); run its forward instead")
@@ -69,6 +74,7 @@ def batch_loss(
     ce_weight = loss.ce_weight if trains_kd else 1.0
     # Each teacher with its weight and the rows it teaches (None: all); one for a single teacher.
     parts = [Part("", None, 1.0, None)] if teacher is None else teacher.parts(ids, mask, positions)
+    pg = _pg_per_part(parts, pg_weights, labels)
     # A teacher that runs elsewhere computes its side while the student's decoder runs here (a
     # teacher here runs first, so its forward's buffers are gone before the student's activations).
     early = fused and teacher is not None and teacher.prefetches and teacher_hidden is None
@@ -81,19 +87,21 @@ def batch_loss(
         def head_loss(head: torch.nn.Module, h_s: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
             b_s = None if head.bias is None else head.bias[:vocab]
             terms = []
-            for p, t in zip(parts, seen, strict=True):
+            for p, t, w in zip(parts, seen, pg, strict=True):
                 if _idle(p):  # no rows here; its head is gathered as on the ranks that have some
                     with teacher_head(p.teacher, vocab):
                         continue
                 h, lab = _rows(h_s, p.rows), _rows(labels, p.rows)
                 if isinstance(t, TopK):
+                    if w is not None:
+                        raise ValueError("reward: a compact (top-k) teacher cache answers dataset batches only")
                     terms.append(top_k_linear_loss(h, head.weight[:vocab], lab, t, student_bias=b_s,
                                                    **_top_k_kwargs(kd), **args))
                     continue
                 with teacher_head(p.teacher, vocab) as (w_t, b_t):
                     terms.append(fused_linear_loss(h, head.weight[:vocab], lab, teacher_hidden=t, teacher_weight=w_t,
                                                    student_bias=b_s, teacher_bias=b_t, reduction="sum",
-                                                   backend=loss.backend, **kd, **args))
+                                                   backend=loss.backend, ce_row_weights=w, **kd, **args))
             return _combined(_busy(parts), terms, h_s)
 
         # As the student head's forward: its gradient reaches a sharded head in the backward pass.
@@ -103,14 +111,16 @@ def batch_loss(
             return _with_breakdown(_busy(parts), positions, *head(student_hidden))
     s = lm_logits(student, ids, mask, bf16, vocab)
     terms = []
-    for p, t in zip(parts, seen, strict=True):
+    for p, t, w in zip(parts, seen, pg, strict=True):
         if _idle(p):
             continue
         s_p, lab = _rows(s, p.rows), _rows(labels, p.rows)
         if isinstance(t, TopK):
+            if w is not None:
+                raise ValueError("reward: a compact (top-k) teacher cache answers dataset batches only")
             terms.append(top_k_linear_loss(s_p, None, lab, t, **_top_k_kwargs(kd), **args))
         else:
-            terms.append(_logit_terms(loss, s_p, t, lab, kd, ce_weight, measure_cross_entropy))
+            terms.append(_logit_terms(loss, s_p, t, lab, kd, ce_weight, measure_cross_entropy, w))
     return _with_breakdown(_busy(parts), positions, *_combined(_busy(parts), terms, s))
 
 
@@ -134,12 +144,33 @@ def _teacher_side(part: Part, ids: torch.Tensor, mask: torch.Tensor, positions: 
         return fp32_linear(given, w_t, b_t)
 
 
+def _pg_per_part(parts: list[Part], pg_weights: torch.Tensor | None, labels: torch.Tensor
+                 ) -> list[torch.Tensor | None]:
+    """Each part's per-position CE weights of the policy-gradient term (``[rows, T - 1]``), divided
+    by the part's weight, so that the weighted parts add the term once: all of it on the first part
+    where each part sees every row (combine=sum), each part its rows' share where they split them."""
+    if pg_weights is None:
+        return [None] * len(parts)
+    per_position = pg_weights[:, None].expand(labels.shape)
+    out: list[torch.Tensor | None] = []
+    for i, p in enumerate(parts):
+        carries = p.rows is not None or i == 0
+        out.append(_rows(per_position, p.rows) / p.weight if carries else None)
+    return out
+
+
 def _logit_terms(loss: LossConfig, s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor, kd: dict,
-                 ce_weight: float, measure_cross_entropy: bool) -> LossTerms:
-    """The terms on full logits: the student's ``s`` against the teacher's ``t`` (None: CE alone)."""
+                 ce_weight: float, measure_cross_entropy: bool, pg: torch.Tensor | None = None) -> LossTerms:
+    """The terms on full logits: the student's ``s`` against the teacher's ``t`` (None: CE alone);
+    ``pg``: per-position weights of a further CE term (the policy gradient's)."""
     trains_kd = loss.kind != "ce"
     ce = None
-    if ce_weight > 0 or measure_cross_entropy:
+    weighted = None
+    if pg is not None:
+        per_position = cross_entropy(s, labels, reduction="none", backend=loss.backend)
+        weighted = (pg.to(per_position.dtype) * per_position).sum()
+        ce = per_position.sum() if ce_weight > 0 or measure_cross_entropy else None
+    elif ce_weight > 0 or measure_cross_entropy:
         ce = cross_entropy(s, labels, reduction="sum", backend=loss.backend)
     div = None
     trains_div = trains_kd and ce_weight < 1
@@ -149,6 +180,8 @@ def _logit_terms(loss: LossConfig, s: torch.Tensor, t: torch.Tensor | None, labe
         objective = ce
     else:
         objective = div if ce_weight == 0 else (1 - ce_weight) * div + ce_weight * ce
+    if weighted is not None:
+        objective = weighted if objective is None else objective + weighted
     if div is not None and kd.get("hinton_scale"):
         div = div / loss.temperature**2  # the term is reported unscaled, as the fused path does
     return LossTerms(objective, None if div is None else div.detach(), None if ce is None else ce.detach())
@@ -216,14 +249,18 @@ def fused_loss_problem(
     return None
 
 
-def objective_name(loss: LossConfig) -> str:
-    """The objective in words, for the report: ``fkl``, ``ce`` or ``0.7 * fkl + 0.3 * ce``."""
+def objective_name(loss: LossConfig, reward: RewardConfig | None = None) -> str:
+    """The objective in words, for the report: ``fkl``, ``ce``, ``0.7 * fkl + 0.3 * ce``, and with a
+    reward ``fkl - 0.5 * policy gradient of E[reward] (...)``."""
     if loss.kind == "ce":  # the cross-entropy on the labels: no temperature
-        return "ce"
-    kd = loss.kind + (f"(beta={loss.beta})" if loss.kind == "gjsd" else "") + \
-        (f"(alpha={loss.alpha})" if loss.kind.startswith("skew") else "")
-    if loss.temperature != 1.0:
-        kd += f" at temperature {loss.temperature}" + (" (x T^2)" if loss.hinton_scale else "")
-    if loss.ce_weight == 0:
-        return kd
-    return f"{1 - loss.ce_weight:g} * {kd} + {loss.ce_weight:g} * ce"
+        name = "ce"
+    else:
+        kd = loss.kind + (f"(beta={loss.beta})" if loss.kind == "gjsd" else "") + \
+            (f"(alpha={loss.alpha})" if loss.kind.startswith("skew") else "")
+        if loss.temperature != 1.0:
+            kd += f" at temperature {loss.temperature}" + (" (x T^2)" if loss.hinton_scale else "")
+        name = kd if loss.ce_weight == 0 else f"{1 - loss.ce_weight:g} * {kd} + {loss.ce_weight:g} * ce"
+    if reward is None or reward.alpha == 0:
+        return name
+    return (f"{name} - {reward.alpha:g} * policy gradient of E[reward] ({reward.fn or 'the task checkers'}; "
+            f"{reward.group} samples per prompt, leave-one-out baseline; on the student's samples)")

@@ -1,6 +1,7 @@
 """A run's report: ``report.json`` (the record) and ``report.md`` (to read).
 
-It states what was minimised (``objective``, with any cross-entropy share), the validation and
+It states what was minimised (``objective``, with any cross-entropy share or reward), how
+generations were scored (``evaluation``: greedy, and sampled with ``eval.samples``), the validation and
 test metrics of the teacher and of the student before and after training, what
 ``data.overlong`` did to the data, and (``draft.enabled``) alpha and tau of the student as a
 speculative-decoding draft for the teacher.
@@ -20,6 +21,7 @@ class Run(Protocol):
     model_dir: Path
     steps: int
     objective: str
+    evaluation: str
     test: dict[str, dict[str, float]]
     validation: dict[str, dict[str, float]]
     data: dict[str, dict[str, int]]
@@ -46,7 +48,8 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
 def write_report(run: Run) -> None:
     report = {
         "run_dir": str(run.run_dir), "model_dir": str(run.model_dir), "steps": run.steps,
-        "objective": run.objective, "validation": run.validation, "test": run.test, "data": run.data,
+        "objective": run.objective, "evaluation": run.evaluation, "validation": run.validation, "test": run.test,
+        "data": run.data,
     }
     if run.draft:
         report["draft"] = run.draft
@@ -55,7 +58,8 @@ def write_report(run: Run) -> None:
     if run.memory:
         report["memory"] = run.memory
     atomic_write_text(run.run_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    parts = [f"Objective: {run.objective}; {run.steps} steps; model: `{run.model_dir}`."]
+    parts = [f"Objective: {run.objective}; {run.steps} steps; model: `{run.model_dir}`.",
+             f"Evaluation: {run.evaluation}."]
     for split in ("validation", "test"):
         rows = getattr(run, split)
         if rows:

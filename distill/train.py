@@ -40,6 +40,7 @@ from distill.plan import check as check_plan
 from distill.progress import console, progress_display
 from distill.remote.teacher import remote_teacher
 from distill.report import write_report
+from distill.rewards import Rewards, RewardTerm
 from distill.schedule import cosine_scheduler
 from distill.sources import check as check_sources
 from distill.sources.base import SourceContext
@@ -56,6 +57,8 @@ class RunResult:
     steps: int
     # What was minimised, in words (e.g. "fkl", or "0.7 * fkl + 0.3 * ce").
     objective: str = ""
+    # How generations were scored, in words (greedy, and eval.samples).
+    evaluation: str = ""
     # Rows "teacher", "student before", "student after" of metrics on each split.
     test: dict[str, dict[str, float]] = field(default_factory=dict)
     validation: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -129,8 +132,10 @@ def _build(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[RunState,
     """The run's state: models and tokenizers (checked before any compute), data, optimizer,
     schedule and sources; and its result, to be filled in."""
     tc = cfg.trainer
+    rewards = Rewards(cfg.reward.fn) if cfg.reward.alpha > 0 else None  # the user's function, before any model
     tokenizer, teacher, student = _models(cfg, run_dir, engine)
-    result = RunResult(run_dir, run_dir / "model", tc.steps, objective=objective_name(cfg.loss))
+    result = RunResult(run_dir, run_dir / "model", tc.steps, objective=objective_name(cfg.loss, cfg.reward),
+                       evaluation=evaluation_name(cfg))
     data = TrainData(cfg.data, tokenizer, tc.seed)
     result.data["train"] = data.counts
     splits, pairs = _splits(cfg, tokenizer, result)
@@ -160,7 +165,10 @@ def _build(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[RunState,
                              stops=stops, vocab=vocab, dtype=cfg.teacher.dtype)
     sources = SourceContext(cfg.sources, student, teacher, pad_id=tokenizer.pad_token_id, stops=stops,
                             max_length=cfg.data.max_length, vocab=vocab, total_steps=tc.steps, teacher_cache=cache,
-                            keep_teacher_hidden=teacher is not None and cfg.loss.kind != "ce" and fused)
+                            keep_teacher_hidden=teacher is not None and cfg.loss.kind != "ce" and fused,
+                            reward=None if rewards is None else RewardTerm(
+                                rewards, cfg.reward.alpha, cfg.reward.group,
+                                lambda ids: tokenizer.decode(ids, skip_special_tokens=True)))
     state = RunState(cfg, run_dir, engine, tokenizer, student, teacher, params, optimizer, scheduler, data, sources,
                      fused, validation_records=splits["validation"], test_records=splits.get("test", []))
     return state, result
@@ -327,6 +335,17 @@ def _finish(state: RunState, result: RunResult) -> None:
                                               with_teacher=True)
     if engine.uses_deepspeed:
         result.sharding = _sharding_report(engine, state.student, state.teacher)
+
+
+def evaluation_name(cfg: DistillConfig) -> str:
+    """How the run scores generations, in words, for the report."""
+    e = cfg.eval
+    if not e.samples:
+        return "greedy decoding"
+    n = e.samples
+    return (f"greedy decoding, and {n} samples per prompt at temperature {e.temperature:g}, top-p {e.top_p:g}: "
+            f"mean@{n} (the samples' mean score), pass@{n} (a prompt with a right sample), distinct@{n} (distinct "
+            "right answers per prompt)")
 
 
 def _tokenizer_for(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[Tokenizer, str]:

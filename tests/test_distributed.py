@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 STEPS = [
     "trainer.steps=4", "trainer.batch_size=8", "trainer.grad_accum=2", "trainer.log_every=1", "trainer.save_every=2",
     "trainer.keep_checkpoints=3", "trainer.eval_every=100", "trainer.progress=false", "final_eval=false",
-    "data.num_validation=20", "sources.teacher_cache=none",
+    "data.num_validation=20", "sources.teacher_cache=none", "eval.samples=2", "trainer.eval_batch_size=8",
     # step 0: the dataset; step 1: on-policy; steps 2-3: SKD (weight 1000 against the student's 1)
     "sources.weights.dataset.end=0", "sources.weights.dataset.kind=step", "sources.weights.dataset.steps=1",
     "sources.weights.student.end=1", "sources.weights.student.kind=step", "sources.weights.student.steps=1",
@@ -156,6 +156,20 @@ def test_two_zero3_ranks_train_as_one_process(runs):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=WEIGHT_ATOL), (k, (wa[k] - wb[k]).abs().max())
+
+
+def test_two_ranks_split_the_evaluation_and_report_one_processs_numbers(runs):
+    """Validation (losses, greedy accuracy, sampled mean@2 / pass@2 / distinct@2) with the records
+    split across two ZeRO-3 ranks, in step: the numbers of one process. Breaks caught: a rank's
+    share dropped from the gather, the sampled seed taken from the rank's own batch count."""
+    def validation(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if r["split"] == "validation"][-1]
+
+    one, two = validation(runs["one"]), validation(runs["zero3"])
+    assert one.keys() == two.keys() and {"mean@2", "pass@2", "distinct@2", "accuracy"} <= one.keys()
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=LOSS_RTOL), key
 
 
 def test_a_launch_prints_nothing_the_user_cannot_act_on(runs):

@@ -91,3 +91,26 @@ def test_task_metrics_name_each_score_once():
     got = task_metrics(both, ["five", "#### 3"])
     assert {"accuracy", "spelling/accuracy", "arithmetic/accuracy", "spelling/bleu"} <= set(got)
     assert got["accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("difficulty,low,high", [("easy", 6, 50), ("medium", 6, 100), ("hard", 6, 199)])
+def test_sum_pairs_has_many_right_answers_and_checks_each(difficulty, low, high):
+    """Every prompt has at least five right answers; the references are right, spread over the
+    first part, and within the level; the checker takes any split of the total and nothing else."""
+    from distill.tasks.sum_pairs import parts
+
+    task = get_task("sum_pairs", difficulty)
+    examples = task.take("train", 400)
+    totals = [sum(parts(e.completion)) for e in examples]
+    assert low <= min(totals) and max(totals) <= high and max(totals) > (low + high) / 2
+    assert all(t - 1 >= 5 and f"has {t} " in e.prompt for t, e in zip(totals, examples, strict=True))
+    assert all(task.check(e.completion, e.completion) for e in examples)
+    firsts = {parts(e.completion)[0] for e in examples}
+    assert len(firsts) > low  # the first part is spread, not one mode
+    ref = "20 + 37"
+    right = [f"{a} + {57 - a}" for a in range(1, 57)]
+    assert all(task.check(r, ref) for r in right) and len({task.key(r) for r in right}) == 56
+    for wrong in ("20 + 36", "0 + 57", "57 + 0", "020 + 37", "20+37", "20 + 37 + 0", "twenty + 37", "", "#### 57"):
+        assert not task.check(wrong, ref), wrong
+    assert task.check(" 37 + 20 ", ref) and task.key(" 37 + 20 ") == "37 + 20"
+    assert task.score(["1 + 56", "56 + 2"], [ref, ref]) == {"accuracy": 0.5}

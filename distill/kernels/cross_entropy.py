@@ -6,8 +6,10 @@ temperature) and target y:
     L = lse(z) - z_y,   lse(z) = log sum_v exp(z_v)
     dL/dz = softmax(z) - onehot(y),   softmax(z)_v = exp(z_v - lse(z))
 
-The launch writes ``scale * dL/dz`` into the gradient buffer, or adds it to the buffer's contents
-(``accumulate``: a KD + CE objective adds the CE gradient to the divergence gradient already there).
+The launch writes ``scale * w_r * dL/dz`` into the gradient buffer (``w_r`` a per-row weight, 1
+without ``row_scale``: the policy-gradient term weighs each token by its sample's advantage), or
+adds it to the buffer's contents (``accumulate``: a KD + CE objective adds the CE gradient to the
+divergence gradient already there).
 
 Passes over the vocabulary per row: (1) online log-sum-exp (the target logit is one extra load);
 (2) only when the gradient is asked for: softmax - onehot, read-modify-write when accumulating.
@@ -39,7 +41,9 @@ def cross_entropy_rows_kernel(
     n_rows,
     V,
     scale,  # multiplies the gradient written or added
+    w_ptr,  # [rows] fp32 per-row weights of the gradient (read when ROW_SCALE)
     WRITE_GRAD: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
     ACCUMULATE: tl.constexpr,  # add to g's contents instead of overwriting them
     BLOCK_R: tl.constexpr,  # rows per program: 1 on GPUs at LLM vocabularies, more for small V
     BLOCK_V: tl.constexpr,
@@ -59,15 +63,18 @@ def cross_entropy_rows_kernel(
     loss = tl.where(z_y == -float("inf"), float("inf"), lse - z_y)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
 
-    # Pass 2: scale * (softmax - onehot), written or added.
+    # Pass 2: scale * w_r * (softmax - onehot), written or added.
     if WRITE_GRAD:
+        row_scale = tl.full((BLOCK_R,), 1.0, tl.float32) * scale
+        if ROW_SCALE:
+            row_scale *= tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             inside = rows_in & (cols < V)
             z = tl.load(z_rows + cols, mask=inside, other=-float("inf")).to(tl.float32)
             # -inf logits: probability exactly 0 (exp(-inf - -inf) would be NaN in an all -inf row).
             p = tl.where(z == -float("inf"), 0.0, tl.exp(z - lse[:, None]))
-            grad = (p - tl.where(cols == y[:, None], 1.0, 0.0)) * scale
+            grad = (p - tl.where(cols == y[:, None], 1.0, 0.0)) * row_scale[:, None]
             if ACCUMULATE:
                 grad += tl.load(g_rows + cols, mask=inside, other=0.0).to(tl.float32)
             tl.store(g_rows + cols, grad.to(g_ptr.dtype.element_ty), mask=inside)
@@ -80,12 +87,14 @@ def cross_entropy_rows(
     *,
     scale: float = 1.0,
     accumulate: bool = False,
+    row_scale: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> torch.Tensor:
     """Launch the row kernel on 2-D logits ``[rows, V]`` with targets ``[rows]`` (every value in
     ``[0, V)``: the caller has dropped ignored positions). Returns the per-row cross-entropy (fp32);
-    when ``grad_out`` is given, writes ``scale * dL/dz`` into it, or adds it with ``accumulate``
-    (``grad_out`` may be ``logits`` itself when fp32)."""
+    when ``grad_out`` is given, writes ``scale * dL/dz`` into it (each row also times its
+    ``row_scale``, ``[rows]``), or adds it with ``accumulate`` (``grad_out`` may be ``logits`` itself
+    when fp32)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [rows, V], got shape {tuple(logits.shape)}")
     rows, vocab = logits.shape
@@ -98,6 +107,8 @@ def cross_entropy_rows(
     for name, x in (("logits", logits), ("grad_out", grad_out)):
         if x is not None and x.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous along the vocabulary")
+    if row_scale is not None and row_scale.shape != (rows,):
+        raise ValueError(f"row_scale {tuple(row_scale.shape)} != ({rows},)")
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
         return loss
@@ -111,7 +122,9 @@ def cross_entropy_rows(
         rows,
         vocab,
         float(scale),
+        loss if row_scale is None else row_scale.float().contiguous(),
         WRITE_GRAD=grad_out is not None,
+        ROW_SCALE=row_scale is not None,
         ACCUMULATE=grad_out is not None and accumulate,
         **launch,
     )

@@ -18,7 +18,8 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.config import SourcesConfig
-from distill.data import Batch
+from distill.data import Batch, Record
+from distill.rewards import RewardTerm
 from distill.sources.teacher_cache import TeacherCache
 from distill.teacher import Teacher
 
@@ -43,6 +44,9 @@ class SourceStats:
     cached: int = 0  # teacher responses taken from the cache
     truncated: int = 0  # responses that reached max_new_tokens without a stop token
     clipped: int = 0  # responses cut so that prompt and response fit data.max_length
+    rewarded: int = 0  # responses scored by the reward term, their rewards' sum and sum of squares
+    reward_sum: float = 0.0
+    reward_squares: float = 0.0
 
     def add(self, other: SourceStats) -> None:
         for f in dataclasses.fields(self):
@@ -65,6 +69,9 @@ class SourceStats:
             out["teacher_forwards_per_token"] = self.teacher_forwards / self.teacher_tokens
         if self.cached:
             out["teacher_cache_hits"] = self.cached / self.sequences
+        if self.rewarded:
+            out["reward_mean"] = self.reward_sum / self.rewarded
+            out["reward_std"] = max(self.reward_squares / self.rewarded - out["reward_mean"] ** 2, 0.0) ** 0.5
         return out
 
     def note(self) -> str:
@@ -76,6 +83,8 @@ class SourceStats:
             parts.append(f"teacher cache hits {self.cached}/{self.sequences}")
         if "skd_acceptance" in m:
             parts.append(f"SKD accepts {m['skd_acceptance']:.2f}")
+        if "reward_mean" in m:
+            parts.append(f"reward {m['reward_mean']:.3g}")
         if self.truncated:
             parts.append(f"{m['gen_truncated']:.0%} truncated")
         return ", ".join(parts)
@@ -112,16 +121,19 @@ class SourceContext:
     total_steps: int = 1  # the run's length, for schedules (SKD's K)
     teacher_cache: TeacherCache | None = None
     keep_teacher_hidden: bool = False
+    reward: RewardTerm | None = None  # the policy-gradient term on the student's own samples
 
 
 @dataclass
 class Sequences:
-    """A source's answer for one micro-batch: the pairs, what it cost, and per pair the teacher's
-    hidden states before each response token (None where the loss runs the teacher itself)."""
+    """A source's answer for one micro-batch: the pairs, what it cost, per pair the teacher's
+    hidden states before each response token (None where the loss runs the teacher itself), and
+    per pair the policy-gradient weight (alpha times its advantage; None without a reward term)."""
 
     pairs: Pairs
     stats: SourceStats
     hidden: list[torch.Tensor] | None = None
+    pg_weights: list[float] | None = None
 
 
 @dataclass
@@ -163,12 +175,17 @@ class Source(ABC):
         """Its generation round, for the plan's memory (None: it generates nothing)."""
         return None
 
+    def prompts(self, ctx: SourceContext, batch_size: int) -> int:
+        """How many of the dataset's prompts make a micro-batch of ``batch_size`` sequences."""
+        return batch_size
+
     @abstractmethod
-    def sequences(self, pairs: Pairs, ctx: SourceContext, *, step: int, seed: int, synced: bool = False
-                  ) -> Sequences:
-        """``pairs`` (the dataset's micro-batch) as this source makes them. ``seed`` fixes any
-        generation (derived from the run's seed and step); ``synced``: a generating model is
-        sharded and not gathered, so every rank generates in step (each forward is collective)."""
+    def sequences(self, pairs: Pairs, ctx: SourceContext, *, step: int, seed: int, synced: bool = False,
+                  records: list[Record] | None = None) -> Sequences:
+        """``pairs`` (the dataset's micro-batch, ``records`` what they encode) as this source makes
+        them. ``seed`` fixes any generation (derived from the run's seed and step); ``synced``: a
+        generating model is sharded and not gathered, so every rank generates in step (each forward
+        is collective)."""
 
 
 class GeneratingSource(Source):
@@ -183,8 +200,8 @@ class GeneratingSource(Source):
                  synced: bool) -> Generated:
         """Responses to ``prompts``, with the statistics only the source knows."""
 
-    def sequences(self, pairs: Pairs, ctx: SourceContext, *, step: int, seed: int, synced: bool = False
-                  ) -> Sequences:
+    def sequences(self, pairs: Pairs, ctx: SourceContext, *, step: int, seed: int, synced: bool = False,
+                  records: list[Record] | None = None) -> Sequences:
         prompts = [p for p, _ in pairs]
         t0 = time.perf_counter()
         got = self.generate(prompts, ctx, step=step, seed=seed, synced=synced)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from distill.data import Record
 from distill.sources.base import Pairs, Sequences, Source, SourceContext, SourceStats
 
 
@@ -10,6 +11,6 @@ class DatasetSource(Source):
     what = "dataset responses (supervised KD / SFT)"
     fixed = True
 
-    def sequences(self, pairs: Pairs, ctx: SourceContext, *, step: int, seed: int, synced: bool = False
-                  ) -> Sequences:
+    def sequences(self, pairs: Pairs, ctx: SourceContext, *, step: int, seed: int, synced: bool = False,
+                  records: list[Record] | None = None) -> Sequences:
         return Sequences(pairs, SourceStats())

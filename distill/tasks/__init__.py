@@ -9,10 +9,12 @@ from distill.errors import DistillError
 from distill.tasks.arithmetic import ArithmeticTask
 from distill.tasks.base import Example, Task, split_of
 from distill.tasks.spelling import SpellingTask
+from distill.tasks.sum_pairs import SumPairsTask
 
 TASKS: dict[str, type[Task]] = {
     ArithmeticTask.name: ArithmeticTask,
     SpellingTask.name: SpellingTask,
+    SumPairsTask.name: SumPairsTask,
 }
 
 
@@ -31,16 +33,16 @@ def check_builtin(tasks: list[str], difficulty: str, prefix: str = "") -> None:
 
 def get_task(name: str, difficulty: str = "hard") -> Task:
     """Return the built-in task called ``name``; ``difficulty`` (easy, medium, hard) sets how many
-    steps and how large the numbers of arithmetic are (spelling has one level: fewer digits would
-    leave too few distinct examples)."""
+    steps and how large the numbers of arithmetic are, and the largest total of sum_pairs (spelling
+    has one level: fewer digits would leave too few distinct examples)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; built-in tasks are {sorted(TASKS)}")
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"unknown difficulty {difficulty!r}; one of {', '.join(DIFFICULTIES)}")
-    return ArithmeticTask(difficulty) if name == ArithmeticTask.name else TASKS[name]()
+    return SpellingTask() if name == SpellingTask.name else TASKS[name](difficulty)
 
 
 __all__ = [
     "DIFFICULTIES", "check_builtin", "Example", "Task", "TASKS", "get_task", "split_of", "ArithmeticTask",
-    "SpellingTask",
+    "SpellingTask", "SumPairsTask",
 ]

@@ -58,9 +58,5 @@ class ArithmeticTask(Task):
         sentences.append(f"How many {item} does {who} have?")
         return Example(" ".join(sentences), " ".join(steps) + f" #### {value}", self.name)
 
-    def score(self, predictions: list[str], references: list[str]) -> dict[str, float]:
-        correct = sum(
-            final_answer(p) is not None and final_answer(p) == final_answer(r)
-            for p, r in zip(predictions, references, strict=True)
-        )
-        return {"accuracy": correct / max(len(references), 1)}
+    def check(self, prediction: str, reference: str) -> bool:
+        return final_answer(prediction) is not None and final_answer(prediction) == final_answer(reference)

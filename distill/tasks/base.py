@@ -1,4 +1,4 @@
-"""What every built-in task provides: a seeded example generator and a scorer."""
+"""What every built-in task provides: a seeded example generator, a checker and a scorer."""
 
 from __future__ import annotations
 
@@ -39,8 +39,17 @@ class Task(ABC):
         """Draw one example (of any split)."""
 
     @abstractmethod
+    def check(self, prediction: str, reference: str) -> bool:
+        """Whether one completion is right (the checker: per sample, and the task's reward)."""
+
+    def key(self, prediction: str) -> str:
+        """What tells right answers apart when counting distinct ones: the text, spaces normalised."""
+        return " ".join(prediction.split())
+
     def score(self, predictions: list[str], references: list[str]) -> dict[str, float]:
-        """Task metrics of completions against references; always includes ``accuracy``."""
+        """Task metrics of completions against references; ``accuracy`` (the checker's mean) first."""
+        right = sum(self.check(p, r) for p, r in zip(predictions, references, strict=True))
+        return {"accuracy": right / max(len(references), 1)}
 
     def examples(self, split: str, seed: int = 0, distinct: bool = True) -> Iterator[Example]:
         """An endless, seeded stream of examples of ``split``; with ``distinct`` no prompt repeats."""

@@ -48,10 +48,11 @@ class SpellingTask(Task):
         n = rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
         return Example(f"Write {n} in words.", number_to_words(n), self.name)
 
+    def check(self, prediction: str, reference: str) -> bool:
+        return self.key(prediction) == self.key(reference)
+
     def score(self, predictions: list[str], references: list[str]) -> dict[str, float]:
-        preds = [" ".join(p.split()) for p in predictions]
-        refs = [" ".join(r.split()) for r in references]
-        exact = sum(p == r for p, r in zip(preds, refs, strict=True))
+        preds, refs = [self.key(p) for p in predictions], [self.key(r) for r in references]
         # Effective order: most outputs are shorter than four words.
         bleu = BLEU(effective_order=True).corpus_score(preds, [refs]).score if refs else 0.0
-        return {"accuracy": exact / max(len(refs), 1), "bleu": bleu}
+        return super().score(predictions, references) | {"bleu": bleu}
