@@ -66,9 +66,10 @@ def baseline_main(argv: list[str]) -> int:
                                  description="Run a suite with seeds 0 .. runs-1 and make its baseline from them.")
     ap.add_argument("--suite", default="ci", choices=list(SUITES))
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--pool", type=Path, default=None, metavar="FILE",
-                    help="earlier runs on another machine type (baseline/ci-other-machines.json): their range widens "
-                         "the tolerance of the metrics it names")
+    ap.add_argument("--pool", type=Path, action="append", default=[], metavar="FILE",
+                    help="earlier runs (baseline/ci-other-machines.json: another machine type; "
+                         "baseline/ci-history.json: CI's own runs): their range widens the tolerance of the metrics "
+                         "they name; may be repeated")
     ap.add_argument("--reuse", action="store_true",
                     help="make the baseline from the runs already in results/SUITE-spread/ instead of running them")
     args = ap.parse_args(argv)
@@ -77,9 +78,12 @@ def baseline_main(argv: list[str]) -> int:
     spread = ROOT / "results" / f"{args.suite}-spread"
     runs = [json.loads((spread / f"seed{s}" / "suite.json").read_text()) if args.reuse else
             run_suite(args.suite, spread / f"seed{s}", seed=s) for s in range(args.runs)]
-    pooled = json.loads(args.pool.read_text())["runs"] if args.pool else None
+    pooled: dict[str, list[float]] = {}
+    for path in args.pool:
+        for name, values in json.loads(path.read_text())["runs"].items():
+            pooled.setdefault(name, []).extend(values)
     path = ROOT / "baseline" / f"{args.suite}.json"
-    write_json(path, make_baseline(runs, pooled))
+    write_json(path, make_baseline(runs, pooled or None))
     print(f"baseline written to {path}: commit it with the reason in the commit message")
     return 0
 

@@ -8,9 +8,10 @@ For each task on its own (each task has its own headroom, so each gets its own s
    optimizer steps with each seed, in-process through ``distill.train.train`` with the recipe's own
    config (Hydra composition) plus the variant's overrides (``LABEL=RECIPE,OVERRIDE...``), and
    with ``draft.enabled`` so each result is also measured as a draft for the teacher;
-3. measures on the test split: accuracy; the teacher-student forward KL on the student's own
-   samples (temperature 1); alpha as a draft; wall time split into generation and training;
-   teacher forwards per generated token;
+3. measures on the test split: accuracy; with ``samples`` > 0 also mean@n, pass@n and distinct@n
+   of n samples per prompt at temperature 1 (``eval.samples``); the teacher-student forward KL on
+   the student's own samples (temperature 1); alpha as a draft; wall time split into generation
+   and training; teacher forwards per generated token;
 4. writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` (means and spread over seeds, one table per task).
 Finished runs are kept in ``work`` (``runs-*.jsonl``), so an interrupted study goes on.
 """
@@ -45,7 +46,8 @@ from distill.train import train
 # how these were found): arithmetic at this difficulty, and spelling, from scratch on the fixed set.
 DIFFICULTY = "easy"
 INIT_STEPS = {"arithmetic": 475, "spelling": 70}
-RECIPES = ("sft", "supervised_kd", "seqkd", "gkd", "imitkd", "skd", "skd_then_gkd", "distillspec")
+RECIPES = ("sft", "supervised_kd", "seqkd", "gkd", "imitkd", "skd", "skd_then_gkd", "distillspec", "gkd_reward")
+SAMPLED = ("mean", "pass", "distinct")  # the sampled-evaluation metrics a study with samples > 0 reports
 
 
 def recipe_config(name: str, overrides: list[str]) -> DistillConfig:
@@ -100,7 +102,7 @@ def run_one(task: str, variant: tuple[str, str, list[str]], seed: int, init: Pat
         f"trainer.warmup_steps={max(1, opts['steps'] // 10)}", f"trainer.seed={seed}",
         "trainer.eval_every=100000", f"trainer.save_every={opts['steps']}", "trainer.progress=false",
         "draft.enabled=true", f"draft.num_prompts={opts['draft_prompts']}", "draft.gammas=[4]", "draft.repeats=1",
-        f"output_dir={out}", *extra,
+        f"eval.samples={opts['samples']}", f"output_dir={out}", *extra,
     ])
     shutil.rmtree(out, ignore_errors=True)  # a run cut short by an interrupted study starts again
     t0 = time.perf_counter()
@@ -108,6 +110,7 @@ def run_one(task: str, variant: tuple[str, str, list[str]], seed: int, init: Pat
     wall = time.perf_counter() - t0
     rows = [r for r in MetricsLog.read(out / "metrics.jsonl") if r["split"] == "train"]
     forwards = [r["teacher_forwards_per_token"] for r in rows if "teacher_forwards_per_token" in r]
+    after, n = result.test["student after"], opts["samples"]
     return {
         "task": task, "recipe": label, "seed": seed, "objective": result.objective, "overrides": extra,
         "commit": environment()["git_commit"],
@@ -115,6 +118,7 @@ def run_one(task: str, variant: tuple[str, str, list[str]], seed: int, init: Pat
         "training_seconds": sum(r.get("train_seconds", 0.0) for r in rows),
         "accuracy": result.test["student after"]["accuracy"],
         "accuracy_before": result.test["student before"]["accuracy"],
+        **{f"{k}_at_n": after[f"{k}@{n}"] for k in SAMPLED if n},
         "alpha": result.draft["alpha"], "tau_gamma4": result.draft["by_gamma"][0]["tau_measured"],
         "teacher_forwards_per_token": statistics.mean(forwards) if forwards else None,
         "divergence_on_own_samples": divergence_on_own_samples(result.model_dir, cfg.teacher.path, cfg.data,
@@ -136,7 +140,8 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, dict]]:
                 "objective": rs[0]["objective"], "overrides": rs[0]["overrides"], "seeds": len(rs),
                 "accuracy_before": rs[0]["accuracy_before"],
                 **{k: stat([r[k] for r in rs]) for k in ("accuracy", "divergence_on_own_samples", "alpha",
-                                                          "tau_gamma4", "generation_seconds", "training_seconds")},
+                                                          "tau_gamma4", "generation_seconds", "training_seconds",
+                                                          *(f"{m}_at_n" for m in SAMPLED)) if k in rs[0]},
                 "teacher_forwards_per_token": stat(fwd) if fwd else None,
             }
     return out
@@ -154,21 +159,28 @@ def markdown(summary: dict[str, dict[str, dict]], meta: dict) -> str:
         + "Test accuracy (200 examples); divergence: forward KL(teacher || student) per token on the student's "
         "own samples; "
         "alpha and tau (gamma 4) of the result as a draft for the teacher; seconds of generation and of "
-        "training (whole run); teacher forwards per generated token.",
+        "training (whole run); teacher forwards per generated token."
+        + (f" Sampled: {meta['samples']} samples per test prompt at temperature 1, mean@n (their mean accuracy), "
+           "pass@n (a prompt with a right sample) and distinct@n (distinct right answers per prompt)."
+           if meta.get("samples") else ""),
     ]
+    n = meta.get("samples")
+    sampled = (f" mean@{n} | pass@{n} | distinct@{n} |", "---|---|---|") if n else ("", "")
     for task, variants in summary.items():
         before = next(iter(variants.values()))["accuracy_before"]
         lines += [
             "", f"**{task}**: the SFT student ({meta['init_steps'][task]} SFT steps) starts at {before:.3f}.", "",
-            "| recipe | objective | accuracy | divergence on own samples | alpha | tau (gamma 4) "
+            "| recipe | objective | accuracy |" + sampled[0] + " divergence on own samples | alpha | tau (gamma 4) "
             "| generation s | training s | teacher fwd / token |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|" + sampled[1] + "---|---|---|---|---|---|",
         ]
         for name, s in variants.items():
             fwd = s["teacher_forwards_per_token"]
             objective = s["objective"] + (f" ({', '.join(s['overrides'])})" if s["overrides"] else "")
             lines.append(
-                f"| {name} | {objective} | {pm(s['accuracy'])} | {pm(s['divergence_on_own_samples'])} "
+                f"| {name} | {objective} | {pm(s['accuracy'])} | "
+                + "".join(f"{pm(s[f'{k}_at_n'], '{:.3f}' if k != 'distinct' else '{:.2f}')} | " for k in SAMPLED if n)
+                + f"{pm(s['divergence_on_own_samples'])} "
                 f"| {pm(s['alpha'])} | {pm(s['tau_gamma4'], '{:.2f}')} | {pm(s['generation_seconds'], '{:.0f}')} "
                 f"| {pm(s['training_seconds'], '{:.0f}')} | {pm(fwd, '{:.2f}') if fwd else '-'} |")
     return "\n".join(lines) + "\n"
@@ -203,10 +215,10 @@ def plot(summary: dict[str, dict[str, dict]], path: Path) -> None:
 def run(out: Path, seed: int = 0, tasks: list[str] | None = None, init_steps: dict[str, int] | None = None,
         steps: int = 200, seeds: list[int] | None = None, difficulty: str = DIFFICULTY,
         variants: list[str] | None = None, draft_prompts: int = 32, divergence_prompts: int = 64,
-        name: str = "recipes", work: str | None = None) -> dict:
+        name: str = "recipes", work: str | None = None, samples: int = 0) -> dict:
     """The study; ``seeds`` defaults to ``[seed]``, ``variants`` to every recipe as shipped. ``work``:
     where the starting points and finished runs are kept, so that an interrupted study goes on
-    (None: a temporary directory)."""
+    (None: a temporary directory). ``samples``: sampled evaluation, n per test prompt at temperature 1."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -216,16 +228,17 @@ def run(out: Path, seed: int = 0, tasks: list[str] | None = None, init_steps: di
     if work is None:  # a fresh directory, removed after: nothing measured before is reused
         with tempfile.TemporaryDirectory(prefix="distill-recipes-") as scratch:
             return run(out, seed, tasks, init_steps, steps, seeds, difficulty, variants, draft_prompts,
-                       divergence_prompts, name, scratch)
+                       divergence_prompts, name, scratch, samples)
     work_dir = Path(work)
     opts = {"work": work_dir, "difficulty": difficulty, "steps": steps, "draft_prompts": draft_prompts,
-            "divergence_prompts": divergence_prompts}
+            "divergence_prompts": divergence_prompts, "samples": samples}
     work_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     for task in tasks:
         init = sft_init(work_dir / f"sft-init-{task}-{difficulty}-{init_steps[task]}", task, difficulty,
                         init_steps[task])
-        runs_path = work_dir / f"runs-{task}-{difficulty}-{init_steps[task]}-{steps}.jsonl"
+        runs_path = work_dir / (f"runs-{task}-{difficulty}-{init_steps[task]}-{steps}"
+                                + (f"-samples{samples}" if samples else "") + ".jsonl")
         done = {(r["recipe"], r["seed"], tuple(r["overrides"])): r
                 for r in map(json.loads, runs_path.read_text().splitlines())} if runs_path.is_file() else {}
         commit = environment()["git_commit"]
@@ -241,7 +254,7 @@ def run(out: Path, seed: int = 0, tasks: list[str] | None = None, init_steps: di
                         f.write(json.dumps(done[key]) + "\n")
                     print(f"{task} {variant[0]} seed {s}: accuracy {done[key]['accuracy']:.3f}", flush=True)
                 runs.append(done[key])
-    meta = {"environment": environment(), "steps": steps, "seeds": seeds, "difficulty": difficulty,
+    meta = {"environment": environment(), "steps": steps, "seeds": seeds, "difficulty": difficulty, "samples": samples,
             "init_steps": {t: init_steps[t] for t in tasks},
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads",
             "runs_minutes": sum(r["wall_seconds"] for r in runs) / 60}
@@ -257,6 +270,8 @@ def run(out: Path, seed: int = 0, tasks: list[str] | None = None, init_steps: di
                                                                 "quality", floor=0.02)
             metrics[f"{at} alpha"] = metric(v["alpha"]["mean"], "higher", "quality", floor=0.01)
             metrics[f"{at} tau at gamma 4"] = metric(v["tau_gamma4"]["mean"], "higher", "quality", floor=0.1)
+            if samples:
+                metrics[f"{at} mean@{samples}"] = metric(v["mean_at_n"]["mean"], "higher", "quality", floor=0.03)
     result = {**meta, "summary": summary, "runs": runs, "metrics": metrics}
     write_json(out / f"{name}.json", result)
     (out / f"{name}.md").write_text(markdown(summary, meta))

@@ -103,7 +103,7 @@ class Engine:
             import deepspeed
 
             if not dist.is_initialized():
-                # Rank 0 alone exports the model and evaluates the test split while the others wait.
+                # Rank 0 alone exports the model and measures the draft while the others wait.
                 # On the CPU DeepSpeed builds its shared-memory collectives here and prints so.
                 with redirect_stdout(io.StringIO()):
                     deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl",

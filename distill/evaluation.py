@@ -234,7 +234,9 @@ def reference_losses(
     each: dict[str, list] = {}
     n = 0
     vocab = len(tokenizer)
-    lockstep = engine is not None and engine.stage == 3
+    # Sharded forwards are collective: every rank makes as many calls.
+    lockstep = engine is not None and engine.world > 1 and (
+        engine.placement.sharded("student") or engine.placement.sharded("teacher"))
     try:
         for start, end, kept in _share(len(records), batch_size, engine, lockstep):
             b = collate(_pairs(records[start:end], tokenizer, max_length), tokenizer.pad_token_id)

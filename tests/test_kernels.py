@@ -340,7 +340,8 @@ def test_auto_falls_back_to_pytorch_when_the_check_fails(monkeypatch):
 def test_kernels_compile_for_hopper(tmp_path):
     """The interpreter accepts code that the compiler rejects: compile every variant to an sm_90
     cubin with Triton's own toolchain (no GPU needed) in a process without the interpreter; the
-    cross-entropy kernel with and without the gradient, overwriting and accumulating into bf16."""
+    cross-entropy kernel with and without the gradient, overwriting and accumulating into bf16, with
+    and without per-row weights."""
     script = textwrap.dedent("""
         import triton
         from triton.backends.compiler import GPUTarget
@@ -359,13 +360,15 @@ def test_kernels_compile_for_hopper(tmp_path):
                 assert len(compiled.asm["cubin"]) > 0
         ce_sig = {"z_ptr": "*bf16", "z_stride": "i64", "y_ptr": "*i64", "y_stride": "i64", "g_ptr": "*bf16",
                   "g_stride": "i64", "loss_ptr": "*fp32", "n_rows": "i32", "V": "i32", "scale": "fp32",
-                  "WRITE_GRAD": "constexpr", "ACCUMULATE": "constexpr", "BLOCK_R": "constexpr",
-                  "BLOCK_V": "constexpr"}
-        for write_grad, accumulate, block_r, block_v in (
-            (True, False, 1, 4096), (True, True, 1, 4096), (True, True, 8, 512), (False, False, 8, 512)
+                  "w_ptr": "*fp32", "WRITE_GRAD": "constexpr", "ROW_SCALE": "constexpr", "ACCUMULATE": "constexpr",
+                  "BLOCK_R": "constexpr", "BLOCK_V": "constexpr"}
+        for write_grad, accumulate, block_r, block_v, row_scale in (
+            (True, False, 1, 4096, False), (True, True, 1, 4096, False), (True, True, 8, 512, False),
+            (False, False, 8, 512, False), (True, True, 1, 4096, True), (True, False, 8, 512, True)
         ):
             src = ASTSource(fn=cross_entropy_rows_kernel, signature=ce_sig, constexprs={
-                "WRITE_GRAD": write_grad, "ACCUMULATE": accumulate, "BLOCK_R": block_r, "BLOCK_V": block_v})
+                "WRITE_GRAD": write_grad, "ACCUMULATE": accumulate, "BLOCK_R": block_r, "BLOCK_V": block_v,
+                "ROW_SCALE": row_scale})
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
             assert len(compiled.asm["cubin"]) > 0
         print("compiled")

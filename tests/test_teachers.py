@@ -247,3 +247,25 @@ def test_each_served_member_is_asked_for_its_share_of_the_next_step_at_once(teac
     for member, task in ((a, "arithmetic"), (b, "spelling")):
         want = [n for n in (tasks[:4].count(task), tasks[4:].count(task)) if n]
         assert member.calls == [want], (task, member.calls)
+
+
+@pytest.mark.parametrize("combine", ["sum", "route"])
+def test_the_reward_term_is_added_once_with_several_teachers(teacher_dir, second_teacher, student_dir, combine):
+    """With several teachers (weights 3 and 1, or routed by task) the policy-gradient term adds
+    sum_i w_i CE_i once, whatever the parts and their weights: the objective with the term minus
+    the objective without it is that sum, measured on whole logits. Breaks caught: the term on
+    every part, a part's weight not divided out."""
+    tok, records, pairs, ta, tb, student = _setup(teacher_dir, second_teacher, student_dir)
+    teachers = Teachers({"a": ta, "b": tb}, weights={"a": 3.0, "b": 1.0}) if combine == "sum" else \
+        Teachers({"a": ta, "b": tb}, routes={"arithmetic": "a", "spelling": "b"})
+    teachers.learn(records, pairs)
+    b = collate(pairs, tok.pad_token_id)
+    loss, vocab = LossConfig(kind="fkl"), len(tok)
+    pg = torch.linspace(-1.0, 1.5, len(pairs))
+    with torch.no_grad():
+        without = batch_loss(loss, student, teachers, b, bf16=False, vocab=vocab, fused=True).loss
+        with_term = batch_loss(loss, student, teachers, b, bf16=False, vocab=vocab, fused=True, pg_weights=pg).loss
+        logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1, :vocab].float()
+        labels = b.labels[:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # 0 where ignored
+    assert float(with_term - without) == pytest.approx(float((pg[:, None] * ce).sum()), rel=1e-4)

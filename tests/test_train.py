@@ -141,7 +141,7 @@ WALL_CLOCK = ("tokens_per_s", "train_seconds", "gen_seconds", "gen_tokens_per_s"
 def train_killed_in_step_5(cfg: DistillConfig, run_dir, monkeypatch) -> None:
     """Train ``cfg`` (grad_accum 1) and die while drawing the data of step 5, as a kill would:
     the last checkpoint is step 4 (save_every 2), step 5 is lost."""
-    real_next = train_mod.TrainData.next_pairs
+    real_next = train_mod.TrainData.next_examples
     calls = {"n": 0}
 
     def dying_next(self, size):
@@ -150,10 +150,10 @@ def train_killed_in_step_5(cfg: DistillConfig, run_dir, monkeypatch) -> None:
             raise Killed
         return real_next(self, size)
 
-    monkeypatch.setattr(train_mod.TrainData, "next_pairs", dying_next)
+    monkeypatch.setattr(train_mod.TrainData, "next_examples", dying_next)
     with pytest.raises(Killed):
         train_mod.train(cfg, run_dir)
-    monkeypatch.setattr(train_mod.TrainData, "next_pairs", real_next)
+    monkeypatch.setattr(train_mod.TrainData, "next_examples", real_next)
 
 
 def test_resume_after_kill_matches_uninterrupted(teacher_dir, student_dir, tmp_path, monkeypatch):
@@ -179,7 +179,7 @@ def test_ctrl_c_finishes_the_step_and_resumes_exactly(teacher_dir, student_dir, 
     """SIGINT in the middle of a step (between micro-batches): the step completes, is saved, and
     resuming ends exactly like an uninterrupted run."""
     full = train_mod.train(make_cfg(teacher_dir, student_dir, grad_accum=2), tmp_path / "full")
-    real_next = train_mod.TrainData.next_pairs
+    real_next = train_mod.TrainData.next_examples
     calls = {"n": 0}
 
     def interrupted(self, size):
@@ -188,10 +188,10 @@ def test_ctrl_c_finishes_the_step_and_resumes_exactly(teacher_dir, student_dir, 
             os.kill(os.getpid(), signal.SIGINT)
         return real_next(self, size)
 
-    monkeypatch.setattr(train_mod.TrainData, "next_pairs", interrupted)
+    monkeypatch.setattr(train_mod.TrainData, "next_examples", interrupted)
     with pytest.raises(DistillError, match=r"interrupted at step 3; checkpoint saved.*distill resume="):
         train_mod.train(make_cfg(teacher_dir, student_dir, grad_accum=2), tmp_path / "run")
-    monkeypatch.setattr(train_mod.TrainData, "next_pairs", real_next)
+    monkeypatch.setattr(train_mod.TrainData, "next_examples", real_next)
     assert (tmp_path / "run" / "checkpoints" / "step-0000003").is_dir()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
@@ -202,7 +202,7 @@ def test_ctrl_c_finishes_the_step_and_resumes_exactly(teacher_dir, student_dir, 
 
 
 def test_second_ctrl_c_stops_at_once(teacher_dir, student_dir, tmp_path, monkeypatch):
-    real_next = train_mod.TrainData.next_pairs
+    real_next = train_mod.TrainData.next_examples
     calls = {"n": 0}
 
     def interrupted(self, size):
@@ -212,7 +212,7 @@ def test_second_ctrl_c_stops_at_once(teacher_dir, student_dir, tmp_path, monkeyp
             os.kill(os.getpid(), signal.SIGINT)
         return real_next(self, size)
 
-    monkeypatch.setattr(train_mod.TrainData, "next_pairs", interrupted)
+    monkeypatch.setattr(train_mod.TrainData, "next_examples", interrupted)
     with pytest.raises(DistillError, match=r"stopped at once during step 5; the last checkpoint is step 4"):
         train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints" / "step-0000005").exists()
