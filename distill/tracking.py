@@ -64,13 +64,16 @@ def series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[in
 
 
 def _panel_name(lines: list[tuple[str, str]]) -> str:
-    return "share of steps by source" if lines[0][1].startswith("source_") else "seconds per log interval"
+    if lines[0][1].startswith("source_"):
+        return "share of steps by source"
+    return "accuracy: greedy and sampled" if lines[0][1] == "accuracy" else "seconds per log interval"
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
-    """Training loss and validation metrics against step, as a PNG; for generating recipes also the
-    sources drawn, generation and training time, response length, SKD acceptance and teacher
-    forwards per generated token."""
+    """Training loss and validation metrics against step, as a PNG (greedy accuracy beside sampled
+    mean@n and pass@n where ``eval.samples`` is set); for generating recipes also the sources drawn,
+    generation and training time, response length, SKD acceptance, teacher forwards per generated
+    token and the reward's mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,9 +88,12 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     # Panels of generating recipes: what each step drew, generation against training time, and
     # what the generated sequences were like.
     sources = [k for k in train[0] if k.startswith("source_") and any(r.get(k) for r in train)]
-    gen_keys = [k for k in ("response_length", "skd_acceptance", "teacher_forwards_per_token")
+    gen_keys = [k for k in ("response_length", "skd_acceptance", "teacher_forwards_per_token", "reward_mean")
                 if any(k in r for r in train)]
-    panels = [[("train", "loss")]] + [[("validation", k)] for k in val_keys]
+    # Sampled evaluation (headline names, not per task): beside the greedy accuracy in one panel.
+    sampled = sorted({k for r in val for k in r if "/" not in k and k.split("@")[0] in ("mean", "pass")})
+    panels = [[("train", "loss")]] + [[("validation", k), *(("validation", m) for m in sampled)]
+                                      if k == "accuracy" and sampled else [("validation", k)] for k in val_keys]
     if len(sources) > 1:
         panels.append([("train", k) for k in sources])
     if any("gen_seconds" in r for r in train):
