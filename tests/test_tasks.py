@@ -95,8 +95,9 @@ def test_task_metrics_name_each_score_once():
 
 @pytest.mark.parametrize("difficulty,low,high", [("easy", 6, 50), ("medium", 6, 100), ("hard", 6, 199)])
 def test_sum_pairs_has_many_right_answers_and_checks_each(difficulty, low, high):
-    """Every prompt has at least five right answers; the references are right, spread over the
-    first part, and within the level; the checker takes any split of the total and nothing else."""
+    """Every prompt has at least five right answers; the references (a worked subtraction, then
+    ``#### a + b``) are right, spread over the first part, and within the level; the checker takes
+    any split of the total as the final answer and nothing else."""
     from distill.tasks.sum_pairs import parts
 
     task = get_task("sum_pairs", difficulty)
@@ -104,13 +105,32 @@ def test_sum_pairs_has_many_right_answers_and_checks_each(difficulty, low, high)
     totals = [sum(parts(e.completion)) for e in examples]
     assert low <= min(totals) and max(totals) <= high and max(totals) > (low + high) / 2
     assert all(t - 1 >= 5 and f"has {t} " in e.prompt for t, e in zip(totals, examples, strict=True))
-    assert all(task.check(e.completion, e.completion) for e in examples)
+    for e, t in zip(examples, totals, strict=True):
+        a, b = parts(e.completion)
+        assert task.check(e.completion, e.completion) and e.completion == f"{t} - {a} = {b}. #### {a} + {b}"
     firsts = {parts(e.completion)[0] for e in examples}
     assert len(firsts) > low  # the first part is spread, not one mode
-    ref = "20 + 37"
-    right = [f"{a} + {57 - a}" for a in range(1, 57)]
+    ref = "57 - 20 = 37. #### 20 + 37"
+    right = [f"#### {a} + {57 - a}" for a in range(1, 57)]
     assert all(task.check(r, ref) for r in right) and len({task.key(r) for r in right}) == 56
-    for wrong in ("20 + 36", "0 + 57", "57 + 0", "020 + 37", "20+37", "20 + 37 + 0", "twenty + 37", "", "#### 57"):
+    for wrong in ("#### 20 + 36", "#### 0 + 57", "#### 57 + 0", "#### 020 + 37", "#### 20+37", "#### 20 + 37 + 0",
+                  "#### twenty + 37", "", "20 + 37", "#### 57", "57 - 20 = 37."):
         assert not task.check(wrong, ref), wrong
-    assert task.check(" 37 + 20 ", ref) and task.key(" 37 + 20 ") == "37 + 20"
-    assert task.score(["1 + 56", "56 + 2"], [ref, ref]) == {"accuracy": 0.5}
+    # The final answer counts, not the worked step; two workings of one answer are one answer.
+    assert task.check("57 - 20 = 36. #### 20 + 37 ", ref)
+    assert task.key("57 - 20 = 37. #### 20 + 37") == task.key("#### 20  +  37".replace("  +  ", " + ")) == "20 + 37"
+    assert task.key("#### 37 + 20") != task.key("#### 20 + 37")
+    assert task.score(["#### 1 + 56", "#### 56 + 2"], [ref, ref]) == {"accuracy": 0.5}
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_reads_back_through_the_shipped_tokenizer(name):
+    """Prompts and completions decode to themselves: no character the shipped tokenizer lacks (it
+    drops them silently: "Split" would read "plit")."""
+    from distill.config import ASSETS
+    from distill.models import load_tokenizer
+
+    tok = load_tokenizer(ASSETS / "teacher")
+    for e in get_task(name).take("train", 200):
+        for text in (e.prompt, e.completion):
+            assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text, text
