@@ -1,0 +1,91 @@
+"""The study of a task with many right answers: does on-policy distillation with a mode-seeking
+divergence give a small student samples that are each right, where forward KL leaves it between
+the teacher's modes (GKD's central argument)?
+
+1. The teacher on ``sum_pairs`` at temperature 1: validity (mean@n), distinct right answers per
+   prompt, and the entropy of its answers (nats per response, a Monte Carlo estimate: the mean
+   negative log-likelihood of its own samples) against log(total - 1), the entropy of a uniform
+   choice among the right answers.
+2. The recipe study (``benchmarks.recipes``) on ``sum_pairs`` from one SFT starting point:
+   supervised KD (forward KL), GKD with forward KL, reverse KL and JSD(0.9), and ``gkd_reward``;
+   greedy accuracy and sampled mean@n / pass@n / distinct@n at temperature 1; 3 seeds. And
+   arithmetic with supervised KD and ``gkd_reward``, sampled alike.
+Writes ``many_answers.{json,md,png}`` (the study's tables and the teacher's spread).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from benchmarks import recipes
+from benchmarks.environment import environment
+from benchmarks.metrics import write_json
+from distill.config import ASSETS, DataConfig, ModelConfig, SamplingConfig
+from distill.data import builtin_records, collate, prompt_ids, stop_ids
+from distill.generation import sample
+from distill.models import load_model, load_tokenizer
+from distill.tasks import get_task
+from distill.tasks.sum_pairs import parts
+
+VARIANTS = ["supervised_kd", "gkd_fkl=gkd,loss.kind=fkl", "gkd_rkl=gkd,loss.kind=rkl", "gkd_jsd0.9=gkd,loss.beta=0.9",
+            "gkd_reward"]
+ARITHMETIC_VARIANTS = ["supervised_kd", "gkd_reward"]
+
+
+@torch.no_grad()
+def teacher_spread(teacher_dir: Path, difficulty: str, prompts: int, samples: int, seed: int = 0) -> dict:
+    """The teacher's samples on ``prompts`` test prompts of sum_pairs, ``samples`` each at
+    temperature 1: validity, distinct right answers, and entropy (nats per response)."""
+    cpu = torch.device("cpu")
+    tok = load_tokenizer(teacher_dir)
+    model = load_model(ModelConfig(path=str(teacher_dir)), "teacher", cpu).eval()
+    task = get_task("sum_pairs", difficulty)
+    records = builtin_records(DataConfig(tasks=["sum_pairs"], difficulty=difficulty), "test", prompts)
+    valid, distinct, nll, uniform = [], [], [], []
+    for r in records:
+        p = prompt_ids(r, tok)
+        got = sample(model, [p] * samples, SamplingConfig(max_new_tokens=48), pad_id=tok.pad_token_id,
+                     stops=stop_ids(tok), seed=seed, vocab=len(tok))
+        text = tok.batch_decode(got, skip_special_tokens=True)
+        right = [t for t in text if task.check(t, r.answer)]
+        valid.append(len(right) / samples)
+        distinct.append(len({task.key(t) for t in right}))
+        uniform.append(math.log(sum(parts(r.answer)) - 1))
+        batch = collate([(p, g) for g in got], tok.pad_token_id)
+        logp = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+                                 .float(), -1)
+        labels = batch.labels[:, 1:]
+        counted = labels != -100
+        token = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * counted
+        nll.append(float(-token.sum(1).mean()))
+    return {"prompts": prompts, "samples": samples, "difficulty": difficulty,
+            "validity": statistics.mean(valid), "distinct_right": statistics.mean(distinct),
+            "entropy_nats": statistics.mean(nll), "uniform_entropy_nats": statistics.mean(uniform)}
+
+
+def run(out: Path, seed: int = 0, seeds: list[int] | None = None, difficulty: str = "easy", steps: int = 200,
+        samples: int = 8, work: str | None = None, init_steps: dict[str, int] | None = None) -> dict:
+    teacher = teacher_spread(ASSETS / "teacher", difficulty, prompts=100, samples=32, seed=seed)
+    print(f"teacher on sum_pairs: validity {teacher['validity']:.3f}, {teacher['distinct_right']:.1f} distinct right "
+          f"answers of 32 samples, entropy {teacher['entropy_nats']:.2f} nats (uniform over the right answers: "
+          f"{teacher['uniform_entropy_nats']:.2f})", flush=True)
+    common = dict(seeds=seeds or [seed], steps=steps, samples=samples, work=work, init_steps=init_steps)
+    study = recipes.run(out, seed, tasks=["sum_pairs"], difficulty=difficulty, variants=VARIANTS,
+                        name="many_answers_sum_pairs", **common)
+    arithmetic = recipes.run(out, seed, tasks=["arithmetic"], variants=ARITHMETIC_VARIANTS,
+                             name="many_answers_arithmetic", **common)
+    metrics = {**study["metrics"], **arithmetic["metrics"]}
+    result = {"environment": environment(), "teacher": teacher, "sum_pairs": study["summary"],
+              "arithmetic": arithmetic["summary"], "metrics": metrics}
+    write_json(out / "many_answers.json", result)
+    (out / "many_answers.md").write_text(
+        f"The shipped teacher on sum_pairs ({difficulty}), {teacher['samples']} samples at temperature 1 on "
+        f"{teacher['prompts']} test prompts: validity {teacher['validity']:.3f}, "
+        f"{teacher['distinct_right']:.1f} distinct right answers per prompt, entropy {teacher['entropy_nats']:.2f} "
+        f"nats per response (a uniform choice among the right answers: {teacher['uniform_entropy_nats']:.2f}).\n\n"
+        + (out / "many_answers_sum_pairs.md").read_text() + "\n" + (out / "many_answers_arithmetic.md").read_text())
+    return result
