@@ -25,10 +25,10 @@ from benchmarks import recipes
 from benchmarks.environment import environment
 from benchmarks.metrics import write_json
 from distill.config import ASSETS, DataConfig, ModelConfig, SamplingConfig
-from distill.data import builtin_records, collate, prompt_ids, stop_ids
+from distill.data import IGNORE_INDEX, builtin_records, collate, prompt_ids, stop_ids
+from distill.evaluation import sampled_metrics
 from distill.generation import sample
 from distill.models import load_model, load_tokenizer
-from distill.tasks import get_task
 from distill.tasks.sum_pairs import parts
 
 VARIANTS = ["supervised_kd", "gkd_fkl=gkd,loss.kind=fkl", "gkd_rkl=gkd,loss.kind=rkl", "gkd_jsd0.9=gkd,loss.beta=0.9",
@@ -43,27 +43,23 @@ def teacher_spread(teacher_dir: Path, difficulty: str, prompts: int, samples: in
     cpu = torch.device("cpu")
     tok = load_tokenizer(teacher_dir)
     model = load_model(ModelConfig(path=str(teacher_dir)), "teacher", cpu).eval()
-    task = get_task("sum_pairs", difficulty)
     records = builtin_records(DataConfig(tasks=["sum_pairs"], difficulty=difficulty), "test", prompts)
-    valid, distinct, nll, uniform = [], [], [], []
+    texts, nll = [], []
     for r in records:
         p = prompt_ids(r, tok)
         got = sample(model, [p] * samples, SamplingConfig(max_new_tokens=48), pad_id=tok.pad_token_id,
                      stops=stop_ids(tok), seed=seed, vocab=len(tok))
-        text = tok.batch_decode(got, skip_special_tokens=True)
-        right = [t for t in text if task.check(t, r.answer)]
-        valid.append(len(right) / samples)
-        distinct.append(len({task.key(t) for t in right}))
-        uniform.append(math.log(sum(parts(r.answer)) - 1))
+        texts.append(tok.batch_decode(got, skip_special_tokens=True))
         batch = collate([(p, g) for g in got], tok.pad_token_id)
-        logp = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-                                 .float(), -1)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
         labels = batch.labels[:, 1:]
-        counted = labels != -100
-        token = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * counted
+        counted = labels != IGNORE_INDEX
+        token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * counted
         nll.append(float(-token.sum(1).mean()))
+    scored = sampled_metrics(records, texts)  # the checker decides; distinct right answers by the task's key
+    uniform = [math.log(sum(parts(r.answer)) - 1) for r in records]
     return {"prompts": prompts, "samples": samples, "difficulty": difficulty,
-            "validity": statistics.mean(valid), "distinct_right": statistics.mean(distinct),
+            "validity": scored[f"mean@{samples}"], "distinct_right": scored[f"distinct@{samples}"],
             "entropy_nats": statistics.mean(nll), "uniform_entropy_nats": statistics.mean(uniform)}
 
 

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from distill.config import EvalConfig, LossConfig, SamplingConfig
 from distill.data import Record, collate, encode, stop_ids
 from distill.distributed import Engine
-from distill.generation import greedy_completions, sample
+from distill.generation import sample
 from distill.losses import count_tokens
 from distill.metrics import resolve, sample_scores, text_scores
 from distill.objective import batch_loss
@@ -75,6 +75,37 @@ def needs_generation(records: list[Record], metric: str) -> bool:
     return resolve(metric) != "none" or any(r.task in TASKS for r in records)
 
 
+def _completions(
+    model: PreTrainedModel,
+    tokenizer: Tokenizer,
+    records: list[Record],
+    sampling: SamplingConfig,
+    n: int,
+    *,
+    seed: Callable[[int], int],
+    vocab: int | None,
+    batch_size: int,
+    max_length: int,
+    on_batch: OnBatch,
+    synced: bool,
+    engine: Engine | None,
+) -> list[list[str]]:
+    """``n`` completions per record by ``sampling`` (``distill.generation.sample``), as text, in
+    batches of ``batch_size`` records, the batch starting at record ``start`` seeded by
+    ``seed(start)``; the ranks split the batches and every rank returns them all."""
+    out: list[tuple[int, list[str]]] = []
+    for start, end, kept in _share(len(records), batch_size, engine, lockstep=synced):
+        prompts = [p for p, _ in _pairs(records[start:end], tokenizer, max_length) for _ in range(n)]
+        got = sample(model, prompts, sampling, pad_id=tokenizer.pad_token_id, stops=stop_ids(tokenizer),
+                     seed=seed(start), vocab=vocab, synced=synced)
+        text = tokenizer.batch_decode(got, skip_special_tokens=True)
+        if kept:
+            out += enumerate((text[i * n: (i + 1) * n] for i in range(end - start)), start)
+        if on_batch:
+            on_batch()
+    return _gathered(engine, out)
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: Tokenizer,
@@ -91,16 +122,10 @@ def generate(
     KV-cached, the model's own generation defaults set aside). ``synced``: the model is sharded
     and not gathered, so every rank decodes until all are done (each forward gathers layers from
     all ranks). ``engine``: the ranks split the batches; every rank returns all completions."""
-    out: list[tuple[int, str]] = []
-    for start, end, kept in _share(len(records), batch_size, engine, lockstep=synced):
-        prompts = [p for p, _ in _pairs(records[start:end], tokenizer, max_length)]
-        got = greedy_completions(model, prompts, max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_token_id,
-                                 stops=stop_ids(tokenizer), synced=synced)
-        if kept:
-            out += enumerate(tokenizer.batch_decode(got, skip_special_tokens=True), start)
-        if on_batch:
-            on_batch()
-    return _gathered(engine, out)
+    greedy = SamplingConfig(greedy=True, max_new_tokens=max_new_tokens)
+    got = _completions(model, tokenizer, records, greedy, 1, seed=lambda start: 0, vocab=None, batch_size=batch_size,
+                       max_length=max_length, on_batch=on_batch, synced=synced, engine=engine)
+    return [c for (c,) in got]
 
 
 def sample_seed(seed: int, what: str, start: int) -> int:
@@ -127,19 +152,19 @@ def generate_samples(
     """``cfg.samples`` sampled completions per record (at ``cfg.temperature`` and ``cfg.top_p``, never a
     padding row of the vocabulary), as text; seeded by (``seed``, ``what``, batch), so the samples do
     not depend on the number of ranks. ``synced`` and ``engine`` as for ``generate``."""
-    n = cfg.samples
     sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new_tokens)
-    out: list[tuple[int, list[str]]] = []
-    for start, end, kept in _share(len(records), sampled_batch_size(batch_size, n), engine, lockstep=synced):
-        prompts = [p for p, _ in _pairs(records[start:end], tokenizer, max_length) for _ in range(n)]
-        got = sample(model, prompts, sampling, pad_id=tokenizer.pad_token_id, stops=stop_ids(tokenizer),
-                     seed=sample_seed(seed, what, start), vocab=len(tokenizer), synced=synced)
-        text = tokenizer.batch_decode(got, skip_special_tokens=True)
-        if kept:
-            out += enumerate((text[i * n: (i + 1) * n] for i in range(end - start)), start)
-        if on_batch:
-            on_batch()
-    return _gathered(engine, out)
+    return _completions(model, tokenizer, records, sampling, cfg.samples,
+                        seed=lambda start: sample_seed(seed, what, start), vocab=len(tokenizer),
+                        batch_size=sampled_batch_size(batch_size, cfg.samples), max_length=max_length,
+                        on_batch=on_batch, synced=synced, engine=engine)
+
+
+def _groups(records: list[Record]) -> list[tuple[str, list[int]]]:
+    """The records' indices by group, in name order: a built-in task, or ``data`` for the user's."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        groups[r.task or "data"].append(i)
+    return sorted(groups.items())
 
 
 def sampled_metrics(records: list[Record], samples: list[list[str]], metric: str = "auto") -> dict[str, float]:
@@ -148,20 +173,17 @@ def sampled_metrics(records: list[Record], samples: list[list[str]], metric: str
     ``data.metric=exact``) decides what is right; a graded metric (chrF, ...) gives
     ``METRIC_mean@n`` and ``METRIC_pass@n`` (each prompt's best sample) and no distinct count."""
     n = len(samples[0]) if samples else 0
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[r.task or "data"].append(i)
+    groups = _groups(records)
     metrics: dict[str, float] = {}
     headline: dict[str, list[float]] = defaultdict(list)
-    for name, idx in sorted(groups.items()):
+    for name, idx in groups:
         scores: list[list[float]] = []
         distinct: list[int] = []
         if name in TASKS:
             task = get_task(name)
             for i in idx:
-                right = [s for s in samples[i] if task.check(s, records[i].answer)]
                 scores.append([float(task.check(s, records[i].answer)) for s in samples[i]])
-                distinct.append(len({task.key(s) for s in right}))
+                distinct.append(len({task.key(s) for s, ok in zip(samples[i], scores[-1], strict=True) if ok}))
             prefix = ""
         else:
             kind = resolve(metric)
@@ -189,12 +211,10 @@ def task_metrics(records: list[Record], predictions: list[str], metric: str = "a
     the user's data, group ``data`` or a record's ``task``) and, under each group's first score name
     (``accuracy``, ``chrf``, ...), its mean over the groups. With one group that mean is the group's
     own score, which then appears once (``chrf``, not also ``data/chrf``)."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        groups[r.task or "data"].append(i)
+    groups = _groups(records)
     metrics: dict[str, float] = {}
     headline: dict[str, list[float]] = defaultdict(list)
-    for name, idx in sorted(groups.items()):
+    for name, idx in groups:
         preds = [predictions[i] for i in idx]
         refs = [records[i].answer for i in idx]
         scores = TASKS[name]().score(preds, refs) if name in TASKS else text_scores(preds, refs, metric)
@@ -230,13 +250,11 @@ def reference_losses(
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
-    sums = {"ce": 0.0, "divergence": 0.0, "objective": 0.0}
-    each: dict[str, list] = {}
-    n = 0
     vocab = len(tokenizer)
     # Sharded forwards are collective: every rank makes as many calls.
     lockstep = engine is not None and engine.world > 1 and (
         engine.placement.sharded("student") or engine.placement.sharded("teacher"))
+    batches: list[tuple[int, tuple]] = []  # (start, (ce, divergence, objective, tokens, {teacher: (div, tokens)}))
     try:
         for start, end, kept in _share(len(records), batch_size, engine, lockstep):
             b = collate(_pairs(records[start:end], tokenizer, max_length), tokenizer.pad_token_id)
@@ -244,29 +262,22 @@ def reference_losses(
                                measure_cross_entropy=True)
             if on_batch:
                 on_batch()
-            if not kept:
-                continue
-            sums["ce"] += float(terms.cross_entropy)
-            for name, (div, tokens) in (terms.by_teacher or {}).items():  # several teachers: each one's part
-                each.setdefault(name, [0.0, 0])
-                each[name][0] += float(div)
-                each[name][1] += tokens
-            if terms.divergence is not None:
-                sums["divergence"] += float(terms.divergence)
-                sums["objective"] += float(terms.loss)
-            n += count_tokens(b.labels[:, 1:])
+            if kept:
+                div = terms.divergence is not None
+                batches.append((start, (float(terms.cross_entropy), float(terms.divergence) if div else 0.0,
+                                        float(terms.loss) if div else 0.0, count_tokens(b.labels[:, 1:]),
+                                        {k: (float(d), t) for k, (d, t) in (terms.by_teacher or {}).items()})))
     finally:
         student.train(was_training)
-    if engine is not None and engine.world > 1:
-        parts = engine.all_gather((sums, n, each))
-        sums = {k: sum(p[0][k] for p in parts) for k in sums}
-        n = sum(p[1] for p in parts)
-        each = {}
-        for _, _, e in parts:
-            for name, (d, t) in e.items():
-                each.setdefault(name, [0.0, 0])
-                each[name][0] += d
-                each[name][1] += t
+    summed = _gathered(engine, batches)  # every rank's batches, summed in one process's order
+    n = sum(r[3] for r in summed)
+    sums = {k: sum(r[i] for r in summed) for i, k in enumerate(("ce", "divergence", "objective"))}
+    each: dict[str, list] = {}
+    for r in summed:  # several teachers: each one's part
+        for name, (d, t) in r[4].items():
+            got = each.setdefault(name, [0.0, 0])
+            got[0] += d
+            got[1] += t
     keys = ["ce"] + (["divergence"] if teacher is not None else [])
     if teacher is not None and loss.kind != "ce" and loss.ce_weight > 0:
         keys.append("objective")  # otherwise it is one of the two above

@@ -200,24 +200,21 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 alias = z_s.dtype == w_s.dtype and not (grad_kd and grad_ce)
                 g = z_s if alias else torch.empty_like(z_s, dtype=w_s.dtype)
             # Terms without gradient first: they read z_s before a gradient may overwrite it.
-            if with_ce and not grad_ce:
-                ce_rows = objective.ce_rows(z_s, y, None)
-                ce_total += ce_rows.sum()
-                if a is not None:
-                    weighted_total += (a.to(ce_rows.dtype) * ce_rows).sum()
+            ce = objective.ce_rows(z_s, y, None) if with_ce and not grad_ce else None
             if with_kd and not grad_kd:
                 kd_total += objective.divergence_rows(z_s, z_t, None, **objective.loss_kwargs).sum()
             if grad_kd:
                 kd_total += objective.divergence_rows(z_s, z_t, g, **objective.loss_kwargs).sum()
                 if not fold:
                     g.mul_(objective.kd_weight)
-            if grad_ce and a is None:
-                ce_total += objective.ce_rows(z_s, y, g, scale=objective.ce_weight / g_scale, accumulate=grad_kd).sum()
-            elif grad_ce:
-                ce_rows = objective.ce_rows(z_s, y, g, scale=1.0 / g_scale, accumulate=grad_kd,
-                                            row_scale=objective.ce_weight + a.to(acc_dtype))
-                ce_total += ce_rows.sum()
-                weighted_total += (a.to(ce_rows.dtype) * ce_rows).sum()
+            if grad_ce:  # with row weights each row's gradient is scaled by w_ce + a_r
+                row_scale = None if a is None else objective.ce_weight + a.to(acc_dtype)
+                ce = objective.ce_rows(z_s, y, g, scale=(objective.ce_weight if a is None else 1.0) / g_scale,
+                                       accumulate=grad_kd, row_scale=row_scale)
+            if ce is not None:
+                ce_total += ce.sum()
+                if a is not None:
+                    weighted_total += (a.to(ce.dtype) * ce).sum()
             del z_s, z_t
             if g is None:
                 continue

@@ -1,7 +1,7 @@
 """Generating responses from one model: transformers' ``generate``, batched and KV-cached, on
 left-padded prompts, deterministic for a seed, with the model's own generation defaults set aside.
-The one helper for the sources' samples (``sample``) and evaluation's greedy completions
-(``greedy_completions``)."""
+The one helper for the sources' samples and evaluation's greedy and sampled completions
+(``sample``)."""
 
 from __future__ import annotations
 
@@ -83,10 +83,3 @@ def sample(model: PreTrainedModel, prompts: list[list[int]], cfg: SamplingConfig
         hidden += [per_step[i, : len(r)] for i, r in enumerate(got)]
     return got
 
-
-def greedy_completions(model: PreTrainedModel, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
-                       stops: list[int], synced: bool = False) -> list[list[int]]:
-    """Each prompt's greedy completion through its first stop token (``sample`` with
-    ``greedy``: the model's own repetition penalty and the like do not apply)."""
-    return sample(model, prompts, SamplingConfig(greedy=True, max_new_tokens=max_new_tokens), pad_id=pad_id,
-                  stops=stops, seed=0, synced=synced)

@@ -267,7 +267,7 @@ def validate(state: RunState, window: Window) -> None:
     """The student on the validation split (not counted in tokens/s)."""
     paused = time.perf_counter()
     if state.validation_records:
-        val = measure(state, "validation", state.student, state.validation_records, with_teacher=True)
+        val = measure(state, "validation", None, state.student, state.validation_records, with_teacher=True)
         if state.metrics is not None:
             state.metrics.log("validation", state.step, val)
         state.validation["student after"] = val
@@ -290,11 +290,11 @@ def save(state: RunState) -> None:
             cache.save()
 
 
-def measure(state: RunState, what: str, model: PreTrainedModel, records: list[Record], with_teacher: bool,
-            generate: bool = True) -> dict[str, float]:
+def measure(state: RunState, split: str, who: str | None, model: PreTrainedModel, records: list[Record],
+            with_teacher: bool, generate: bool = True) -> dict[str, float]:
     """Losses (and, with ``generate``, greedy and sampled generation metrics) of ``model`` on
-    ``records``, with a progress row. The ranks split the records (in step where sharded forwards
-    are collective) and every rank gets the whole row."""
+    ``records`` of ``split``, with a progress row ``split: who``. The ranks split the records (in
+    step where sharded forwards are collective) and every rank gets the whole row."""
     cfg, tc, engine = state.cfg, state.cfg.trainer, state.engine
     size = dict(batch_size=tc.eval_batch_size, max_length=cfg.data.max_length)
     calls = batch_count(records, tc.eval_batch_size, engine.world)
@@ -302,14 +302,14 @@ def measure(state: RunState, what: str, model: PreTrainedModel, records: list[Re
         calls *= 2
         if cfg.eval.samples:
             calls += batch_count(records, sampled_batch_size(tc.eval_batch_size, cfg.eval.samples), engine.world)
-    with showing(state.progress, what, calls) as advance:
+    with showing(state.progress, split if who is None else f"{split}: {who}", calls) as advance:
         row = reference_losses(model, state.teacher if with_teacher else None, state.tokenizer, records, cfg.loss,
                                fused=state.fused, on_batch=advance, engine=engine, **size)
         if generate:
             with engine.generation(model) as synced:
                 row.update(evaluate(model, state.tokenizer, records, metric=cfg.data.metric, on_batch=advance,
                                     max_new_tokens=tc.max_new_tokens, synced=synced, engine=engine,
-                                    sampled=cfg.eval, seed=tc.seed, what=what.split(":")[0], **size))
+                                    sampled=cfg.eval, seed=tc.seed, what=split, **size))
     if engine.device.type == "cpu":
         # Evaluation's caches would otherwise stay resident under the training steps that follow. Not
         # done after each step's own generation round: re-faulting the pages costs ~9% of a GKD loop.

@@ -317,9 +317,9 @@ def _before(state: RunState) -> None:
             if teacher.module is None:  # read from a cache or served: its own rows are not measured here
                 continue
             row = f"teacher {name}".strip()  # its own losses; its generations are scored on the test split only
-            rows[row] = measure(state, f"{split}: {row}", teacher.module, records, with_teacher=False,
+            rows[row] = measure(state, split, row, teacher.module, records, with_teacher=False,
                                 generate=split == "test")
-        rows["student before"] = measure(state, f"{split}: student", state.student, records, with_teacher=True)
+        rows["student before"] = measure(state, split, "student", state.student, records, with_teacher=True)
 
 
 def _finish(state: RunState, result: RunResult) -> None:
@@ -331,7 +331,7 @@ def _finish(state: RunState, result: RunResult) -> None:
     if engine.is_main:
         plot_curves(state.metrics.path, state.run_dir / "curves.png")
     if state.test_records:
-        state.test["student after"] = measure(state, "test: student", state.student, state.test_records,
+        state.test["student after"] = measure(state, "test", "student", state.student, state.test_records,
                                               with_teacher=True)
     if engine.uses_deepspeed:
         result.sharding = _sharding_report(engine, state.student, state.teacher)

@@ -96,4 +96,4 @@ def test_sampled_evaluation_is_seeded_and_does_not_depend_on_the_split(teacher_d
     got = []
     for r in (0, 1):
         generate(model, tok, records, max_new_tokens=5, batch_size=4, max_length=96, engine=Rank(r))
-    assert [s for _, s in sorted(x for part in got for x in part)] == greedy
+    assert [s for _, (s,) in sorted(x for part in got for x in part)] == greedy

@@ -122,7 +122,7 @@ def cross_entropy_rows(
         rows,
         vocab,
         float(scale),
-        loss if row_scale is None else row_scale.float().contiguous(),
+        loss if row_scale is None else row_scale.float().contiguous(),  # any pointer where ROW_SCALE is off
         WRITE_GRAD=grad_out is not None,
         ROW_SCALE=row_scale is not None,
         ACCUMULATE=grad_out is not None and accumulate,

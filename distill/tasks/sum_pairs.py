@@ -7,10 +7,10 @@ The final answer after ``####`` is what counts, as for GSM8K: any two positive w
 written without leading zeros, whose sum is the total; ``a + b`` and ``b + a`` are different
 answers. A total of N has N - 1 right answers (at least five at every level). The examples choose
 the first part uniformly, so a teacher that learns them spreads its mass over all the answers,
-and whatever comes first, the second part is a subtraction (the worked step; without it the
-shipped teacher's architecture reached 0.16 validity): a student too small to subtract reliably
-lands between the modes when it matches the teacher's spread of first parts (the setting of
-GKD's mode-seeking argument).
+and whatever comes first, the second part is a subtraction, written out first (without the
+worked step the teacher's architecture did not learn it from a short training): a student too
+small to subtract reliably lands between the modes when it matches the teacher's spread of first
+parts (the setting of GKD's mode-seeking argument).
 """
 
 from __future__ import annotations
