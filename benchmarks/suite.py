@@ -4,7 +4,8 @@
   after the tests and gates it against ``benchmarks/baseline/ci.json`` (``benchmarks.compare``).
 - ``full``: on the CPU, every member at full size: the recipe study (every recipe and seed), the
   TRL head-to-head with three seeds, the draft before and after distillation, the memory plan
-  against measured peaks, two ZeRO-3 ranks against one process (about 1.5 hours).
+  against measured peaks, two ZeRO-3 ranks against one process, the many-answers study (about 2.5
+  hours).
 - ``gpu``: on a CUDA device: the fused-loss kernels at the Llama-3 and Qwen shapes against eager
   PyTorch and Liger-Kernel, sampler and SKD throughput, one recipe end to end.
 
@@ -25,7 +26,7 @@ from benchmarks.metrics import write_json
 
 ROOT = Path(__file__).parent
 MEMBERS = ("fused_loss", "train_step", "sampling", "skd", "recipes", "trl_gkd", "draft_eval", "plan_memory",
-           "zero_agreement", "teacher_cache", "remote_teacher")
+           "zero_agreement", "teacher_cache", "remote_teacher", "many_answers")
 
 SUITES: dict[str, dict[str, dict]] = {
     "ci": {
@@ -54,6 +55,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "zero_agreement": {},
         "teacher_cache": {},
         "remote_teacher": {},
+        "many_answers": {"seeds": [0, 1, 2], "samples": 8, "work": "/tmp/distill-many-answers"},
     },
     "gpu": {
         "fused_loss": {"mode": "gpu"},
