@@ -1,7 +1,8 @@
 """The ``distill`` command: a Hydra CLI over the recipes in ``recipes/``.
 
     distill                                  # the embedded default: supervised KD on the built-in tasks
-    distill recipe=pretrain_teacher          # how the shipped teacher was made
+    distill recipe=pretrain_teacher          # how the shipped teacher was made (then
+                                             # recipe=pretrain_teacher_stage2)
     distill loss.kind=rkl trainer.steps=500  # any field of distill.config can be overridden
     distill -m loss.kind=fkl,rkl             # a Hydra multirun sweep
     distill resume=outputs/RUN               # continue an interrupted run

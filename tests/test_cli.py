@@ -41,6 +41,9 @@ def test_recipes_compose_to_typed_configs(recipe):
     assert isinstance(cfg, DistillConfig) and cfg.loss.beta == 0.25
     if recipe == "pretrain_teacher":
         assert cfg.student.arch.hidden_size == 256 and cfg.teacher.path is None and cfg.data.stream
+    if recipe == "pretrain_teacher_stage2":  # from the first stage's model, not a fresh architecture
+        assert cfg.student.arch is None and cfg.student.path == "runs/teacher/model"
+        assert cfg.data.tasks == ["arithmetic", "spelling", "sum_pairs"] and cfg.trainer.batch_size == 64
     if recipe == "sft_student":
         assert cfg.student.arch.hidden_size == 128 and cfg.loss.kind == "ce"
 
