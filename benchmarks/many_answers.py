@@ -10,23 +10,30 @@ the teacher's modes (GKD's central argument)?
    supervised KD (forward KL), GKD with forward KL, reverse KL and JSD(0.9), and ``gkd_reward``;
    greedy accuracy and sampled mean@n / pass@n / distinct@n at temperature 1; 3 seeds. And
    arithmetic with supervised KD and ``gkd_reward``, sampled alike.
-Writes ``many_answers.{json,md,png}`` (the study's tables and the teacher's spread).
+3. Where the samples go wrong: each finished sum_pairs student's test samples (the ones its run
+   scored, drawn again with the same seeds) sorted into right, no final answer, a first part
+   outside 1..N-1, a wrong subtraction (``N - a = c`` with c != N - a) and other errors, beside
+   the distinct first parts it chooses per prompt; the teacher's samples alike.
+Writes ``many_answers.{json,md,png}`` (the study's tables, the teacher's spread, the error kinds).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import statistics
+import tempfile
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from benchmarks import recipes
 from benchmarks.environment import environment
 from benchmarks.metrics import write_json
-from distill.config import ASSETS, DataConfig, ModelConfig, SamplingConfig
-from distill.data import IGNORE_INDEX, builtin_records, collate, prompt_ids, stop_ids
-from distill.evaluation import sampled_metrics
+from distill.config import ASSETS, DataConfig, EvalConfig, ModelConfig, SamplingConfig
+from distill.data import IGNORE_INDEX, Record, builtin_records, collate, prompt_ids, stop_ids
+from distill.evaluation import generate_samples, sampled_metrics
 from distill.generation import sample
 from distill.models import load_model, load_tokenizer
 from distill.tasks.sum_pairs import parts
@@ -34,6 +41,54 @@ from distill.tasks.sum_pairs import parts
 VARIANTS = ["supervised_kd", "gkd_fkl=gkd,loss.kind=fkl", "gkd_rkl=gkd,loss.kind=rkl", "gkd_jsd0.9=gkd,loss.beta=0.9",
             "gkd_reward"]
 ARITHMETIC_VARIANTS = ["supervised_kd", "gkd_reward"]
+KINDS = ("right", "no answer", "first part out of range", "subtraction wrong", "other")
+_WORKED = re.compile(r"\s*(\d+) - (\d+) = (\d+)\.")
+
+
+def error_kind(text: str, total: int) -> str:
+    """What a sum_pairs response got wrong (one of ``KINDS``)."""
+    got = parts(text)
+    if got is None:
+        return "no answer"
+    if sum(got) == total:
+        return "right"
+    if not 0 < got[0] < total:
+        return "first part out of range"
+    worked = _WORKED.match(text)
+    if worked and (int(worked[1]), int(worked[2])) == (total, got[0]) and int(worked[3]) != total - got[0]:
+        return "subtraction wrong"
+    return "other"
+
+
+def error_kinds(records: list[Record], samples: list[list[str]]) -> dict[str, float]:
+    """The share of samples of each kind, and the distinct first parts chosen per prompt (right
+    or not: how widely the model spreads)."""
+    kinds = [error_kind(t, sum(parts(r.answer))) for r, texts in zip(records, samples, strict=True) for t in texts]
+    firsts = [len({got[0] for got in map(parts, texts) if got}) for texts in samples]
+    return {**{k: kinds.count(k) / len(kinds) for k in KINDS}, "distinct first parts": statistics.mean(firsts)}
+
+
+@torch.no_grad()
+def student_errors(work: Path, difficulty: str, labels: list[str], seeds: list[int], samples: int) -> dict:
+    """label -> error kinds (means over seeds) of each finished sum_pairs student's test samples,
+    drawn as its run's report drew them (same records, seeds, batch size and lengths)."""
+    cpu = torch.device("cpu")
+    out = {}
+    for label in labels:
+        per_seed = []
+        for s in seeds:
+            run = work / f"sum_pairs-{label}-seed{s}"
+            cfg = OmegaConf.load(run / "config.yaml")
+            tok = load_tokenizer(run / "model")
+            model = load_model(ModelConfig(path=str(run / "model")), "student", cpu).eval()
+            records = builtin_records(DataConfig(tasks=["sum_pairs"], difficulty=difficulty), "test",
+                                      cfg.data.num_test)
+            texts = generate_samples(model, tok, records, EvalConfig(samples=samples), seed=s, what="test",
+                                     max_new_tokens=cfg.trainer.max_new_tokens,
+                                     batch_size=cfg.trainer.eval_batch_size, max_length=cfg.data.max_length)
+            per_seed.append(error_kinds(records, texts))
+        out[label] = {k: statistics.mean(r[k] for r in per_seed) for k in per_seed[0]}
+    return out
 
 
 @torch.no_grad()
@@ -60,11 +115,15 @@ def teacher_spread(teacher_dir: Path, difficulty: str, prompts: int, samples: in
     uniform = [math.log(sum(parts(r.answer)) - 1) for r in records]
     return {"prompts": prompts, "samples": samples, "difficulty": difficulty,
             "validity": scored[f"mean@{samples}"], "distinct_right": scored[f"distinct@{samples}"],
-            "entropy_nats": statistics.mean(nll), "uniform_entropy_nats": statistics.mean(uniform)}
+            "entropy_nats": statistics.mean(nll), "uniform_entropy_nats": statistics.mean(uniform),
+            "error_kinds": error_kinds(records, texts)}
 
 
 def run(out: Path, seed: int = 0, seeds: list[int] | None = None, difficulty: str = "easy", steps: int = 200,
         samples: int = 8, work: str | None = None, init_steps: dict[str, int] | None = None) -> dict:
+    if work is None:  # the error analysis reads the finished students: keep them until it is done
+        with tempfile.TemporaryDirectory(prefix="distill-many-answers-") as scratch:
+            return run(out, seed, seeds, difficulty, steps, samples, scratch, init_steps)
     teacher = teacher_spread(ASSETS / "teacher", difficulty, prompts=100, samples=32, seed=seed)
     print(f"teacher on sum_pairs: validity {teacher['validity']:.3f}, {teacher['distinct_right']:.1f} distinct right "
           f"answers of 32 samples, entropy {teacher['entropy_nats']:.2f} nats (uniform over the right answers: "
@@ -75,13 +134,27 @@ def run(out: Path, seed: int = 0, seeds: list[int] | None = None, difficulty: st
     arithmetic = recipes.run(out, seed, tasks=["arithmetic"], variants=ARITHMETIC_VARIANTS,
                              name="many_answers_arithmetic", **common)
     metrics = {**study["metrics"], **arithmetic["metrics"]}
+    labels = [recipes.parse_variant(v)[0] for v in VARIANTS]
+    errors = {"teacher": teacher["error_kinds"],
+              **student_errors(Path(work), difficulty, labels, common["seeds"], samples)}
     result = {"environment": environment(), "teacher": teacher, "sum_pairs": study["summary"],
-              "arithmetic": arithmetic["summary"], "metrics": metrics}
+              "arithmetic": arithmetic["summary"], "error_kinds": errors, "metrics": metrics}
     write_json(out / "many_answers.json", result)
     (out / "many_answers.md").write_text(
         f"The shipped teacher on sum_pairs ({difficulty}), {teacher['samples']} samples at temperature 1 on "
         f"{teacher['prompts']} test prompts: validity {teacher['validity']:.3f}, "
         f"{teacher['distinct_right']:.1f} distinct right answers per prompt, entropy {teacher['entropy_nats']:.2f} "
         f"nats per response (a uniform choice among the right answers: {teacher['uniform_entropy_nats']:.2f}).\n\n"
-        + (out / "many_answers_sum_pairs.md").read_text() + "\n" + (out / "many_answers_arithmetic.md").read_text())
+        + (out / "many_answers_sum_pairs.md").read_text() + "\n" + (out / "many_answers_arithmetic.md").read_text()
+        + "\n" + errors_markdown(errors, teacher["samples"], samples))
     return result
+
+
+def errors_markdown(errors: dict[str, dict[str, float]], teacher_samples: int, samples: int) -> str:
+    lines = [f"Where the sum_pairs samples go wrong: the share of each kind among the test samples at temperature "
+             f"1 ({samples} per prompt, the students' means over seeds; the teacher's {teacher_samples} per prompt), "
+             "and the distinct first parts chosen per prompt, right or not.", "",
+             "| model | " + " | ".join(KINDS) + " | distinct first parts |", "|---" * (len(KINDS) + 2) + "|"]
+    lines += [f"| {who} | " + " | ".join(f"{e[k]:.3f}" for k in KINDS) + f" | {e['distinct first parts']:.2f} |"
+              for who, e in errors.items()]
+    return "\n".join(lines) + "\n"

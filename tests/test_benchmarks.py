@@ -223,3 +223,29 @@ def test_distill_bench_runs_the_checkouts_suite():
     out = subprocess.run([sys.executable, "-m", "distill", "bench", "--help"], capture_output=True, text=True,
                          cwd="/")
     assert out.returncode == 0 and "ci,full,gpu" in out.stdout
+
+
+def test_many_answers_sorts_sum_pairs_errors_by_kind():
+    """Each planted response lands in its own kind; a right answer is one whose parts sum to the
+    total, whatever the worked line says, and the distinct first parts count wrong samples too."""
+    from benchmarks.many_answers import KINDS, error_kind, error_kinds
+    from distill.data import Record
+
+    planted = {
+        "57 - 20 = 37. #### 20 + 37": "right",
+        "57 - 20 = 36. #### 20 + 37": "right",  # the checker reads the final answer only
+        "57 - 20 = 37.": "no answer",
+        "57 - 20 = 37. #### 20 + 3x": "no answer",
+        "57 - 58 = 1. #### 58 + 1": "first part out of range",
+        "57 - 57 = 1. #### 57 + 1": "first part out of range",  # a part of the total, not all of it
+        "57 - 20 = 36. #### 20 + 36": "subtraction wrong",
+        "47 - 20 = 27. #### 20 + 27": "other",  # the total misread
+        "57 - 20 = 37. #### 20 + 38": "other",  # a right subtraction copied wrong
+    }
+    assert {error_kind(text, 57) for text in planted} == set(KINDS)
+    for text, kind in planted.items():
+        assert error_kind(text, 57) == kind, text
+    record = Record(prompt="p", completion="57 - 1 = 56. #### 1 + 56", source="planted", task="sum_pairs")
+    shares = error_kinds([record], [list(planted)])
+    assert shares["right"] == 2 / len(planted) and sum(shares[k] for k in KINDS) == pytest.approx(1.0)
+    assert shares["distinct first parts"] == 3  # 20, 58 and 57, right or not; the no-answer samples have none
