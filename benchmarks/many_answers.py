@@ -14,11 +14,13 @@ the teacher's modes (GKD's central argument)?
    scored, drawn again with the same seeds) sorted into right, no final answer, a first part
    outside 1..N-1, a wrong subtraction (``N - a = c`` with c != N - a) and other errors, beside
    the distinct first parts it chooses per prompt; the teacher's samples alike.
-Writes ``many_answers.{json,md,png}`` (the study's tables, the teacher's spread, the error kinds).
+Writes ``many_answers.{json,md}`` (the teacher's spread, both studies' tables, the error kinds) and
+each study's own ``many_answers_{sum_pairs,arithmetic}.{json,md,png}``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
@@ -66,6 +68,31 @@ def error_kinds(records: list[Record], samples: list[list[str]]) -> dict[str, fl
     kinds = [error_kind(t, sum(parts(r.answer))) for r, texts in zip(records, samples, strict=True) for t in texts]
     firsts = [len({got[0] for got in map(parts, texts) if got}) for texts in samples]
     return {**{k: kinds.count(k) / len(kinds) for k in KINDS}, "distinct first parts": statistics.mean(firsts)}
+
+
+def starting_point(work: Path, task: str, labels: list[str], seeds: list[int], samples: int) -> dict[str, float]:
+    """The SFT start's greedy accuracy and sampled metrics on the test split, as each run's report
+    measured it before training (means over the runs: one start, each run's own sampling seed)."""
+    rows = [json.loads((work / f"{task}-{label}-seed{s}" / "report.json").read_text())["test"]["student before"]
+            for label in labels for s in seeds]
+    keys = ["accuracy", *(f"{k}@{samples}" for k in ("mean", "pass", "distinct"))]
+    return {k: statistics.mean(r[k] for r in rows) for k in keys}
+
+
+def training_traces(work: Path, task: str, labels: list[str], seeds: list[int]) -> dict[str, dict]:
+    """label -> the median gradient norm of its logged steps, and (with a reward) the reward's mean
+    by logged step, each a mean over seeds (from the runs' ``metrics.jsonl``)."""
+    out = {}
+    for label in labels:
+        rows = [r for s in seeds for r in map(json.loads, (work / f"{task}-{label}-seed{s}" / "metrics.jsonl")
+                                                 .read_text().splitlines()) if r["split"] == "train"]
+        by_step: dict[int, list[float]] = {}
+        for r in rows:
+            if "reward_mean" in r:
+                by_step.setdefault(r["step"], []).append(r["reward_mean"])
+        out[label] = {"median_grad_norm": statistics.median(r["grad_norm"] for r in rows),
+                      "reward_by_step": {step: statistics.mean(v) for step, v in sorted(by_step.items())}}
+    return out
 
 
 @torch.no_grad()
@@ -137,17 +164,46 @@ def run(out: Path, seed: int = 0, seeds: list[int] | None = None, difficulty: st
     labels = [recipes.parse_variant(v)[0] for v in VARIANTS]
     errors = {"teacher": teacher["error_kinds"],
               **student_errors(Path(work), difficulty, labels, common["seeds"], samples)}
-    result = {"environment": environment(), "teacher": teacher, "sum_pairs": study["summary"],
-              "arithmetic": arithmetic["summary"], "error_kinds": errors, "metrics": metrics}
+    arithmetic_labels = [recipes.parse_variant(v)[0] for v in ARITHMETIC_VARIANTS]
+    starts = {"sum_pairs": starting_point(Path(work), "sum_pairs", labels, common["seeds"], samples),
+              "arithmetic": starting_point(Path(work), "arithmetic", arithmetic_labels, common["seeds"], samples)}
+    traces = {"sum_pairs": training_traces(Path(work), "sum_pairs", labels, common["seeds"]),
+              "arithmetic": training_traces(Path(work), "arithmetic", arithmetic_labels, common["seeds"])}
+    result = {"environment": environment(), "teacher": teacher, "starting_points": starts,
+              "sum_pairs": study["summary"], "arithmetic": arithmetic["summary"], "error_kinds": errors,
+              "training": traces, "metrics": metrics}
     write_json(out / "many_answers.json", result)
-    (out / "many_answers.md").write_text(
+    (out / "many_answers.md").write_text(markdown(result, out, difficulty, samples))
+    return result
+
+
+def markdown(result: dict, out: Path, difficulty: str, samples: int) -> str:
+    teacher = result["teacher"]
+    starts = "\n".join(
+        f"- {task}: greedy {s['accuracy']:.3f}, mean@{samples} {s[f'mean@{samples}']:.3f}, "
+        f"pass@{samples} {s[f'pass@{samples}']:.3f}, distinct@{samples} {s[f'distinct@{samples}']:.2f}"
+        for task, s in result["starting_points"].items())
+    return (
         f"The shipped teacher on sum_pairs ({difficulty}), {teacher['samples']} samples at temperature 1 on "
         f"{teacher['prompts']} test prompts: validity {teacher['validity']:.3f}, "
         f"{teacher['distinct_right']:.1f} distinct right answers per prompt, entropy {teacher['entropy_nats']:.2f} "
         f"nats per response (a uniform choice among the right answers: {teacher['uniform_entropy_nats']:.2f}).\n\n"
+        f"The SFT starting points on the test split, as each run's report measured them before training (means "
+        f"over the runs, each sampling with its own seed):\n\n{starts}\n\n"
         + (out / "many_answers_sum_pairs.md").read_text() + "\n" + (out / "many_answers_arithmetic.md").read_text()
-        + "\n" + errors_markdown(errors, teacher["samples"], samples))
-    return result
+        + "\n" + errors_markdown(result["error_kinds"], teacher["samples"], samples)
+        + "\n" + training_markdown(result["training"]))
+
+
+def training_markdown(traces: dict[str, dict[str, dict]]) -> str:
+    lines = ["Training: the median gradient norm of each recipe's logged steps (before clipping) and, with the "
+             "reward, its mean over the step's samples by logged step (means over seeds).", "",
+             "| task | recipe | median gradient norm | reward by step |", "|---|---|---|---|"]
+    for task, by_label in traces.items():
+        for label, t in by_label.items():
+            reward = ", ".join(f"{step}: {r:.2f}" for step, r in t["reward_by_step"].items()) or "-"
+            lines.append(f"| {task} | {label} | {t['median_grad_norm']:.3f} | {reward} |")
+    return "\n".join(lines) + "\n"
 
 
 def errors_markdown(errors: dict[str, dict[str, float]], teacher_samples: int, samples: int) -> str:

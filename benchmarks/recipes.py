@@ -154,8 +154,8 @@ def markdown(summary: dict[str, dict[str, dict]], meta: dict) -> str:
     n_runs = sum(s["seeds"] for t in summary.values() for s in t.values())
     lines = [
         f"Each task on its own, every recipe from the same SFT student, {meta['steps']} optimizer steps, seeds "
-        f"{meta['seeds']}, arithmetic at difficulty `{meta['difficulty']}`, {meta['machine']}; the {n_runs} runs "
-        f"took {meta['runs_minutes']:.0f} minutes in all. "
+        f"{meta['seeds']}, at difficulty `{meta['difficulty']}` (spelling has one level), {meta['machine']}; "
+        f"the {n_runs} runs took {meta['runs_minutes']:.0f} minutes in all. "
         + ("One seed: a few points are noise. " if one_seed else "Mean ± standard deviation over seeds. ")
         + "Test accuracy (200 examples); divergence: forward KL(teacher || student) per token on the student's "
         "own samples; "
@@ -187,7 +187,7 @@ def markdown(summary: dict[str, dict[str, dict]], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, dict[str, dict]], path: Path) -> None:
+def plot(summary: dict[str, dict[str, dict]], path: Path, samples: int = 0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,6 +195,8 @@ def plot(summary: dict[str, dict[str, dict]], path: Path) -> None:
 
     keys = [("accuracy", "test accuracy"), ("divergence_on_own_samples", "divergence on own samples"),
             ("alpha", "alpha as a draft")]
+    if samples:  # the study sampled: its sampled quality too
+        keys.insert(1, ("mean_at_n", f"mean@{samples} at temperature 1"))
     fig, axes = plt.subplots(len(summary), len(keys), figsize=(4.8 * len(keys), 4 * len(summary)), squeeze=False)
     for row, (task, variants) in zip(axes, summary.items(), strict=True):
         names = list(variants)
@@ -276,5 +278,5 @@ def run(out: Path, seed: int = 0, tasks: list[str] | None = None, init_steps: di
     result = {**meta, "summary": summary, "runs": runs, "metrics": metrics}
     write_json(out / f"{name}.json", result)
     (out / f"{name}.md").write_text(markdown(summary, meta))
-    plot(summary, out / f"{name}.png")
+    plot(summary, out / f"{name}.png", samples)
     return result

@@ -8,9 +8,9 @@ written without leading zeros, whose sum is the total; ``a + b`` and ``b + a`` a
 answers. A total of N has N - 1 right answers (at least five at every level). The examples choose
 the first part uniformly, so a teacher that learns them spreads its mass over all the answers,
 and whatever comes first, the second part is a subtraction, written out first (without the
-worked step the teacher's architecture did not learn it from a short training): a student too
-small to subtract reliably lands between the modes when it matches the teacher's spread of first
-parts (the setting of GKD's mode-seeking argument).
+worked step the teacher's architecture did not learn it from a short training). The many-answers
+study (``docs/recipes.md``) asks whether a mode-seeking divergence gives a small student samples
+that are each right here.
 """
 
 from __future__ import annotations
