@@ -34,9 +34,10 @@ from benchmarks import recipes
 from benchmarks.environment import environment
 from benchmarks.metrics import write_json
 from distill.config import ASSETS, DataConfig, EvalConfig, ModelConfig, SamplingConfig
-from distill.data import IGNORE_INDEX, Record, builtin_records, collate, prompt_ids, stop_ids
+from distill.data import Record, builtin_records, collate, prompt_ids, stop_ids
 from distill.evaluation import generate_samples, sampled_metrics
 from distill.generation import sample
+from distill.losses import cross_entropy
 from distill.models import load_model, load_tokenizer
 from distill.tasks.sum_pairs import parts
 
@@ -73,7 +74,7 @@ def error_kinds(records: list[Record], samples: list[list[str]]) -> dict[str, fl
 def starting_point(work: Path, task: str, labels: list[str], seeds: list[int], samples: int) -> dict[str, float]:
     """The SFT start's greedy accuracy and sampled metrics on the test split, as each run's report
     measured it before training (means over the runs: one start, each run's own sampling seed)."""
-    rows = [json.loads((work / f"{task}-{label}-seed{s}" / "report.json").read_text())["test"]["student before"]
+    rows = [json.loads((recipes.run_dir(work, task, label, s) / "report.json").read_text())["test"]["student before"]
             for label in labels for s in seeds]
     keys = ["accuracy", *(f"{k}@{samples}" for k in ("mean", "pass", "distinct"))]
     return {k: statistics.mean(r[k] for r in rows) for k in keys}
@@ -84,7 +85,7 @@ def training_traces(work: Path, task: str, labels: list[str], seeds: list[int]) 
     by logged step, each a mean over seeds (from the runs' ``metrics.jsonl``)."""
     out = {}
     for label in labels:
-        rows = [r for s in seeds for r in map(json.loads, (work / f"{task}-{label}-seed{s}" / "metrics.jsonl")
+        rows = [r for s in seeds for r in map(json.loads, (recipes.run_dir(work, task, label, s) / "metrics.jsonl")
                                                  .read_text().splitlines()) if r["split"] == "train"]
         by_step: dict[int, list[float]] = {}
         for r in rows:
@@ -104,7 +105,7 @@ def student_errors(work: Path, difficulty: str, labels: list[str], seeds: list[i
     for label in labels:
         per_seed = []
         for s in seeds:
-            run = work / f"sum_pairs-{label}-seed{s}"
+            run = recipes.run_dir(work, "sum_pairs", label, s)
             cfg = OmegaConf.load(run / "config.yaml")
             tok = load_tokenizer(run / "model")
             model = load_model(ModelConfig(path=str(run / "model")), "student", cpu).eval()
@@ -133,11 +134,8 @@ def teacher_spread(teacher_dir: Path, difficulty: str, prompts: int, samples: in
                      stops=stop_ids(tok), seed=seed, vocab=len(tok))
         texts.append(tok.batch_decode(got, skip_special_tokens=True))
         batch = collate([(p, g) for g in got], tok.pad_token_id)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-        labels = batch.labels[:, 1:]
-        counted = labels != IGNORE_INDEX
-        token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * counted
-        nll.append(float(-token.sum(1).mean()))
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        nll.append(float(cross_entropy(logits, batch.labels[:, 1:], reduction="sum")) / samples)
     scored = sampled_metrics(records, texts)  # the checker decides; distinct right answers by the task's key
     uniform = [math.log(sum(parts(r.answer)) - 1) for r in records]
     return {"prompts": prompts, "samples": samples, "difficulty": difficulty,

@@ -93,9 +93,14 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
     return label, recipe, overrides
 
 
+def run_dir(work: Path, task: str, label: str, seed: int) -> Path:
+    """Where the study keeps one finished run (its model, report and metrics)."""
+    return work / f"{task}-{label}-seed{seed}"
+
+
 def run_one(task: str, variant: tuple[str, str, list[str]], seed: int, init: Path, opts: dict) -> dict:
     label, recipe, extra = variant
-    out = opts["work"] / f"{task}-{label}-seed{seed}"
+    out = run_dir(opts["work"], task, label, seed)
     cfg = recipe_config(recipe, [
         "teacher=shipped",  # also for sft: it is evaluated beside the student and measures the draft
         f"student.path={init}", f"data.tasks=[{task}]", f"data.difficulty={opts['difficulty']}",

@@ -254,12 +254,6 @@ def test_a_run_with_a_reward_logs_it_and_the_sampled_evaluation(teacher_dir, stu
     assert "3 samples per prompt" in report["evaluation"]
 
 
-def _even_share(text: str) -> float:
-    """The share of a text's characters with an even code point: a dense reward that any token
-    choice moves, on a random model's random text."""
-    return sum(ord(c) % 2 == 0 for c in text) / max(len(text), 1)
-
-
 @pytest.mark.slow
 def test_the_term_moves_the_policy_towards_the_reward_and_a_reversed_reward_away(student_dir, tmp_path,
                                                                                   monkeypatch):
@@ -269,13 +263,14 @@ def test_the_term_moves_the_policy_towards_the_reward_and_a_reversed_reward_away
     on the same prompts and seeds. A sign error in the term, or advantages paired with the wrong
     samples, moves both runs alike and fails."""
     spec = _user_rewards(tmp_path, monkeypatch, """
-        def _even(text):
+        def even_share(text):  # dense: any token choice moves it, on a random model's random text
             return sum(ord(c) % 2 == 0 for c in text) / max(len(text), 1)
         def even(prompt, response, record):
-            return _even(response)
+            return even_share(response)
         def odd(prompt, response, record):
-            return 1.0 - _even(response)
+            return 1.0 - even_share(response)
     """).removesuffix(":score")
+    import my_rewards
     tok = load_tokenizer(student_dir)
     records = train_mod.TrainData(make_cfg(student_dir, student_dir).data, tok, seed=0).next_examples(16)[1]
 
@@ -283,7 +278,7 @@ def test_the_term_moves_the_policy_towards_the_reward_and_a_reversed_reward_away
         model = load_model(make_cfg(student_dir, model_dir).student, "s", torch.device("cpu"))
         texts = generate_samples(model, tok, records, EvalConfig(samples=8), seed=0, what="test",
                                  max_new_tokens=8, batch_size=16, max_length=96)
-        return sum(_even_share(t) for ts in texts for t in ts) / sum(map(len, texts))
+        return sum(my_rewards.even_share(t) for ts in texts for t in ts) / sum(map(len, texts))
 
     shares = {}
     for fn in ("even", "odd"):
