@@ -440,13 +440,19 @@ def _serve_teacher(args: list[str]) -> typing.NoReturn:
     sys.exit(0)
 
 
+def _async_spelled(arg: str) -> str:
+    """``sources.async.KEY=...`` as the config spells it: ``async`` is a keyword of Python, so the
+    group's field is ``sources.asynchronous``."""
+    return re.sub(r"^([+~]*)sources\.async\.", r"\1sources.asynchronous.", arg)
+
+
 def main() -> None:
     """Console-script entry point."""
     # FutureWarnings tell the authors of the calling code (DeepSpeed's collectives, PEFT's checks)
     # about deprecations: nothing a user of distill can act on. The test suite still shows them.
     warnings.filterwarnings("ignore", category=FutureWarning)
     # The deepspeed launcher passes --local_rank=N (also in LOCAL_RANK, which distill reads).
-    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    sys.argv = [_async_spelled(a) for a in sys.argv if not a.startswith("--local_rank")]
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
         _bench(sys.argv[2:])
     if len(sys.argv) > 1 and sys.argv[1] == "plan":

@@ -295,12 +295,32 @@ class SKDConfig:
 
 
 @dataclass
+class AsynchronousConfig:
+    """Generation workers that run ahead of the trainer (``distill.asynchronous``). Policy version
+    v is the student after v optimizer steps; step t (from version t to t + 1) trains on samples
+    of version max(t - staleness, 0), exactly."""
+
+    staleness: int = 0
+    # Ray actors that generate, each with a copy of the student; null: one when staleness > 0,
+    # none at 0 (generation in the trainer's process, the synchronous engine).
+    workers: int | None = None
+    threads: int = 1  # torch threads of each worker on the CPU
+    address: str = "auto"  # the Ray cluster (auto: the one on this machine, else one started for the run)
+
+    @property
+    def worker_count(self) -> int:
+        return (1 if self.staleness > 0 else 0) if self.workers is None else self.workers
+
+
+@dataclass
 class SourcesConfig:
     # teacher: SeqKD; student: on-policy (GKD); skd: speculative KD.
     weights: dict[str, Schedule] = field(default_factory=source_weights)
     student: SamplingConfig = field(default_factory=SamplingConfig)
     teacher: SamplingConfig = field(default_factory=SamplingConfig)
     skd: SKDConfig = field(default_factory=SKDConfig)
+    # "async" is a keyword of Python: the command line's sources.async.* means this group.
+    asynchronous: AsynchronousConfig = field(default_factory=AsynchronousConfig)
     # Where the teacher source's responses are kept for reuse across runs and recipes
     # (distill.sources.teacher_cache); null: $XDG_CACHE_HOME/distill (~/.cache/distill); "none": off.
     teacher_cache: str | None = None
@@ -673,6 +693,23 @@ def _validate_sources(cfg: DistillConfig) -> None:
     for name in ("temperature", "teacher_temperature"):
         if not getattr(k, name) > 0:
             raise DistillError(f"sources.skd.{name} must be > 0; got {getattr(k, name)}")
+    _validate_asynchronous(cfg)
+
+
+def _validate_asynchronous(cfg: DistillConfig) -> None:
+    a = cfg.sources.asynchronous
+    if a.staleness < 0:
+        raise DistillError(f"sources.asynchronous.staleness must be >= 0 (0: synchronous); got {a.staleness}")
+    if a.workers is not None and a.workers < 0:
+        raise DistillError(f"sources.asynchronous.workers must be >= 0 (or null); got {a.workers}")
+    if a.threads < 1:
+        raise DistillError(f"sources.asynchronous.threads must be >= 1; got {a.threads}")
+    if a.staleness > 0 and a.worker_count == 0:
+        raise DistillError(f"sources.asynchronous.staleness={a.staleness} runs generation ahead in workers; "
+                           "sources.asynchronous.workers=0 leaves none")
+    if a.worker_count and cfg.deepspeed.stage > 0:
+        raise DistillError("sources.asynchronous.workers: generation workers serve one process's student for now; "
+                           "not with DeepSpeed ZeRO (deepspeed.stage > 0)")
 
 
 def _validate_eval_and_reward(cfg: DistillConfig) -> None:

@@ -24,6 +24,7 @@ from rich.progress import Progress
 from transformers import PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from distill.asynchronous.pipeline import Pipeline
 from distill.config import DistillConfig
 from distill.data import IGNORE_INDEX, Batch, Record, TrainData, collate, length_buckets, split_groups
 from distill.distributed import Engine
@@ -34,7 +35,7 @@ from distill.memory import release_freed
 from distill.objective import batch_loss
 from distill.progress import console, showing
 from distill.sources import REGISTRY
-from distill.sources.base import SourceContext, SourceStats, aligned_hidden
+from distill.sources.base import Sequences, SourceContext, SourceStats, aligned_hidden
 from distill.sources.mixture import draw_source, step_seed
 from distill.teacher import Teacher, Teachers
 from distill.tracking import MetricsLog
@@ -67,6 +68,7 @@ class RunState:
     validation: dict[str, dict[str, float]] = field(default_factory=dict)
     test: dict[str, dict[str, float]] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)  # kinds of generation problems already reported
+    ahead: Pipeline | None = None  # generation workers running ahead (sources.asynchronous)
 
     @property
     def loss_teacher(self) -> Teacher | Teachers | None:
@@ -86,6 +88,7 @@ class Window:
     lr: float = 0.0
     grad_norm: float = 0.0
     by_teacher: dict[str, list] = field(default_factory=dict)  # several teachers: [divergence sum, tokens]
+    policy: list[dict[str, float]] = field(default_factory=list)  # generated ahead: each step's "policy" row
 
 
 def run(state: RunState) -> None:
@@ -140,23 +143,41 @@ class Micro:
 
 def micro_batches(state: RunState, name: str, window: Window) -> list[Micro]:
     """The step's micro-batches from source ``name``: ``grad_accum`` draws of the dataset's
-    prompts, each rank generating for its share with its own seed, split into length groups."""
-    tc, engine, source, ctx = state.cfg.trainer, state.engine, REGISTRY[name], state.sources
+    prompts, each rank generating for its share with its own seed (or a generation worker, ahead),
+    split into length groups."""
+    if state.ahead is not None:
+        made = state.ahead.take(state.step)
+        window.t_start += made.waited_samples  # tokens/s counts training time only
+        if made.version is not None:
+            row = made.row(state.step)
+            window.policy.append(row)
+            if state.metrics is not None:
+                state.metrics.log("policy", state.step + 1, row)
+        sequences = made.sequences
+    else:
+        sequences = [generated(state, name, m, window) for m in range(state.cfg.trainer.grad_accum)]
     micro = []
-    for m in range(tc.grad_accum):
-        pairs, records = state.data.next_examples(source.prompts(ctx, tc.batch_size))
-        with engine.generation(*source.models(ctx)) as synced:
-            got = source.sequences(engine.shard(pairs), ctx, step=state.step,
-                                   seed=step_seed(tc.seed, state.step, m * engine.world + engine.rank),
-                                   synced=synced, records=engine.shard(records))
+    for got in sequences:
         window.generation.add(got.stats)
-        window.t_start += got.stats.seconds  # tokens/s counts training time only
         for group, batch in collated(state, got.pairs):
             hidden = None if got.hidden is None else aligned_hidden(
                 [got.pairs[i] for i in group], [got.hidden[i] for i in group], batch)
             pg = None if got.pg_weights is None else torch.tensor([got.pg_weights[i] for i in group])
             micro.append(Micro(batch, hidden, pg))
     return micro
+
+
+def generated(state: RunState, name: str, m: int, window: Window) -> Sequences:
+    """Micro-batch ``m`` of the step from source ``name``, made here: this rank's share of the
+    dataset's next prompts, with its own seed."""
+    tc, engine, source, ctx = state.cfg.trainer, state.engine, REGISTRY[name], state.sources
+    pairs, records = state.data.next_examples(source.prompts(ctx, tc.batch_size))
+    with engine.generation(*source.models(ctx)) as synced:
+        got = source.sequences(engine.shard(pairs), ctx, step=state.step,
+                               seed=step_seed(tc.seed, state.step, m * engine.world + engine.rank),
+                               synced=synced, records=engine.shard(records))
+    window.t_start += got.stats.seconds  # tokens/s counts training time only
+    return got
 
 
 def collated(state: RunState, pairs: list) -> list[tuple[list[int], Batch]]:
@@ -175,7 +196,8 @@ def prefetch(state: RunState) -> None:
     micro-batches are made as ``micro_batches`` will make them, from the data ahead (not taken)."""
     tc, teacher = state.cfg.trainer, state.loss_teacher
     nxt = state.step + 1
-    if teacher is None or not teacher.prefetches or nxt >= tc.steps:
+    # Generated ahead, the data's next pairs are a later step's: the teacher is asked at the step.
+    if teacher is None or not teacher.prefetches or nxt >= tc.steps or state.ahead is not None:
         return
     if not REGISTRY[draw_source(state.cfg.sources.weights, tc.seed, nxt, tc.steps)].fixed:
         return
@@ -247,15 +269,24 @@ def log(state: RunState, window: Window, task: Any) -> None:
         div, tokens = window.by_teacher.get(name, (0.0, 0))
         per_teacher[f"divergence_{name}"] = float(state.engine.all_sum(float(div))) / max(
             state.engine.all_sum(tokens), 1)
+    ahead = {}  # generated ahead: the interval's staleness and waits
+    if window.policy:
+        ahead = {"staleness": sum(r["staleness"] for r in window.policy) / len(window.policy),
+                 "wait_samples_s": sum(r["wait_samples_s"] for r in window.policy),
+                 "wait_weights_s": sum(r["wait_weights_s"] for r in window.policy)}
     if state.metrics is not None:
         state.metrics.log("train", state.step, {
             "loss": mean_loss, "lr": window.lr, "grad_norm": window.grad_norm,
             "response_tokens": state.tokens_seen, "tokens_per_s": tps, "train_seconds": elapsed,
             **per_teacher,
-            **{f"source_{n}": window.drawn.get(n, 0) / steps for n in state.cfg.sources.weights}, **gen,
+            **{f"source_{n}": window.drawn.get(n, 0) / steps for n in state.cfg.sources.weights}, **gen, **ahead,
         })
     # The sources of the interval, what their generation cost and gave.
     note = f"{'+'.join(sorted(window.drawn))}: {window.generation.note()}" if gen else ""
+    if window.policy:
+        last = window.policy[-1]
+        note += (f"; policy v{last['policy_version']:.0f} (stale {last['staleness']:.0f}), waited "
+                 f"{ahead['wait_samples_s']:.2f} s for samples, workers {ahead['wait_weights_s']:.2f} s for weights")
     state.progress.update(task, loss=mean_loss, tps=tps, note=note)
     for kind, problem in window.generation.problems(state.cfg.data.max_length, state.sources.stops).items():
         if kind not in state.warned:
@@ -280,6 +311,8 @@ def save(state: RunState) -> None:
     tc, engine, cache = state.cfg.trainer, state.engine, state.sources.teacher_cache
     trainer_state = {"step": state.step, "tokens_seen": state.tokens_seen, "scheduler": state.scheduler.state_dict(),
                      "data": state.data.state_dict(), "test": state.test, "validation": state.validation}
+    if state.ahead is not None:  # the steps generated ahead, from versions older than these weights
+        trainer_state["ahead"] = state.ahead.state_dict()
     engine.save_checkpoint(state.run_dir, state.step, state.student, trainer_state, tc.keep_checkpoints)
     state.last_saved = state.step
     if cache is not None:  # the responses new on every rank since the last save, into rank 0's one file

@@ -389,6 +389,43 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
                 params[n].copy_(t)
 
 
+@contextmanager
+def picklable(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Inside, ``models`` pickle for another process: transformers installs its output-capturing
+    hooks on a model's first call for hidden states, and they close over a context variable of
+    this process; they are taken off here (with the mark that they are on) and put back after, and
+    the other process installs its own on first use."""
+    taken = []
+    for model in models:
+        for module in [] if model is None else model.modules():
+            hooks = {k: h for k, h in module._forward_hooks.items()
+                     if getattr(h, "__name__", "") == "output_capturing_hook"}
+            marked = vars(module).pop("_output_capturing_hooks_installed", None)
+            for k in hooks:
+                del module._forward_hooks[k]
+            if hooks or marked is not None:
+                taken.append((module, hooks, marked))
+    try:
+        yield
+    finally:
+        for module, hooks, marked in taken:
+            module._forward_hooks.update(hooks)
+            if marked is not None:
+                module._output_capturing_hooks_installed = marked
+
+
+def unpickled(*models: torch.nn.Module | None) -> None:
+    """What a model's ``__init__`` registers and unpickling skips: transformers records each model
+    class's capturable outputs (hidden states) in a registry of the process when one is built;
+    without it a model unpickled here returns no hidden states."""
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+    for model in models:
+        for module in [] if model is None else model.modules():
+            if isinstance(module, PreTrainedModel):
+                _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+
+
 def plain_model(model: PreTrainedModel) -> PreTrainedModel:
     """The transformers model under a PEFT wrapper (its LoRA layers still inside), or the model."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -4,7 +4,7 @@ It states what was minimised (``objective``, with any cross-entropy share or rew
 generations were scored (``evaluation``: greedy, and sampled with ``eval.samples``), the validation and
 test metrics of the teacher and of the student before and after training, what
 ``data.overlong`` did to the data, and (``draft.enabled``) alpha and tau of the student as a
-speculative-decoding draft for the teacher.
+speculative-decoding draft for the teacher, and the staleness of generation run ahead.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Run(Protocol):
     draft: dict
     sharding: dict
     memory: dict
+    asynchronous: dict
 
 
 def columns(rows: dict[str, dict[str, float]]) -> list[str]:
@@ -57,9 +58,16 @@ def write_report(run: Run) -> None:
         report["sharding"] = run.sharding
     if run.memory:
         report["memory"] = run.memory
+    if run.asynchronous:
+        report["asynchronous"] = run.asynchronous
     atomic_write_text(run.run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     parts = [f"Objective: {run.objective}; {run.steps} steps; model: `{run.model_dir}`.",
              f"Evaluation: {run.evaluation}."]
+    if run.asynchronous:
+        a = run.asynchronous
+        parts.append(f"Generation ran ahead of training: staleness s = {a['staleness']} (step t trained on samples "
+                     f"of the student after max(t - s, 0) steps), {a['workers']} generation "
+                     f"worker{'s' * (a['workers'] > 1)}.")
     for split in ("validation", "test"):
         rows = getattr(run, split)
         if rows:

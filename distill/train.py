@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from transformers import PreTrainedModel, set_seed
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
+from distill.asynchronous.pipeline import Pipeline
 from distill.checkpoint import atomic_write_text, export_model
 from distill.config import DistillConfig, check_vocabulary, member_configs, sources_in_use, validate
 from distill.data import TrainData, builtin_records, encode_split, stop_ids
@@ -70,6 +71,8 @@ class RunResult:
     sharding: dict = field(default_factory=dict)
     # The plan's estimate of the peak per rank and the measured peak (the largest over the ranks).
     memory: dict = field(default_factory=dict)
+    # Generation ahead of the trainer (sources.asynchronous): staleness and workers.
+    asynchronous: dict = field(default_factory=dict)
 
 
 def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> RunResult:
@@ -103,6 +106,8 @@ def train(cfg: DistillConfig, run_dir: Path, *, steps: int | None = None) -> Run
     finally:
         if state.metrics is not None:
             state.metrics.close()
+        if state.ahead is not None:
+            state.ahead.close()
     if engine.is_main:
         write_report(result)
     engine.barrier()
@@ -171,6 +176,13 @@ def _build(cfg: DistillConfig, run_dir: Path, engine: Engine) -> tuple[RunState,
                                 lambda ids: tokenizer.decode(ids, skip_special_tokens=True)))
     state = RunState(cfg, run_dir, engine, tokenizer, student, teacher, params, optimizer, scheduler, data, sources,
                      fused, validation_records=splits["validation"], test_records=splits.get("test", []))
+    if cfg.sources.asynchronous.worker_count:
+        if engine.world > 1:
+            raise DistillError("sources.asynchronous.workers: generation workers serve one process's student for "
+                               f"now; this run has {engine.world} ranks")
+        state.ahead = Pipeline(cfg, sources, data, engine.device)
+        result.asynchronous = {"staleness": cfg.sources.asynchronous.staleness,
+                               "workers": cfg.sources.asynchronous.worker_count}
     return state, result
 
 
@@ -262,6 +274,8 @@ def _start(state: RunState, result: RunResult) -> None:
     saved = engine.load_checkpoint(run_dir, state.student) if cfg.resume is not None else None
     if saved is not None:
         _resume(state, saved)
+        if state.ahead is not None:
+            state.ahead.start(state.step, saved.get("ahead"))
     else:
         if cfg.resume is not None:
             console.print(f"no checkpoint in {run_dir}: starting from step 0")
@@ -284,6 +298,8 @@ def _start(state: RunState, result: RunResult) -> None:
                 if row.startswith("teacher"):
                     before[row.replace(" ", "_") + "_ce" if " " in row else "teacher_ce"] = values["ce"]
             state.metrics.log("validation", 0, before)
+    if state.ahead is not None and saved is None:
+        state.ahead.start(state.step)
     result.validation, result.test = state.validation, state.test  # the loop fills them in
     state.last_saved = state.step if state.step > 0 else None  # a resumed run starts at its checkpoint
 
