@@ -26,7 +26,7 @@ from benchmarks.metrics import write_json
 
 ROOT = Path(__file__).parent
 MEMBERS = ("fused_loss", "train_step", "sampling", "skd", "recipes", "trl_gkd", "draft_eval", "plan_memory",
-           "zero_agreement", "teacher_cache", "remote_teacher", "many_answers")
+           "zero_agreement", "teacher_cache", "remote_teacher", "many_answers", "asynchronous")
 
 SUITES: dict[str, dict[str, dict]] = {
     "ci": {
@@ -56,6 +56,7 @@ SUITES: dict[str, dict[str, dict]] = {
         "teacher_cache": {},
         "remote_teacher": {},
         "many_answers": {"seeds": [0, 1, 2], "samples": 8, "work": "/tmp/distill-many-answers"},
+        "asynchronous": {"seeds": [0, 1, 2], "work": "/tmp/distill-async"},
     },
     "gpu": {
         "fused_loss": {"mode": "gpu"},

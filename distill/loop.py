@@ -80,7 +80,8 @@ class RunState:
 class Window:
     """What the steps since the last log line did: the log's averages and rates."""
 
-    t_start: float = field(default_factory=time.perf_counter)
+    t_start: float = field(default_factory=time.perf_counter)  # moved on past generation: training time only
+    t_wall: float = field(default_factory=time.perf_counter)
     tokens: int = 0
     losses: list[torch.Tensor] = field(default_factory=list)
     drawn: dict[str, int] = field(default_factory=dict)
@@ -278,6 +279,7 @@ def log(state: RunState, window: Window, task: Any) -> None:
         state.metrics.log("train", state.step, {
             "loss": mean_loss, "lr": window.lr, "grad_norm": window.grad_norm,
             "response_tokens": state.tokens_seen, "tokens_per_s": tps, "train_seconds": elapsed,
+            "wall_seconds": time.perf_counter() - window.t_wall,
             **per_teacher,
             **{f"source_{n}": window.drawn.get(n, 0) / steps for n in state.cfg.sources.weights}, **gen, **ahead,
         })

@@ -9,6 +9,10 @@ from typing import Any
 
 from distill.checkpoint import atomic_write_text
 
+# Metrics that measure time: two runs of one config differ in these alone.
+WALL_CLOCK = ("tokens_per_s", "train_seconds", "wall_seconds", "gen_seconds", "gen_tokens_per_s", "wait_samples_s",
+              "wait_weights_s")
+
 
 class MetricsLog:
     """Append-only ``metrics.jsonl`` plus TensorBoard scalars under ``tensorboard/``."""
@@ -66,6 +70,8 @@ def series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[in
 def _panel_name(lines: list[tuple[str, str]]) -> str:
     if lines[0][1].startswith("source_"):
         return "share of steps by source"
+    if lines[0][0] == "policy":
+        return "waits (s): trainer for samples, workers for weights"
     return "accuracy: greedy and sampled" if lines[0][1] == "accuracy" else "seconds per log interval"
 
 
@@ -73,7 +79,8 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     """Training loss and validation metrics against step, as a PNG (greedy accuracy beside sampled
     mean@n and pass@n where ``eval.samples`` is set); for generating recipes also the sources drawn,
     generation and training time, response length, SKD acceptance, teacher forwards per generated
-    token and the reward's mean."""
+    token and the reward's mean; generated ahead (``sources.asynchronous``), each batch's staleness
+    and the waits for samples and for weights."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,12 +106,14 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     if any("gen_seconds" in r for r in train):
         panels.append([("train", "train_seconds"), ("train", "gen_seconds")])
     panels += [[("train", k)] for k in gen_keys]
+    if any(r["split"] == "policy" for r in records):  # generated ahead: each batch's policy, and the waits
+        panels += [[("policy", "staleness")], [("policy", "wait_samples_s"), ("policy", "wait_weights_s")]]
     cols = min(len(panels), 4)
     rows_n = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
     for ax, lines in zip(axes.flat, panels, strict=False):
         for split, key in lines:
-            ax.plot(*series(records, split, key), marker="" if split == "train" else "o",
+            ax.plot(*series(records, split, key), marker="o" if split == "validation" else "",
                     label=key.removeprefix("source_"))
         ax.set_title(f"{lines[0][0]} {lines[0][1] if len(lines) == 1 else _panel_name(lines)}")
         ax.set_xlabel("step")

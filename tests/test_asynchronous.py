@@ -31,10 +31,9 @@ from distill.config import (
     validate,
 )
 from distill.errors import DistillError
-from distill.tracking import MetricsLog
+from distill.tracking import WALL_CLOCK, MetricsLog
 
 pytestmark = pytest.mark.slow  # a Ray cluster and its workers
-WALL_CLOCK = ("tokens_per_s", "train_seconds", "gen_seconds", "gen_tokens_per_s", "wait_samples_s", "wait_weights_s")
 
 
 @pytest.fixture(scope="module", autouse=True)

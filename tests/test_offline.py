@@ -28,10 +28,9 @@ from distill.offline.store import DONE, CacheReader, row_key, shard_name
 from distill.offline.teacher import cached_teacher
 from distill.sources import check as check_sources
 from distill.teacher import LocalTeacher
-from distill.tracking import MetricsLog
+from distill.tracking import WALL_CLOCK, MetricsLog
 
 KINDS = ["fkl", "rkl", "gjsd", "tvd", "skew_fkl", "skew_rkl"]
-WALL_CLOCK = ("tokens_per_s", "train_seconds", "gen_seconds", "gen_tokens_per_s")
 
 
 def make_cfg(teacher_dir, student_dir, cache=None, **teacher) -> DistillConfig:

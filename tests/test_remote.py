@@ -32,10 +32,9 @@ from distill.objective import batch_loss
 from distill.offline.build import encoded_splits, run_tokenizer
 from distill.remote.teacher import RemoteTeacher, remote_teacher
 from distill.teacher import LocalTeacher
-from distill.tracking import MetricsLog
+from distill.tracking import WALL_CLOCK, MetricsLog
 
 pytestmark = pytest.mark.slow  # a Ray cluster and serve-teacher subprocesses
-WALL_CLOCK = ("tokens_per_s", "train_seconds", "gen_seconds", "gen_tokens_per_s")
 
 
 def serve(teacher_dir, name: str, cwd, workers: int = 1) -> subprocess.Popen:

@@ -20,7 +20,7 @@ from distill.errors import DistillError
 from distill.objective import batch_loss, objective_name
 from distill.schedule import CosineSchedule
 from distill.teacher import LocalTeacher
-from distill.tracking import MetricsLog
+from distill.tracking import WALL_CLOCK, MetricsLog
 
 
 def make_cfg(teacher_dir, student_dir, **trainer) -> DistillConfig:
@@ -135,7 +135,6 @@ class Killed(BaseException):
     """Stands in for SIGKILL: not an Exception, so nothing in the loop handles it."""
 
 
-WALL_CLOCK = ("tokens_per_s", "train_seconds", "gen_seconds", "gen_tokens_per_s")  # differ between runs
 
 
 def train_killed_in_step_5(cfg: DistillConfig, run_dir, monkeypatch) -> None:
