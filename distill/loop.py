@@ -109,6 +109,8 @@ def run(state: RunState) -> None:
             prefetch(state)
             n_counted = accumulate(state, micro, window)
             optimizer_step(state, n_counted, window)
+            if state.ahead is not None:  # generation workers start on what the new weights make ready
+                state.ahead.advance(state.step)
             if state.step % tc.log_every == 0 or state.step == tc.steps:
                 log(state, window, task)
                 window = Window()

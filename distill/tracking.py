@@ -75,26 +75,19 @@ def _panel_name(lines: list[tuple[str, str]]) -> str:
     return "accuracy: greedy and sampled" if lines[0][1] == "accuracy" else "seconds per log interval"
 
 
-def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
-    """Training loss and validation metrics against step, as a PNG (greedy accuracy beside sampled
-    mean@n and pass@n where ``eval.samples`` is set); for generating recipes also the sources drawn,
-    generation and training time, response length, SKD acceptance, teacher forwards per generated
-    token and the reward's mean; generated ahead (``sources.asynchronous``), each batch's staleness
-    and the waits for samples and for weights."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = MetricsLog.read(metrics_path)
+def curve_panels(records: list[dict[str, Any]]) -> list[list[tuple[str, str]]]:
+    """The panels of ``plot_curves``, each a list of (split, key) lines: training loss and
+    validation metrics (greedy accuracy beside sampled mean@n and pass@n where ``eval.samples`` is
+    set); for generating recipes also the sources drawn, generation and training time, response
+    length, SKD acceptance, teacher forwards per generated token and the reward's mean; generated
+    ahead (``sources.asynchronous``), each batch's staleness and the waits for samples and for
+    weights."""
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "validation"]
-    if not train:
-        return None
     val_keys = [k for k in ("accuracy", "chrf", "bleu", "rouge_l", "divergence", "ce") if any(k in r for r in val)]
     # Panels of generating recipes: what each step drew, generation against training time, and
     # what the generated sequences were like.
-    sources = [k for k in train[0] if k.startswith("source_") and any(r.get(k) for r in train)]
+    sources = [k for k in train[0] if k.startswith("source_") and any(r.get(k) for r in train)] if train else []
     gen_keys = [k for k in ("response_length", "skd_acceptance", "teacher_forwards_per_token", "reward_mean")
                 if any(k in r for r in train)]
     # Sampled evaluation (headline names, not per task): beside the greedy accuracy in one panel.
@@ -108,6 +101,20 @@ def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
     panels += [[("train", k)] for k in gen_keys]
     if any(r["split"] == "policy" for r in records):  # generated ahead: each batch's policy, and the waits
         panels += [[("policy", "staleness")], [("policy", "wait_samples_s"), ("policy", "wait_weights_s")]]
+    return panels
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> Path | None:
+    """The run's curves (``curve_panels``) against step, as a PNG; None before any training row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = MetricsLog.read(metrics_path)
+    if not any(r["split"] == "train" for r in records):
+        return None
+    panels = curve_panels(records)
     cols = min(len(panels), 4)
     rows_n = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)

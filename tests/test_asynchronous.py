@@ -23,6 +23,7 @@ from distill.config import (
     LoraConfig,
     LossConfig,
     ModelConfig,
+    RewardConfig,
     SamplingConfig,
     Schedule,
     SourcesConfig,
@@ -31,7 +32,7 @@ from distill.config import (
     validate,
 )
 from distill.errors import DistillError
-from distill.tracking import WALL_CLOCK, MetricsLog
+from distill.tracking import WALL_CLOCK, MetricsLog, curve_panels
 
 pytestmark = pytest.mark.slow  # a Ray cluster and its workers
 
@@ -106,6 +107,9 @@ def test_each_batch_comes_from_the_weights_of_step_t_minus_s(teacher_dir, studen
     assert not same_weights(a.run_dir, sync.run_dir)  # stale samples train otherwise
     report = (a.run_dir / "report.md").read_text()
     assert f"staleness s = {staleness}" in report
+    panels = curve_panels(MetricsLog.read(a.run_dir / "metrics.jsonl"))
+    assert [("policy", "staleness")] in panels and (a.run_dir / "curves.png").is_file()
+    assert [("policy", "staleness")] not in curve_panels(MetricsLog.read(sync.run_dir / "metrics.jsonl"))
 
 
 def test_a_lora_student_pushes_its_adapters_alone(teacher_dir, student_dir, tmp_path, monkeypatch):
@@ -113,16 +117,17 @@ def test_a_lora_student_pushes_its_adapters_alone(teacher_dir, student_dir, tmp_
 
     import distill.asynchronous.pipeline as pipeline
 
-    put = []
+    put = {}
     real = pipeline.Pipeline._push
 
-    def push(self, version):  # what the trainer puts for the workers, each version
+    def push(self, version):  # what the trainer puts for the workers, by version
         real(self, version)
-        put.append(sorted(ray.get(self.weights[1])))
+        put[version] = sorted(ray.get(self.weights[1]))
 
     monkeypatch.setattr(pipeline.Pipeline, "_push", push)
     run = train_mod.train(make_cfg(teacher_dir, student_dir, 1, lora=True, steps=3), tmp_path / "lora")
-    assert len(put) == 3 and all(names and all("lora_" in n for n in names) for names in put)
+    # Versions 0 and 1 sample steps 0-2; the weights after steps 2 and 3 sample nothing and stay here.
+    assert sorted(put) == [0, 1] and all(names and all("lora_" in n for n in names) for names in put.values())
     policy = rows(run.run_dir, "policy")
     assert [r["policy_version"] for r in policy] == [0, 0, 1]
     assert policy[2]["policy_checksum"] == policy[1]["weights_checksum"]
@@ -144,6 +149,32 @@ def test_skd_and_seqkd_generate_ahead_like_the_synchronous_engine(teacher_dir, s
     entries = [[json.loads(p.read_text())["entries"] for p in sorted((tmp_path / f"cache{w}" / "teacher").glob("*"))]
                for w in (0, 1)]
     assert entries[0] and entries[0] == entries[1]
+
+
+def test_a_reward_function_runs_in_the_worker_as_in_the_trainer(teacher_dir, student_dir, tmp_path, monkeypatch):
+    """The user's reward module (importable in the trainer only from its working directory) is
+    imported by the worker too; the rewards and weights are the trainer's own; its errors come
+    back as the trainer's one line naming the record."""
+    (tmp_path / "async_rewards.py").write_text("def score(prompt, response, record):\n"
+                                                "    return float(len(response) % 2)\n")
+    (tmp_path / "async_rewards_bad.py").write_text("def score(prompt, response, record):\n"
+                                                    "    raise KeyError('answer')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for w in (0, 1):
+        cfg = make_cfg(teacher_dir, student_dir, workers=w, steps=3)
+        cfg.reward = RewardConfig(alpha=0.5, group=2, fn="async_rewards:score")
+        runs.append(train_mod.train(cfg, tmp_path / f"run{w}").run_dir)
+    here, there = rows(runs[0]), rows(runs[1])
+    assert all("reward_mean" in r for r in here)
+    assert here == [{k: v for k, v in r.items() if k != "staleness"} for r in there]
+    assert same_weights(*runs)
+    cfg = make_cfg(teacher_dir, student_dir, staleness=1, steps=3)
+    cfg.reward = RewardConfig(alpha=0.5, group=2, fn="async_rewards_bad:score")
+    with pytest.raises(DistillError, match=r"reward.fn=async_rewards_bad:score raised KeyError") as e:
+        train_mod.train(cfg, tmp_path / "bad")
+    assert "\n" not in str(e.value)
 
 
 def test_a_worker_killed_mid_run_gives_the_same_weights(teacher_dir, student_dir, tmp_path, monkeypatch):

@@ -249,3 +249,18 @@ def test_many_answers_sorts_sum_pairs_errors_by_kind():
     shares = error_kinds([record], [list(planted)])
     assert shares["right"] == 2 / len(planted) and sum(shares[k] for k in KINDS) == pytest.approx(1.0)
     assert shares["distinct first parts"] == 3  # 20, 58 and 57, right or not; the no-answer samples have none
+
+
+def test_the_pipeline_prediction_follows_the_recurrence():
+    """benchmarks.asynchronous.pipelined: s = 0 is the synchronous sum; s = 1 overlaps step t + 1's
+    generation with step t's training (worked by hand); a dataset step (G = 0) waits for nothing;
+    generation slower than training bounds the wall clock by the generation alone."""
+    from benchmarks.asynchronous import pipelined
+
+    T, G = [1.0, 1.0, 1.0, 1.0], [0.5, 0.0, 0.5, 0.0]
+    assert pipelined(T, G, 0) == sum(T) + sum(G) == 5.0
+    # Step 0 waits 0.5 for its samples; step 2's are made during step 1 (sent when step 1 starts).
+    assert pipelined(T, G, 1) == 4.5
+    assert pipelined([1.0] * 4, [2.0] * 4, 1) == 9.0  # four generations of 2, then the last step
+    assert pipelined([1.0] * 4, [2.0] * 4, 0) == 12.0
+    assert pipelined([2.0] * 4, [1.0] * 4, 4) == 9.0  # the first generation, then training alone

@@ -2,11 +2,12 @@
 the dataset's prompts, the seeds) and has a worker generate it from policy version
 max(step - staleness, 0), the student after that many optimizer steps.
 
-At the start of step t the trainer holds version t, the newest that exists: it sends step
-t + s, whose version that is, so a worker generates step t + s while the trainer trains steps
-t .. t + s - 1. With s = 0 the trainer waits for each step's samples (the synchronous engine,
-through a worker). A checkpoint after step t keeps the sequences of steps t + 1 .. t + s, which
-come from versions older than the saved weights, and the data's order where their prompts end.
+After step t - 1 the trainer holds version t, the newest that exists: it sends step t + s, whose
+version that is, so a worker generates step t + s while the trainer validates, saves and trains
+steps t .. t + s - 1. With s = 0 the trainer waits for each step's samples (the synchronous
+engine, through a worker). A checkpoint after step t - 1 keeps the sequences of the steps sent
+(t .. t + s), which a resumed run could not make again from the saved weights, and the data's
+position where their prompts end.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Made:
 class Pipeline:
     """Generation ahead of the trainer, ``staleness`` steps, by ``sources.asynchronous.workers``
     Ray actors (round-robin by step). ``start`` them, ``take`` each step's sequences in order;
+    ``advance`` after each optimizer step (the workers start on what the new weights make ready);
     ``state_dict`` for a checkpoint (it waits for the steps sent ahead), ``close`` at the end."""
 
     def __init__(self, cfg: DistillConfig, ctx: SourceContext, data: TrainData, device: torch.device) -> None:
@@ -86,13 +88,12 @@ class Pipeline:
         # saves the cache).
         ctx = dataclasses.replace(self.ctx,
                                   teacher=self.ctx.teacher if any(s.needs_teacher for s in generating) else None)
-        # Held here: a worker that Ray restarts reads it again.
+        # Sent with every request (a reference): a worker reads it on its first, and again after a restart.
         teacher = None if ctx.teacher is None else ctx.teacher.module
         with picklable(ctx.student, teacher):
             self.context = ray.put(ray.cloudpickle.dumps(ctx))
         paths = [os.getcwd(), *sys.path]
-        self.workers = [actor.remote([self.context], paths, self.device.type, a.threads)
-                        for _ in range(a.worker_count)]
+        self.workers = [actor.remote(paths, self.device.type, a.threads) for _ in range(a.worker_count)]
         try:
             ray.get([w.identity.remote() for w in self.workers])
         except ray.exceptions.RayError as e:
@@ -101,16 +102,23 @@ class Pipeline:
         self.ready = dict(saved["ready"]) if saved else {}
         self.planned = max(self.ready, default=step - 1) + 1
 
-    def take(self, step: int) -> Made:
-        """Step ``step``'s sequences (the trainer holds policy version ``step``, the newest); sends
-        the steps up to ``step + staleness`` first."""
-        self._push(step)
-        while self.planned <= min(step + self.staleness, self.cfg.trainer.steps - 1):
+    def advance(self, version: int) -> None:
+        """The trainer holds policy version ``version`` now (after that many optimizer steps): send
+        the steps it makes ready, up to ``version + staleness``."""
+        last = min(version + self.staleness, self.cfg.trainer.steps - 1)
+        if self.planned <= last:
+            self._push(version)
+        while self.planned <= last:
             self._send(self.planned)
+
+    def take(self, step: int) -> Made:
+        """Step ``step``'s sequences (the trainer holds policy version ``step``, the newest)."""
+        self.advance(step)
         t0 = time.perf_counter()
         got = self.ready.pop(step) if step in self.ready else self._get(self.sent.pop(step)[1])
         waited = time.perf_counter() - t0
-        now = self.weights[2]
+        now = self.weights[2] if self.weights is not None and self.weights[0] == step else checksum(
+            p for p in self.ctx.student.parameters() if p.requires_grad)  # the last steps send nothing
         if isinstance(got, Answer) and got.cached and self.ctx.teacher_cache is not None:
             self.ctx.teacher_cache.merge(got.cached)
         if isinstance(got, Request):  # a dataset step: its pairs as they are, made here
@@ -144,12 +152,17 @@ class Pipeline:
             return
         assert request.version == self.weights[0], (step, request.version, self.weights[0])
         worker = self.workers[step % len(self.workers)]
-        self.sent[step] = (request, worker.generate.remote(request, [self.weights[1]]))
+        self.sent[step] = (request, worker.generate.remote(request, [self.context, self.weights[1]]))
 
     def _get(self, ref) -> Answer:
+        """A worker's answer; its DistillError (a reward function's, say) as raised here."""
         ray = ray_module()
         try:
             return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, DistillError):
+                raise DistillError(str(e.cause)) from None
+            raise
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             raise DistillError(f"sources.asynchronous: a generation worker died and did not come back "
                                f"({type(e).__name__}); resume the run from its last checkpoint") from None

@@ -1,8 +1,8 @@
 """A generation worker: a Ray actor holding a copy of the sources' context (the student, and the
 teacher where a source generates with it) that makes a whole step's sequences.
 
-A request names the policy version it samples from and carries that version's weights by
-reference (fetched only where the worker holds another version), so an answer depends on the
+A request names the policy version it samples from and carries, by reference, the context and
+that version's weights (fetched only where the worker lacks them), so an answer depends on the
 request alone: a worker that Ray restarted after a kill answers a request sent again as before.
 """
 
@@ -21,7 +21,7 @@ from distill.data import Record
 from distill.models import load_trainable_state, resolve_device, unpickled
 from distill.remote.cluster import ray_module
 from distill.sources import REGISTRY
-from distill.sources.base import Pairs, Sequences
+from distill.sources.base import Pairs, Sequences, SourceContext
 
 
 @dataclass
@@ -57,31 +57,34 @@ def checksum(params: Iterable[torch.Tensor]) -> float:
 
 
 class GenerationWorker:
-    """The sources' context (``context`` holds the reference of it, cloudpickled; ``paths`` go
-    first on ``sys.path`` so that what it refers to imports here, a reward module in the working
-    directory included), on the trainer's ``device`` type, with ``threads`` torch threads on the
-    CPU."""
+    """A worker on the trainer's ``device`` type, with ``threads`` torch threads on the CPU;
+    ``paths`` go first on ``sys.path``, so that what the sources' context refers to imports here
+    (a reward module in the working directory included)."""
 
-    def __init__(self, context: list, paths: list[str], device: str, threads: int) -> None:
+    def __init__(self, paths: list[str], device: str, threads: int) -> None:
         for p in reversed(paths):
             if p not in sys.path:
                 sys.path.insert(0, p)
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        self.ctx = pickle.loads(ray_module().get(context[0]))
-        unpickled(self.ctx.student, None if self.ctx.teacher is None else self.ctx.teacher.module)
+        self.ctx: SourceContext | None = None
         self.version: int | None = None
         self.idle_since = time.perf_counter()
 
     def identity(self) -> dict:
         return {"pid": os.getpid(), "threads": torch.get_num_threads(), "device": str(self.device)}
 
-    def generate(self, request: Request, weights: list) -> Answer:
-        """``request``'s sequences; ``weights`` holds the reference of its version's weights."""
+    def generate(self, request: Request, refs: list) -> Answer:
+        """``request``'s sequences; ``refs`` holds the references of the sources' context
+        (cloudpickled, read on a worker's first request) and of the version's weights."""
         started = time.perf_counter()
+        ray = ray_module()
+        if self.ctx is None:
+            self.ctx = pickle.loads(ray.get(refs[0]))
+            unpickled(self.ctx.student, None if self.ctx.teacher is None else self.ctx.teacher.module)
         if self.version != request.version:
-            load_trainable_state(self.ctx.student, ray_module().get(weights[0]), "a generation worker")
+            load_trainable_state(self.ctx.student, ray.get(refs[1]), "a generation worker")
             self.version = request.version
         source = REGISTRY[request.source]
         out = [source.sequences(pairs, self.ctx, step=request.step, seed=seed, records=records)
