@@ -4,8 +4,8 @@
   after the tests and gates it against ``benchmarks/baseline/ci.json`` (``benchmarks.compare``).
 - ``full``: on the CPU, every member at full size: the recipe study (every recipe and seed), the
   TRL head-to-head with three seeds, the draft before and after distillation, the memory plan
-  against measured peaks, two ZeRO-3 ranks against one process, the many-answers study (about 2.5
-  hours).
+  against measured peaks, two ZeRO-3 ranks against one process, the many-answers study and the
+  staleness study (about 3.7 hours).
 - ``gpu``: on a CUDA device: the fused-loss kernels at the Llama-3 and Qwen shapes against eager
   PyTorch and Liger-Kernel, sampler and SKD throughput, one recipe end to end.
 
