@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import cli_killed_and_resumed
 
 import distill.train as train_mod
 from distill.config import (
@@ -205,27 +203,13 @@ def test_a_worker_killed_mid_run_gives_the_same_weights(teacher_dir, student_dir
 def test_a_trainer_killed_and_resumed_ends_as_an_uninterrupted_run(teacher_dir, student_dir, tmp_path):
     """kill -9 of the trainer at s = 2 after a checkpoint, then ``distill resume=RUN``: the steps
     generated ahead come back from the checkpoint, and the weights are the uninterrupted run's."""
-    args = [sys.executable, "-m", "distill", f"teacher.path={teacher_dir}", f"student.path={student_dir}",
-            "recipe=gkd", "sources.async.staleness=2",
+    args = [f"teacher.path={teacher_dir}", f"student.path={student_dir}", "recipe=gkd", "sources.async.staleness=2",
             "sources.student.max_new_tokens=8", "data.num_train=40", "data.num_validation=4", "data.num_test=4",
             "data.max_length=96", "trainer.steps=8", "trainer.batch_size=4", "trainer.save_every=2",
             "trainer.eval_every=100", "trainer.warmup_steps=1", "trainer.progress=false", "final_eval=false"]
-    whole = subprocess.run([*args, f"output_dir={tmp_path / 'whole'}"], capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen([*args, f"output_dir={cut}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (cut / "checkpoints" / "step-0000004").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "model").exists()
-    resumed = subprocess.run([sys.executable, "-m", "distill", f"resume={cut}"], capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stderr
-    assert same_weights(tmp_path / "whole", cut)
-    assert rows(tmp_path / "whole", "policy") == rows(cut, "policy")
+    whole, cut = cli_killed_and_resumed(args, tmp_path)
+    assert same_weights(whole, cut)
+    assert rows(whole, "policy") == rows(cut, "policy")
 
 
 def test_bad_settings_are_refused(teacher_dir, student_dir):

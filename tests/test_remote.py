@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import cli_killed_and_resumed
 
 import distill.train as train_mod
 from distill.config import (
@@ -243,25 +244,12 @@ def test_workers_that_are_gone_stop_the_run_in_one_line(served, teacher_dir, stu
 
 def test_a_trainer_killed_and_resumed_ends_as_an_uninterrupted_run(served, teacher_dir, student_dir, tmp_path):
     """kill -9 of a trainer that uses a served teacher, then ``distill resume=RUN``: the same weights."""
-    args = [sys.executable, "-m", "distill", f"teacher.path={teacher_dir}", f"student.path={student_dir}",
-            f"teacher.remote={served}", "data.num_train=24", "data.num_validation=4", "data.num_test=4",
+    args = [f"teacher.path={teacher_dir}", f"student.path={student_dir}", f"teacher.remote={served}",
+            "data.num_train=24", "data.num_validation=4", "data.num_test=4",
             "data.max_length=96", "trainer.steps=8", "trainer.batch_size=4", "trainer.save_every=2",
             "trainer.eval_every=100", "trainer.warmup_steps=1", "trainer.progress=false", "final_eval=false"]
-    whole = subprocess.run([*args, f"output_dir={tmp_path / 'whole'}"], capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen([*args, f"output_dir={cut}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (cut / "checkpoints" / "step-0000004").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "model").exists()
-    resumed = subprocess.run([sys.executable, "-m", "distill", f"resume={cut}"], capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stderr
-    wa, wb = (load_file(str(d / "model" / "model.safetensors")) for d in (tmp_path / "whole", cut))
+    whole, cut = cli_killed_and_resumed(args, tmp_path)
+    wa, wb = (load_file(str(d / "model" / "model.safetensors")) for d in (whole, cut))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

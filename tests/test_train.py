@@ -6,6 +6,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -404,3 +407,25 @@ def test_curves_leave_no_line_across_steps_without_generation(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot_curves(path, tmp_path / "curves.png").stat().st_size > 0
+
+
+def cli_killed_and_resumed(args: list[str], tmp_path) -> tuple:
+    """``distill ARGS`` run whole into ``tmp_path/whole``, and again into ``tmp_path/cut`` killed
+    with SIGKILL once its step-4 checkpoint exists, then ``distill resume``: both directories,
+    after checking the kill left no model and the resume said so."""
+    cli = [sys.executable, "-m", "distill", *args]
+    whole = subprocess.run([*cli, f"output_dir={tmp_path / 'whole'}"], capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*cli, f"output_dir={cut}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (cut / "checkpoints" / "step-0000004").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "model").exists()
+    resumed = subprocess.run([sys.executable, "-m", "distill", f"resume={cut}"], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+    return tmp_path / "whole", cut
