@@ -95,6 +95,10 @@ class TeacherConfig(ModelConfig):
     # serve-teacher on the CPU: torch threads per worker (null: every core of its machine, as a
     # teacher in the trainer's process uses; Ray would give each worker one).
     remote_threads: int | None = None
+    # Ask the workers for a step's hidden states a step ahead, and run the student's decoder while
+    # they compute. null: yes, unless they compute on the CPU of the machine this rank trains on
+    # with its CPU, where they could only take its cores (docs/teachers.md, "Overlap").
+    remote_overlap: bool | None = None
     # serve-teacher: several callers' requests (ranks, jobs) that arrive together share a forward;
     # their answers then equal unshared ones to float rounding (a caller alone: bit for bit).
     remote_batching: bool = True

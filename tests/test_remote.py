@@ -73,9 +73,9 @@ def served(teacher_dir, tmp_path_factory):
     assert "serve-teacher t: stopped" in stop(proc)
 
 
-def make_cfg(teacher_dir, student_dir, remote=None) -> DistillConfig:
+def make_cfg(teacher_dir, student_dir, remote=None, overlap=None) -> DistillConfig:
     return DistillConfig(
-        teacher=TeacherConfig(path=str(teacher_dir), remote=remote),
+        teacher=TeacherConfig(path=str(teacher_dir), remote=remote, remote_overlap=overlap),
         student=ModelConfig(path=str(student_dir)),
         data=DataConfig(num_train=24, num_validation=4, num_test=4, max_length=96),
         loss=LossConfig(kind="gjsd", beta=0.5),
@@ -126,7 +126,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_identical(served,
     live = train_mod.train(make_cfg(teacher_dir, student_dir), tmp_path / "local")
     made = []
     monkeypatch.setattr(train_mod, "remote_teacher", lambda *a, **k: made.append(remote_teacher(*a, **k)) or made[-1])
-    remote = train_mod.train(make_cfg(teacher_dir, student_dir, served), tmp_path / "remote")
+    remote = train_mod.train(make_cfg(teacher_dir, student_dir, served, overlap=True), tmp_path / "remote")
     monkeypatch.undo()
     assert _strip(MetricsLog.read(live.run_dir / "metrics.jsonl")) == _strip(
         MetricsLog.read(remote.run_dir / "metrics.jsonl"))
@@ -160,9 +160,11 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_identical(served,
 
 def test_on_policy_steps_ask_the_served_teacher_before_the_students_forward(served, teacher_dir, student_dir,
                                                                           tmp_path, monkeypatch):
-    """On-policy samples are sent to the worker as soon as they are drawn, and the student's decoder
-    runs while the worker computes: every training forward of a run on the student's samples was
-    asked for ahead, and the run's metrics are the local teacher's."""
+    """Overlapping, on-policy samples are sent to the worker as soon as they are drawn, and the
+    student's decoder runs while the worker computes: every training forward of a run on the
+    student's samples was asked for ahead. By default on this machine (a CPU worker beside a CPU
+    trainer) they take turns: nothing is asked ahead, the teacher's forward comes first. Both runs'
+    metrics are the local teacher's."""
     import distill.loop as loop
     import distill.objective as objective
 
@@ -181,8 +183,9 @@ def test_on_policy_steps_ask_the_served_teacher_before_the_students_forward(serv
                         lambda self, *a, **k: (training[0] and order.append("teacher")) or hidden(self, *a, **k))
     monkeypatch.setattr(objective, "final_hidden",
                         lambda *a, **k: (training[0] and order.append("student")) or decoder(*a, **k))
-    for name, remote_name in (("local", None), ("remote", served)):
-        c = make_cfg(teacher_dir, student_dir, remote_name)
+    orders = []
+    for name, remote_name, overlap in (("local", None, None), ("overlapped", served, True), ("turns", served, None)):
+        c = make_cfg(teacher_dir, student_dir, remote_name, overlap)
         c.sources.weights["dataset"].start, c.sources.weights["student"].start = 0.0, 1.0
         c.sources.student.max_new_tokens = 8
         if remote_name:
@@ -190,10 +193,13 @@ def test_on_policy_steps_ask_the_served_teacher_before_the_students_forward(serv
                                 lambda *a, **k: made.append(remote_teacher(*a, **k)) or made[-1])
         order.clear()
         runs.append(MetricsLog.read(train_mod.train(c, tmp_path / name).run_dir / "metrics.jsonl"))
-    assert _strip(runs[0]) == _strip(runs[1])
-    forwards = order.count("teacher")
-    assert forwards >= 3 and made[0].prefetched == forwards and not made[0].pending
-    assert order[:2] == ["student", "teacher"]  # each micro-batch: the student's decoder first
+        orders.append(list(order))
+    assert _strip(runs[0]) == _strip(runs[1]) == _strip(runs[2])
+    forwards = orders[1].count("teacher")
+    assert forwards >= 3 and made[0].prefetches and made[0].prefetched == forwards and not made[0].pending
+    assert orders[1][:2] == ["student", "teacher"]  # each micro-batch: the student's decoder first
+    assert orders[2].count("teacher") == forwards and not made[1].prefetches and made[1].prefetched == 0
+    assert orders[2][:2] == ["teacher", "student"] and not made[1].pending
 
 
 def test_rays_token_is_readable_by_its_owner_alone(served, tmp_path):

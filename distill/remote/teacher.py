@@ -25,17 +25,18 @@ IDENTITY = ("teacher", "tokenizer", "dtype")
 
 
 class RemoteTeacher(HeadTeacher):
-    """A teacher served by ``workers`` (Ray actor handles); this rank sends to ``workers[rank % n]``."""
+    """A teacher served by ``workers`` (Ray actor handles); this rank sends to ``workers[rank % n]``.
+    With ``overlap`` the loop asks it a step ahead and runs the student's decoder while it computes
+    (``prefetches``); without, each forward is asked for when the loss needs it."""
 
     def __init__(self, workers: list, weight: torch.Tensor, bias: torch.Tensor | None, config, *, name: str,
-                 wire: str = "float32", rank: int = 0) -> None:
+                 wire: str = "float32", rank: int = 0, overlap: bool = True) -> None:
         super().__init__(weight, bias, config, name)
         self.worker, self.wire = workers[rank % len(workers)], wire
+        self.prefetches = overlap
         self.caller = uuid.uuid4().hex  # the workers share a forward among callers, never within one
         self.pending: dict[bytes, object] = {}  # requests sent ahead (prefetch), by their inputs
         self.prefetched = 0  # answers that were asked for ahead
-
-    prefetches = True
 
     def _request(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, bf16: bool):
         return self.worker.forward.remote(input_ids.cpu(), attention_mask.cpu(), positions.cpu(), bf16, self.wire,
@@ -139,9 +140,23 @@ def remote_teacher(cfg: DistillConfig, tokenizer: Tokenizer, device: torch.devic
                            f"({t.remote_address}); start them with distill serve-teacher teacher.remote={t.remote}")
     want = {"teacher": weights_fingerprint(t.path, default_root()),
             "tokenizer": tokenizer_fingerprint(tokenizer, template=False), "dtype": t.dtype}
-    for i, have in enumerate(ray.get([w.identity.remote() for w in workers])):
+    identities = ray.get([w.identity.remote() for w in workers])
+    for i, have in enumerate(identities):
         if said := mismatch(have, want, IDENTITY):
             raise DistillError(f"teacher.remote={t.remote}: worker {i} serves another teacher than teacher.path="
                                f"{t.path} ({said}, from {have.get('path')})")
     weight, bias, config = HeadTeacher.head_of(t.path, DTYPES[t.dtype], device, len(tokenizer))
-    return RemoteTeacher(workers, weight, bias, config, name=t.remote, wire=t.remote_dtype, rank=rank)
+    overlap = overlaps(t.remote_overlap, device, identities[rank % len(workers)],
+                       ray.get_runtime_context().get_node_id())
+    return RemoteTeacher(workers, weight, bias, config, name=t.remote, wire=t.remote_dtype, rank=rank,
+                         overlap=overlap)
+
+
+def overlaps(setting: bool | None, device: torch.device, worker: dict, node: str | None) -> bool:
+    """Whether a rank on ``device`` (on Ray node ``node``) asks ``worker`` (its identity) a step
+    ahead: as ``teacher.remote_overlap`` says, or where that is null, unless both compute on the
+    CPU of one machine. There the worker's forward could only take the trainer's cores, and two
+    processes' threads contending for them make both slower than taking turns."""
+    if setting is not None:
+        return setting
+    return not (device.type == "cpu" and worker.get("device") == "cpu" and worker.get("node") == node)

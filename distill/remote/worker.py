@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import OrderedDict
 
 import torch
@@ -21,8 +22,10 @@ from distill.models import final_hidden, load_model, load_tokenizer, resolve_dev
 from distill.placement import DTYPES
 from distill.speculative import CachedForward
 
-# How long a forward waits for more requests to join it (from several ranks or jobs), in seconds.
+# How long a forward waits for more requests to join it (from several ranks or jobs), in seconds;
+# only while more than one caller has asked within CALLERS_SEEN seconds: a trainer alone never waits.
 BATCH_WINDOW = 0.002
+CALLERS_SEEN = 10.0
 # SKD verification sessions (KV caches) a worker keeps: one per caller generating now, closed at
 # the end of its generation; beyond this many (callers that died mid-generation) the least
 # recently used go, and a caller whose session went sends its prefix again.
@@ -52,12 +55,16 @@ class TeacherWorker:
         self._queue: list = []  # forward requests waiting for the next forward
         self._sessions: OrderedDict[str, CachedForward] = OrderedDict()  # SKD verification KV caches
         self._draining = False
-        self.stats = {"forwards": 0, "requests": 0}
+        self._callers: dict[str, float] = {}  # when each caller last asked for a forward
+        self.stats = {"forwards": 0, "requests": 0, "forward_seconds": 0.0}
 
     def identity(self) -> dict:
         """What the trainer checks at connect (weights, tokenizer, dtype), and what this worker holds
-        (its resident memory now included)."""
-        return {**self._identity, "pid": os.getpid(), "rss_bytes": rss_bytes()}
+        and where (its resident memory now, its Ray node)."""
+        import ray
+
+        return {**self._identity, "pid": os.getpid(), "rss_bytes": rss_bytes(),
+                "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None}
 
     async def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                       bf16: bool, wire: str, caller: str = "") -> torch.Tensor:
@@ -68,6 +75,7 @@ class TeacherWorker:
         bit for bit; answers shared with other callers' equal it to float rounding."""
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
+        self._callers[caller] = time.monotonic()
         self._queue.append((input_ids, attention_mask, positions, bf16, wire, caller, answer))
         if not self._draining:
             self._draining = True
@@ -77,7 +85,7 @@ class TeacherWorker:
     async def _drain(self) -> None:
         try:
             while self._queue:
-                if self.batching:
+                if self.batching and self._several_callers():
                     await asyncio.sleep(BATCH_WINDOW)  # requests sent meanwhile join this forward
                 group, callers = [], set()
                 for r in self._queue:  # the oldest request of each caller, of the oldest's precision
@@ -97,9 +105,16 @@ class TeacherWorker:
         finally:
             self._draining = False
 
+    def _several_callers(self) -> bool:
+        """Whether more than one caller asked within ``CALLERS_SEEN`` seconds (older ones forgotten)."""
+        now = time.monotonic()
+        self._callers = {c: t for c, t in self._callers.items() if now - t < CALLERS_SEEN}
+        return len(self._callers) > 1
+
     @torch.no_grad()
     def _forward_together(self, requests: list, bf16: bool) -> list[torch.Tensor]:
         """One forward over the requests' sequences, right-padded to the longest (masked)."""
+        started = time.perf_counter()
         width = max(r[0].shape[1] for r in requests)
         ids = torch.cat([F.pad(r[0], (0, width - r[0].shape[1])) for r in requests])
         mask = torch.cat([F.pad(r[1], (0, width - r[1].shape[1])) for r in requests])
@@ -111,6 +126,7 @@ class TeacherWorker:
             b, t = input_ids.shape
             out.append(hidden[row: row + b, : t - 1][positions.to(self.device)].to(DTYPES[wire]).cpu())
             row += b
+        self.stats["forward_seconds"] += time.perf_counter() - started
         return out
 
     def verify(self, session: str, tokens: torch.Tensor, mask: torch.Tensor, start: int, wire: str
@@ -136,9 +152,10 @@ class TeacherWorker:
         """The caller's generation is over: its cache goes."""
         self._sessions.pop(session, None)
 
-    def counts(self) -> dict[str, int]:
-        """Forwards run and requests answered (several callers' requests share a forward), and this
-        process's peak memory (the device's allocator peak on CUDA, else its peak resident memory)."""
+    def counts(self) -> dict[str, float]:
+        """Forwards run, requests answered (several callers' requests share a forward), the forwards'
+        seconds, and this process's peak memory (the device's allocator peak on CUDA, else its peak
+        resident memory)."""
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else peak_rss_bytes()
         return {**self.stats, "peak_bytes": peak}
 
