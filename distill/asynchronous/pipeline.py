@@ -40,8 +40,8 @@ class Made:
 
     sequences: list[Sequences]
     version: int | None  # None: a dataset step (no policy sampled it)
-    policy_checksum: float
-    weights_checksum: float
+    policy_checksum: float | None  # None for a dataset step, as the version
+    weights_checksum: float | None
     waited_samples: float
     waited_weights: float
 
@@ -105,11 +105,8 @@ class Pipeline:
     def advance(self, version: int) -> None:
         """The trainer holds policy version ``version`` now (after that many optimizer steps): send
         the steps it makes ready, up to ``version + staleness``."""
-        last = min(version + self.staleness, self.cfg.trainer.steps - 1)
-        if self.planned <= last:
-            self._push(version)
-        while self.planned <= last:
-            self._send(self.planned)
+        while self.planned <= min(version + self.staleness, self.cfg.trainer.steps - 1):
+            self._send(self.planned, version)
 
     def take(self, step: int) -> Made:
         """Step ``step``'s sequences (the trainer holds policy version ``step``, the newest)."""
@@ -117,15 +114,16 @@ class Pipeline:
         t0 = time.perf_counter()
         got = self.ready.pop(step) if step in self.ready else self._get(self.sent.pop(step)[1])
         waited = time.perf_counter() - t0
-        now = self.weights[2] if self.weights is not None and self.weights[0] == step else checksum(
-            p for p in self.ctx.student.parameters() if p.requires_grad)  # the last steps send nothing
-        if isinstance(got, Answer) and got.cached and self.ctx.teacher_cache is not None:
-            self.ctx.teacher_cache.merge(got.cached)
         if isinstance(got, Request):  # a dataset step: its pairs as they are, made here
             source = REGISTRY[got.source]
             made = [source.sequences(pairs, self.ctx, step=step, seed=seed, records=records)
                     for pairs, records, seed in got.micro]
-            return Made(made, None, now, now, 0.0, 0.0)
+            return Made(made, None, None, None, 0.0, 0.0)
+        if got.cached and self.ctx.teacher_cache is not None:
+            self.ctx.teacher_cache.merge(got.cached)
+        # The trainer's weights now (version ``step``): pushed already where a step was sent from them.
+        now = self.weights[2] if self.weights is not None and self.weights[0] == step else checksum(
+            p for p in self.ctx.student.parameters() if p.requires_grad)
         return Made(got.sequences, got.version, got.checksum, now, waited, got.waited)
 
     def _push(self, version: int) -> None:
@@ -135,10 +133,10 @@ class Pipeline:
             params = trainable_state(self.ctx.student)
             self.weights = (version, ray_module().put(params), checksum(params.values()))
 
-    def _send(self, step: int) -> None:
+    def _send(self, step: int, version: int) -> None:
         """Plan step ``step`` (its source, and per micro-batch the dataset's prompts as the
-        synchronous loop takes them, and the seed) and send it to a worker, or keep it where it
-        generates nothing."""
+        synchronous loop takes them, and the seed) and send it to a worker with the trainer's
+        weights (policy ``version``), or keep it where it generates nothing."""
         tc = self.cfg.trainer
         name = draw_source(self.cfg.sources.weights, tc.seed, step, tc.steps)
         micro = []
@@ -150,7 +148,8 @@ class Pipeline:
         if REGISTRY[name].fixed:
             self.ready[step] = request
             return
-        assert request.version == self.weights[0], (step, request.version, self.weights[0])
+        assert request.version == version, (step, request.version, version)
+        self._push(version)  # only a step that generates needs the weights
         worker = self.workers[step % len(self.workers)]
         self.sent[step] = (request, worker.generate.remote(request, [self.context, self.weights[1]]))
 

@@ -63,7 +63,7 @@ class RemoteTeacher(HeadTeacher):
                       positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is None:
             positions = attention_mask[:, 1:].bool()
-        ref = self.pending.pop(_key(input_ids, attention_mask, positions, bf16), None)
+        ref = self.pending.pop(_key(input_ids, attention_mask, positions, bf16), None) if self.pending else None
         self.prefetched += ref is not None
         if ref is None:
             ref = self._request(input_ids, attention_mask, positions, bf16)
